@@ -1,0 +1,195 @@
+"""Client steps and server steps of FedAvg, Reptile, first-order MAML and MAML.
+
+Every algorithm is a pair of pure functions: a *client step* maps (global parameters theta,
+one client's shard, its batch plan) to an update vector, and the *server step* turns the
+weighted mean of the cohort's vectors into a pseudo-gradient g that the server optimizer
+applies (theta <- theta - server_lr * g for SGD; Adam as in FedOpt, Reddi et al. 2021).
+
+Data use. FedAvg and Reptile train on all of a training client's local data (support and
+query splits together); FOMAML and MAML adapt on the support split and take the meta-gradient
+on the query split, as in FedMeta (Chen et al. 2018, Alg. 1). Held-out clients only ever
+adapt on support and are scored on query (``simulator.evaluation``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from simulator.config import AlgorithmConfig
+from simulator.data import ClientShard, Split
+from simulator.models import load_flat
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Batch = np.ndarray | None  # indices into a split; None = the whole split
+
+
+def loss_function(task: str) -> LossFn:
+    return F.mse_loss if task == "regression" else F.cross_entropy
+
+
+def batch_plan(rng: np.random.Generator, n: int, batch_size: int, steps: int) -> list[Batch]:
+    """Mini-batch indices for ``steps`` SGD steps: consecutive epochs of seeded permutations.
+
+    ``batch_size`` 0 or >= n means full-batch steps.
+    """
+    if batch_size <= 0 or batch_size >= n:
+        return [None] * steps
+    epochs = -(-steps * batch_size // n)
+    order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def take(split: Split, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    if batch is None:
+        return split.x, split.y
+    idx = torch.from_numpy(batch).to(split.x.device)
+    return split.x[idx], split.y[idx]
+
+
+def sgd_steps(model: nn.Module, data: Split, plan: Sequence[Batch], lr: float, loss: LossFn) -> None:
+    """Plain SGD in place on the model's parameters: p <- p - lr * grad L_batch(p), one step per batch."""
+    params = list(model.parameters())
+    for batch in plan:
+        x, y = take(data, batch)
+        grads = torch.autograd.grad(loss(model(x), y), params)
+        with torch.no_grad():
+            torch._foreach_add_(params, grads, alpha=-lr)
+
+
+def full_loss(model: nn.Module, data: Split, loss: LossFn) -> float:
+    with torch.no_grad():
+        return float(loss(model(data.x), data.y))
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """One client's contribution: ``vector`` is a delta (FedAvg, Reptile) or a meta-gradient (MAML)."""
+
+    vector: torch.Tensor
+    loss_before: float
+    loss_after: float
+    samples_processed: int
+
+
+def _vector(model: nn.Module) -> torch.Tensor:
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+
+
+def local_sgd_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: AlgorithmConfig,
+                     rng: np.random.Generator, loss: LossFn) -> ClientUpdate:
+    """FedAvg (McMahan et al. 2017, Alg. 1) and Reptile (Nichol et al. 2018, Alg. 2) client step.
+
+    Starting from theta, run ``local_steps`` SGD steps on the client's data to reach phi_i and
+    return the delta phi_i - theta. FedAvg's server weights deltas by sample count n_i, Reptile's
+    uses equal weights; both then move theta <- theta + server_lr * mean(delta).
+    """
+    data = Split(torch.cat([shard.support.x, shard.query.x]), torch.cat([shard.support.y, shard.query.y]))
+    plan = batch_plan(rng, len(data), cfg.batch_size, cfg.local_steps)
+    load_flat(model, theta)
+    before = full_loss(model, data, loss)
+    sgd_steps(model, data, plan, cfg.local_lr, loss)
+    after = full_loss(model, data, loss)
+    processed = sum(len(data) if b is None else len(b) for b in plan)
+    return ClientUpdate(_vector(model) - theta.to(data.x.device), before, after, processed)
+
+
+def maml_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: AlgorithmConfig,
+                rng: np.random.Generator, loss: LossFn, second_order: bool) -> ClientUpdate:
+    """MAML (Finn et al. 2017, Alg. 1 / Eq. 1) client step in federated form (FedMeta, Chen et al. 2018).
+
+    Adapt theta' = theta - alpha * grad L_support(theta), repeated ``local_steps`` times on
+    support batches, then return the meta-gradient grad_theta L_query(theta'). Second-order MAML
+    differentiates through the inner updates (create_graph); first-order MAML (FOMAML, Finn et
+    al. 2017 Sec. 5.2) drops the second-order terms and returns grad L_query evaluated at theta'.
+    """
+    device = shard.support.x.device
+    plan = batch_plan(rng, len(shard.support), cfg.batch_size, cfg.local_steps)
+    (query_batch,) = batch_plan(rng, len(shard.query), cfg.batch_size, 1)
+    xq, yq = take(shard.query, query_batch)
+    load_flat(model, theta)
+    with torch.no_grad():
+        before = float(loss(model(xq), yq))
+    processed = sum(len(shard.support) if b is None else len(b) for b in plan) + len(xq)
+    if not second_order:
+        sgd_steps(model, shard.support, plan, cfg.local_lr, loss)
+        query_loss = loss(model(xq), yq)
+        grads = torch.autograd.grad(query_loss, list(model.parameters()))
+    else:
+        names = [n for n, _ in model.named_parameters()]
+        leaves = [p.detach().requires_grad_(True) for p in model.parameters()]
+        fast = dict(zip(names, leaves, strict=True))
+        for batch in plan:
+            x, y = take(shard.support, batch)
+            inner = torch.autograd.grad(loss(functional_call(model, fast, (x,)), y), list(fast.values()),
+                                        create_graph=True)
+            fast = {n: p - cfg.local_lr * g for (n, p), g in zip(fast.items(), inner, strict=True)}
+        query_loss = loss(functional_call(model, fast, (xq,)), yq)
+        grads = torch.autograd.grad(query_loss, leaves)
+    vector = torch.cat([g.reshape(-1) for g in grads]).detach()
+    return ClientUpdate(vector.to(device), before, float(query_loss.detach()), processed)
+
+
+ClientStep = Callable[[nn.Module, torch.Tensor, ClientShard, AlgorithmConfig, np.random.Generator, LossFn],
+                      ClientUpdate]
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """``weighting``: "samples" (n_i) or "uniform"; ``update``: "delta" (g = -mean) or "gradient" (g = mean)."""
+
+    name: str
+    client_step: ClientStep
+    weighting: str
+    update: str
+
+
+ALGORITHMS: dict[str, Algorithm] = {
+    "fedavg": Algorithm("fedavg", local_sgd_update, "samples", "delta"),
+    "reptile": Algorithm("reptile", local_sgd_update, "uniform", "delta"),
+    "fomaml": Algorithm("fomaml", partial(maml_update, second_order=False), "uniform", "gradient"),
+    "maml": Algorithm("maml", partial(maml_update, second_order=True), "uniform", "gradient"),
+}
+
+
+def client_weight(algorithm: Algorithm, num_samples: int) -> float:
+    return float(num_samples) if algorithm.weighting == "samples" else 1.0
+
+
+def pseudo_gradient(algorithm: Algorithm, mean_vector: torch.Tensor) -> torch.Tensor:
+    """The server's descent direction: -mean(delta) for FedAvg/Reptile, mean meta-gradient for MAML."""
+    return -mean_vector if algorithm.update == "delta" else mean_vector
+
+
+class ServerOptimizer:
+    """theta <- optimizer step with pseudo-gradient g (SGD with optional momentum, or Adam: FedOpt).
+
+    Wraps ``torch.optim`` over the flat parameter vector; ``state_dict`` checkpoints it.
+    """
+
+    def __init__(self, theta: torch.Tensor, cfg: AlgorithmConfig) -> None:
+        self._param = torch.nn.Parameter(theta.detach().clone())
+        if cfg.server_optimizer == "adam":
+            self._opt: torch.optim.Optimizer = torch.optim.Adam([self._param], lr=cfg.server_lr)
+        else:
+            self._opt = torch.optim.SGD([self._param], lr=cfg.server_lr, momentum=cfg.server_momentum)
+
+    def step(self, g: torch.Tensor) -> torch.Tensor:
+        self._param.grad = g.to(self._param.dtype).clone()
+        self._opt.step()
+        self._param.grad = None
+        return self.params
+
+    @property
+    def params(self) -> torch.Tensor:
+        return self._param.detach().clone()
+
+    def state_dict(self) -> dict:
+        return {"theta": self.params, "optimizer": self._opt.state_dict()}

@@ -1,0 +1,148 @@
+"""``metafleet`` command line: ``metafleet run [CONFIG.toml] [--set key.sub=value ...] [--out DIR]``.
+
+Bad input (config, flags, model factory, cluster address) is reported as one line naming the
+key and the fix, with exit code 2 and no traceback, before any run directory is created.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from simulator.config import ConfigError, ExperimentConfig, dumps_toml, load_config, to_dict
+from simulator.metrics import atomic_write_bytes
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metafleet", description="Ray-parallel federated meta-learning simulator")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run an experiment (the built-in quickstart when no CONFIG is given)")
+    run.add_argument("config", nargs="?", help="experiment TOML file (default: Reptile on sinusoid, 1,000 clients)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config key with a TOML value, e.g. --set model.hidden=[64] (repeatable)")
+    run.add_argument("--out", help="run directory to create (default: runs/<name>-<timestamp>)")
+    run.add_argument("--address", help="Ray address: '' starts a local Ray, 'auto' or HOST:PORT joins a cluster")
+    run.add_argument("--no-progress", action="store_true", help="no live progress bar (one line per eval instead)")
+    run.add_argument("-v", "--verbose", action="store_true", help="log worker placement and Ray messages")
+    return parser
+
+
+def _run_dir(cfg: ExperimentConfig, out: str | None) -> Path:
+    if out:
+        path = Path(out)
+        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            raise ConfigError(f"--out {out!r} already exists and is not an empty directory; "
+                              "choose a new directory (each run writes into its own)")
+        return path
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = Path("runs") / f"{cfg.name}-{stamp}"
+    suffix = 1
+    while path.exists():
+        path = Path("runs") / f"{cfg.name}-{stamp}-{suffix}"
+        suffix += 1
+    return path
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+
+
+def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    out = sys.stdout
+    print(f"\n{summary['status']}: {summary['rounds_completed']}/{summary['rounds_planned']} rounds of "
+          f"{summary['algorithm']} on {summary['dataset']}, {summary['client_updates']} client updates in "
+          f"{summary['wall_time_s']:.1f} s wall ({_fmt(summary['steady_updates_per_s'])} updates/s steady), "
+          f"{summary['sim_time_s']:.0f} s simulated", file=out)
+    first, final = summary["first_eval"], summary["final_eval"]
+    if final:
+        print(f"held-out clients ({summary['eval_clients']}), loss on their query sets after round "
+              f"{final['round']}: {_fmt(final['eval_loss_pre'])} before adaptation -> "
+              f"{_fmt(final['eval_loss_post'])} after {summary['adapt_steps']} adaptation steps "
+              f"(after round {first['round']}: {_fmt(first['eval_loss_pre'])} -> {_fmt(first['eval_loss_post'])})",
+              file=out)
+        if not math.isnan(final["eval_metric_post"]):
+            print(f"held-out accuracy: {_fmt(final['eval_metric_pre'], 3)} before -> "
+                  f"{_fmt(final['eval_metric_post'], 3)} after adaptation "
+                  f"(after round {first['round']}: {_fmt(first['eval_metric_post'], 3)})", file=out)
+    print(f"results: {run_dir}/ (config.toml, rounds.parquet, clients.parquet, evals.parquet, summary.json)",
+          file=out)
+
+
+def _progress(cfg: ExperimentConfig, enabled: bool):
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    progress = Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False)
+    task = progress.add_task(f"{cfg.name} rounds", total=cfg.rounds, info="")
+    state = {"eval": ""}
+
+    def on_round(row: dict[str, Any]) -> None:
+        if not math.isnan(row["eval_loss_post"]):
+            state["eval"] = (f" | held-out loss {_fmt(row['eval_loss_pre'], 3)} -> "
+                             f"{_fmt(row['eval_loss_post'], 3)} adapted")
+            if not enabled:
+                print(f"round {row['round']}: train loss {_fmt(row['train_loss'], 4)}{state['eval']}",
+                      file=sys.stderr, flush=True)
+        progress.update(task, advance=1, info=f"train loss {_fmt(row['train_loss'], 3)}{state['eval']}")
+
+    return progress, on_round
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from actors import make_backend
+    from simulator.driver import prepare, run
+
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.address is not None:
+            cfg = cfg.replace(**{"system.address": args.address})
+        prepared = prepare(cfg)
+        run_dir = _run_dir(cfg, args.out)
+        backend = make_backend(cfg)
+    except ConfigError as exc:
+        print(f"metafleet: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.toml", dumps_toml(to_dict(cfg)).encode())
+        workers = backend.describe()
+        devices = sorted({str(w["device"]) for w in workers})
+        print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} clients "
+              f"({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) on "
+              f"{', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
+        progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
+        with progress:
+            summary = run(cfg, backend, run_dir, prepared, on_round)
+    finally:
+        backend.close()
+    _print_summary(summary, run_dir)
+    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return cmd_run(args)
+    return EXIT_BAD_INPUT  # argparse rejects unknown commands before this
+
+
+if __name__ == "__main__":
+    sys.exit(main())

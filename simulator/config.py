@@ -1,0 +1,353 @@
+"""Experiment configuration: frozen dataclasses parsed once, at the entry point, from TOML.
+
+Every key has a default; the defaults *are* the built-in quickstart (Reptile on the sinusoid
+task, 1,000 clients). ``load_config`` reads a TOML file (or nothing), applies ``--set``
+overrides, and returns an ``ExperimentConfig`` or raises ``ConfigError`` naming the key and the
+fix. Nothing downstream re-validates or reads raw dictionaries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """Bad user input: one message naming the key and how to fix it (the CLI exits with code 2)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "sinusoid"
+    num_clients: int = 1000
+    eval_clients: int = 100
+    # sinusoid (Finn et al. 2017)
+    shots: int = 10
+    query: int = 10
+    # synthetic (Li et al. 2020, FedProx)
+    alpha: float = 1.0
+    beta: float = 1.0
+    samples_per_client: int = 0
+    iid: bool = False
+    test_fraction: float = 0.2
+
+
+#: keys that belong to one dataset only; setting them for another dataset is an error
+DATASET_KEYS: dict[str, frozenset[str]] = {
+    "sinusoid": frozenset({"shots", "query"}),
+    "synthetic": frozenset({"alpha", "beta", "samples_per_client", "iid", "test_fraction"}),
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"
+    hidden: tuple[int, ...] = (40, 40)
+    factory: str = ""
+
+
+@dataclass(frozen=True)
+class AlgorithmConfig:
+    name: str = "reptile"
+    local_steps: int = 5
+    local_lr: float = 0.02
+    batch_size: int = 10
+    server_lr: float = 1.0
+    server_optimizer: str = "sgd"
+    server_momentum: float = 0.0
+
+
+@dataclass(frozen=True)
+class ClientsConfig:
+    per_round: int = 20
+
+
+@dataclass(frozen=True)
+class SystemConfig:
+    backend: str = "ray"
+    actors: int = 0
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float = 0.0
+    clients_per_actor: int = 0
+    address: str = ""
+    threads: int = 1
+    ship_code: bool = False
+    shard_cache: int = 4096
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 10
+    clients: int = 100
+    adapt_steps: int = 5
+    adapt_lr: float = 0.02
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    flush_every: int = 5
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "quickstart"
+    seed: int = 0
+    rounds: int = 300
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    system: SystemConfig = field(default_factory=SystemConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def replace(self, **changes: Any) -> ExperimentConfig:
+        """``dataclasses.replace`` with dotted keys: ``cfg.replace(**{"system.actors": 2})``."""
+        return from_dict(_set_dotted(to_dict(self), changes))
+
+
+_SECTIONS: dict[str, type] = {name: t for name, t in typing.get_type_hints(ExperimentConfig).items()
+                              if name not in ("name", "seed", "rounds")}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.name": ("sinusoid", "synthetic"),
+    "model.name": ("mlp",),
+    "algorithm.name": ("fedavg", "reptile", "fomaml", "maml"),
+    "algorithm.server_optimizer": ("sgd", "adam"),
+    "system.backend": ("ray", "inline"),
+}
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Nested plain dict (tuples become lists), as written to ``config.toml``."""
+
+    def plain(v: Any) -> Any:
+        return list(v) if isinstance(v, tuple) else v
+
+    out: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds}
+    for section in _SECTIONS:
+        sub = getattr(cfg, section)
+        out[section] = {f.name: plain(getattr(sub, f.name)) for f in dataclasses.fields(sub)}
+    for other, keys in DATASET_KEYS.items():  # only the chosen dataset's own parameters
+        if other != cfg.data.name:
+            out["data"] = {k: v for k, v in out["data"].items() if k not in keys}
+    return out
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """``{"data.name": ..., "algorithm.local_lr": ...}``: one column per key, for analysis frames."""
+    flat: dict[str, Any] = {}
+    for key, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value as a TOML value (``[64]``, ``0.5``, ``true``, ``"x"``); bare words are strings."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read ``path`` (TOML; None for the quickstart), apply ``key.sub=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a TOML file")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}; fix the syntax") from None
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r} is not of the form key.sub=value; write e.g. --set rounds=50")
+        changes[key.strip()] = parse_value(value.strip())
+    return from_dict(_set_dotted(raw, changes))
+
+
+def _set_dotted(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for key, value in changes.items():
+        parts = key.split(".")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in _SECTIONS):
+            raise ConfigError(f"unknown key {key!r}{_suggest(key, _all_keys())}")
+        if len(parts) == 1:
+            out[key] = value
+        else:
+            section = out.setdefault(parts[0], {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{parts[0]!r} must be a table ([{parts[0]}]), not a value")
+            section[parts[1]] = value
+    return out
+
+
+def _all_keys() -> list[str]:
+    keys = ["name", "seed", "rounds"]
+    for section, cls in _SECTIONS.items():
+        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    return keys
+
+
+def _suggest(key: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.6)
+    if close:
+        return f"; did you mean {close[0]!r}?"
+    return f"; valid keys are {', '.join(options)}"
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check ``value`` against a field's type annotation; ints are accepted where floats are."""
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key} must be a finite number, got {value!r}")
+            return float(value)
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} must be a string, got {value!r}; quote it, e.g. {key}=\"...\"")
+    if typing.get_origin(annotation) is tuple:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key} must be a list of integers such as [64, 64], got {value!r}")
+    raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # programming error
+
+
+def _build_section(name: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name!r} must be a table ([{name}]), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{name}.{key}"
+        if key not in names:
+            raise ConfigError(f"unknown key {full!r}{_suggest(full, [f'{name}.{n}' for n in names])}")
+        kwargs[key] = _coerce(full, value, hints[key])
+    return cls(**kwargs)
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an ``ExperimentConfig`` from a nested dict (parsed TOML)."""
+    top_hints = typing.get_type_hints(ExperimentConfig)
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in _SECTIONS:
+            kwargs[key] = _build_section(key, _SECTIONS[key], value)
+        elif key in ("name", "seed", "rounds"):
+            kwargs[key] = _coerce(key, value, top_hints[key])
+        else:
+            raise ConfigError(f"unknown key {key!r}{_suggest(key, _all_keys())}")
+    cfg = ExperimentConfig(**kwargs)
+    _validate(cfg, raw.get("data", {}) if isinstance(raw.get("data"), dict) else {})
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
+    for key, options in CHOICES.items():
+        section, attr = key.split(".")
+        value = getattr(getattr(cfg, section), attr)
+        if key == "model.name" and cfg.model.factory:
+            continue
+        _require(value in options, f"{key} = {value!r} is not supported; choose one of {', '.join(options)}")
+    for other, keys in DATASET_KEYS.items():
+        if other != cfg.data.name:
+            wrong = sorted(keys & raw_data.keys())
+            _require(not wrong, f"data.{wrong[0] if wrong else ''} applies to data.name = {other!r}, "
+                                f"not {cfg.data.name!r}; remove it")
+    d, a, s, e = cfg.data, cfg.algorithm, cfg.system, cfg.eval
+    _require(bool(cfg.name.strip()) and "/" not in cfg.name, "name must be a non-empty string without '/'")
+    _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _require(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    _require(d.num_clients >= 1, f"data.num_clients must be >= 1, got {d.num_clients}")
+    _require(d.eval_clients >= 0, f"data.eval_clients must be >= 0, got {d.eval_clients}")
+    _require(d.shots >= 1 and d.query >= 1, "data.shots and data.query must be >= 1")
+    _require(d.alpha >= 0 and d.beta >= 0, "data.alpha and data.beta must be >= 0 (they are variances)")
+    _require(d.samples_per_client >= 0, "data.samples_per_client must be >= 0 (0 = FedProx's log-normal sizes)")
+    _require(d.samples_per_client == 0 or d.samples_per_client >= 2,
+             "data.samples_per_client must be >= 2 so that each client has a train and a test sample")
+    _require(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+    _require(cfg.model.name == "mlp" or bool(cfg.model.factory), "model.name must be 'mlp' or set model.factory")
+    _require(all(h >= 1 for h in cfg.model.hidden), f"model.hidden widths must be >= 1, got {list(cfg.model.hidden)}")
+    _require(not cfg.model.factory or ":" in cfg.model.factory,
+             f"model.factory = {cfg.model.factory!r} must look like 'package.module:function'")
+    _require(a.local_steps >= 1, f"algorithm.local_steps must be >= 1, got {a.local_steps}")
+    _require(a.local_lr > 0, f"algorithm.local_lr must be > 0, got {a.local_lr}")
+    _require(a.batch_size >= 0, f"algorithm.batch_size must be >= 0 (0 = full batch), got {a.batch_size}")
+    _require(a.server_lr > 0, f"algorithm.server_lr must be > 0, got {a.server_lr}")
+    _require(0 <= a.server_momentum < 1, f"algorithm.server_momentum must be in [0, 1), got {a.server_momentum}")
+    _require(cfg.clients.per_round >= 1, f"clients.per_round must be >= 1, got {cfg.clients.per_round}")
+    _require(cfg.clients.per_round <= d.num_clients,
+             f"clients.per_round = {cfg.clients.per_round} is larger than data.num_clients = {d.num_clients}; "
+             "lower clients.per_round or raise data.num_clients")
+    _require(s.actors >= 0, f"system.actors must be >= 0 (0 = size from the cluster), got {s.actors}")
+    _require(s.cpus_per_actor > 0, f"system.cpus_per_actor must be > 0, got {s.cpus_per_actor}")
+    _require(s.gpus_per_actor == 0 or 0 < s.gpus_per_actor <= 1,
+             f"system.gpus_per_actor must be a fraction in (0, 1] (or 0 for none), got {s.gpus_per_actor}")
+    _require(s.clients_per_actor >= 0, f"system.clients_per_actor must be >= 0, got {s.clients_per_actor}")
+    _require(s.threads >= 1, f"system.threads must be >= 1, got {s.threads}")
+    _require(s.shard_cache >= 1, f"system.shard_cache must be >= 1, got {s.shard_cache}")
+    _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
+    _require(e.clients >= 0, f"eval.clients must be >= 0, got {e.clients}")
+    _require(e.clients <= d.eval_clients,
+             f"eval.clients = {e.clients} is larger than data.eval_clients = {d.eval_clients}; "
+             "lower eval.clients or raise data.eval_clients")
+    _require(e.adapt_steps >= 0, f"eval.adapt_steps must be >= 0, got {e.adapt_steps}")
+    _require(e.adapt_lr > 0, f"eval.adapt_lr must be > 0, got {e.adapt_lr}")
+    _require(cfg.metrics.flush_every >= 1, f"metrics.flush_every must be >= 1, got {cfg.metrics.flush_every}")
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    """Write the (two-level) config dict as TOML; round-trips through ``tomllib``."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, int | float):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list | tuple):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {v!r} as TOML")
+
+    lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    for k, v in data.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{k}]"] + [f"{kk} = {value(vv)}" for kk, vv in v.items()]
+    return "\n".join(lines) + "\n"
+
+
+__all__ = [
+    "AlgorithmConfig", "ClientsConfig", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig",
+    "MetricsConfig", "ModelConfig", "SystemConfig", "dumps_toml", "flatten", "from_dict", "load_config",
+    "parse_value", "to_dict",
+]

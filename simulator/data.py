@@ -1,0 +1,148 @@
+"""Federated datasets whose client shards are pure functions of (parameters, seed, client id).
+
+A shard is built on demand, where it is used (inside the actor serving the client): the driver
+never generates, holds or ships client data, so registering 100,000 clients costs it nothing.
+Client ids ``0 .. num_clients-1`` are the training population; ids ``num_clients ..
+num_clients+eval_clients-1`` are held-out clients that are only ever evaluated.
+
+Each shard has a ``support`` split (the client's training data; the inner-loop / adaptation
+data of MAML) and a ``query`` split (its test data; the meta-objective and evaluation data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from simulator.config import DataConfig
+from simulator.rng import generator
+
+
+@dataclass(frozen=True)
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.x.shape[0])
+
+    def to(self, device: torch.device) -> Split:
+        return Split(self.x.to(device), self.y.to(device))
+
+
+@dataclass(frozen=True)
+class ClientShard:
+    client_id: int
+    support: Split
+    query: Split
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.support) + len(self.query)
+
+    def to(self, device: torch.device) -> ClientShard:
+        return ClientShard(self.client_id, self.support.to(device), self.query.to(device))
+
+
+class FederatedDataset(Protocol):
+    """What the worker and the driver need to know about a dataset."""
+
+    task: str          # "regression" | "classification"
+    input_dim: int
+    output_dim: int
+
+    def shard(self, client_id: int) -> ClientShard: ...
+
+    def num_samples(self, client_id: int) -> int: ...
+
+
+class Sinusoid:
+    """The sinusoid regression benchmark of MAML (Finn et al. 2017, Sec. 5.1).
+
+    Each client is one task: amplitude A ~ U[0.1, 5.0], phase ~ U[0, pi], inputs x ~ U[-5, 5],
+    targets y = A sin(x - phase). ``shots`` points form the support set (K-shot), ``query``
+    further points the query set.
+    """
+
+    task = "regression"
+    input_dim = 1
+    output_dim = 1
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        self.shots, self.query, self.seed = cfg.shots, cfg.query, seed
+
+    def shard(self, client_id: int) -> ClientShard:
+        rng = generator(self.seed, "data", 0, client_id)
+        amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi)
+        x = rng.uniform(-5.0, 5.0, size=(self.shots + self.query, 1))
+        y = amplitude * np.sin(x - phase)
+        xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
+        k = self.shots
+        return ClientShard(client_id, Split(xt[:k], yt[:k]), Split(xt[k:], yt[k:]))
+
+    def num_samples(self, client_id: int) -> int:
+        return self.shots + self.query
+
+
+class Synthetic:
+    """FedProx's Synthetic(alpha, beta) classification data (Li et al. 2020, Sec. 5.1).
+
+    For client k: u_k ~ N(0, alpha), B_k ~ N(0, beta), v_k[j] ~ N(B_k, 1), W_k, b_k ~ N(u_k, 1),
+    x ~ N(v_k, Sigma) with Sigma = diag(j^-1.2), y = argmax softmax(W_k x + b_k); 60 features,
+    10 classes. ``iid``: one W, b ~ N(0, 1) shared by all clients and v_k = 0. Sizes are
+    ``samples_per_client`` or, when 0, FedProx's log-normal sizes int(LogNormal(4, 2)) + 50.
+    As in FedProx's generator, alpha and beta are passed to ``normal`` as its scale.
+    """
+
+    task = "classification"
+    input_dim = 60
+    output_dim = 10
+
+    def __init__(self, cfg: DataConfig, seed: int) -> None:
+        self.cfg, self.seed = cfg, seed
+        self._sigma = np.sqrt(np.arange(1, self.input_dim + 1, dtype=np.float64) ** -1.2)
+
+    def num_samples(self, client_id: int) -> int:
+        if self.cfg.samples_per_client:
+            return self.cfg.samples_per_client
+        rng = generator(self.seed, "sizes", 0, client_id)
+        return int(rng.lognormal(4.0, 2.0)) + 50
+
+    def _model(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        d, c = self.input_dim, self.output_dim
+        if self.cfg.iid:
+            shared = generator(self.seed, "data_global")
+            w, b = shared.normal(0.0, 1.0, (d, c)), shared.normal(0.0, 1.0, c)
+            return w, b, np.zeros(d)
+        u = rng.normal(0.0, self.cfg.alpha)
+        big_b = rng.normal(0.0, self.cfg.beta)
+        v = rng.normal(big_b, 1.0, d)
+        w, b = rng.normal(u, 1.0, (d, c)), rng.normal(u, 1.0, c)
+        return w, b, v
+
+    def shard(self, client_id: int) -> ClientShard:
+        rng = generator(self.seed, "data", 0, client_id)
+        w, b, v = self._model(rng)
+        n = self.num_samples(client_id)
+        x = v + rng.standard_normal((n, self.input_dim)) * self._sigma
+        y = np.argmax(x @ w + b, axis=1)  # softmax is monotone: argmax of the logits
+        n_test = min(max(1, round(n * self.cfg.test_fraction)), n - 1)
+        xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+        k = n - n_test
+        return ClientShard(client_id, Split(xt[:k], yt[:k]), Split(xt[k:], yt[k:]))
+
+
+def make_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
+    if cfg.name == "sinusoid":
+        return Sinusoid(cfg, seed)
+    if cfg.name == "synthetic":
+        return Synthetic(cfg, seed)
+    raise ValueError(f"unknown dataset {cfg.name!r}")  # config validation rejects this earlier
+
+
+def eval_client_ids(cfg: DataConfig) -> range:
+    """The held-out clients: never sampled for training."""
+    return range(cfg.num_clients, cfg.num_clients + cfg.eval_clients)

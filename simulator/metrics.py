@@ -1,0 +1,108 @@
+"""Per-round, per-client and per-evaluation metrics, appended to Parquet as the run goes.
+
+Each table (``rounds.parquet``, ``clients.parquet``, ``evals.parquet``) is a Parquet *dataset*:
+a directory of part files, each written whole to a hidden temporary name and renamed into
+place. A run that is killed therefore leaves only complete, readable parts, and
+``pandas.read_parquet("RUN/rounds.parquet")`` reads the table whether the run is finished,
+in progress or dead. Parts are flushed every ``metrics.flush_every`` rounds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from simulator.evaluation import STATS
+
+_F, _I = pa.float64(), pa.int64()
+
+_EVAL_COLUMNS = [f"eval_{what}_{when}{'' if s == 'mean' else '_' + s}"
+                 for what in ("loss", "metric") for when in ("pre", "post") for s in STATS]
+
+ROUNDS_SCHEMA = pa.schema(
+    [("round", _I), ("model_version", _I), ("sim_time", _F), ("round_sim_duration", _F), ("wall_time", _F),
+     ("num_sampled", _I), ("num_completed", _I), ("num_dropped", _I), ("train_loss", _F),
+     ("train_loss_before", _F), ("update_norm", _F)]
+    + [(c, _F) for c in _EVAL_COLUMNS]
+)
+
+CLIENTS_SCHEMA = pa.schema(
+    [("round", _I), ("client_id", _I), ("actor_id", _I), ("num_samples", _I), ("samples_processed", _I),
+     ("weight", _F), ("loss_before", _F), ("loss_after", _F), ("update_norm", _F), ("compute_time_s", _F),
+     ("sim_start", _F), ("sim_duration_s", _F), ("sim_finish", _F)]
+)
+
+EVALS_SCHEMA = pa.schema(
+    [("round", _I), ("client_id", _I), ("actor_id", _I), ("loss_pre", _F), ("loss_post", _F),
+     ("metric_pre", _F), ("metric_post", _F)]
+)
+
+TABLES = {"rounds": ROUNDS_SCHEMA, "clients": CLIENTS_SCHEMA, "evals": EVALS_SCHEMA}
+#: columns that measure real time: they differ between otherwise identical runs
+WALL_CLOCK_COLUMNS = {"rounds": ("wall_time",), "clients": ("compute_time_s", "actor_id"), "evals": ("actor_id",)}
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode())
+
+
+class PartitionedTable:
+    """Buffered rows of one table; ``flush`` writes them as the next part file."""
+
+    def __init__(self, directory: Path, schema: pa.Schema) -> None:
+        self.directory, self.schema = directory, schema
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._parts = len(list(directory.glob("part-*.parquet")))
+
+    def append(self, row: dict[str, Any]) -> None:
+        missing = self.schema.names - row.keys()
+        extra = row.keys() - set(self.schema.names)
+        if missing or extra:
+            raise KeyError(f"{self.directory.name}: missing {sorted(missing)}, unexpected {sorted(extra)}")
+        for name in self.schema.names:
+            self._columns[name].append(row[name])
+
+    def extend(self, columns: dict[str, Any]) -> None:
+        """Append many rows given as equal-length columns (lists or numpy arrays)."""
+        for name in self.schema.names:
+            self._columns[name].extend(list(columns[name]))
+
+    def flush(self) -> None:
+        if not self._columns[self.schema.names[0]]:
+            return
+        table = pa.table({n: pa.array(self._columns[n], type=self.schema.field(n).type) for n in self.schema.names},
+                         schema=self.schema)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, compression="zstd")
+        atomic_write_bytes(self.directory / f"part-{self._parts:05d}.parquet", sink.getvalue().to_pybytes())
+        self._parts += 1
+        self._columns = {name: [] for name in self.schema.names}
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: Path, flush_every: int) -> None:
+        self.flush_every = flush_every
+        self.tables = {name: PartitionedTable(run_dir / f"{name}.parquet", schema) for name, schema in TABLES.items()}
+
+    def end_round(self, round_idx: int) -> None:
+        if (round_idx + 1) % self.flush_every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        for table in self.tables.values():
+            table.flush()

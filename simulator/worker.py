@@ -1,0 +1,145 @@
+"""The client worker: runs a cohort of client updates (or evaluations) against one model version.
+
+The same code runs inside a Ray actor (``actors.pool``) and in-process (``actors.inline``).
+It builds the shards of the clients it serves from the dataset spec (lazily, LRU-cached), so
+no client data ever crosses a process boundary; it fixes torch's thread count the same way in
+every backend, because the thread count changes floating-point results.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from simulator.algorithms import ALGORITHMS, loss_function
+from simulator.config import AlgorithmConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig
+from simulator.data import ClientShard, make_dataset
+from simulator.evaluation import evaluate_client
+from simulator.models import build_model
+from simulator.rng import generator
+
+log = logging.getLogger("metafleet.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to rebuild data and model by itself (small, picklable)."""
+
+    seed: int
+    data: DataConfig
+    model: ModelConfig
+    algorithm: AlgorithmConfig
+    eval: EvalConfig
+    threads: int
+    shard_cache: int
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> WorkerSpec:
+        return cls(cfg.seed, cfg.data, cfg.model, cfg.algorithm, cfg.eval, cfg.system.threads,
+                   cfg.system.shard_cache)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One cohort chunk's updates; row i of every array belongs to ``client_ids[i]``."""
+
+    worker_id: int
+    client_ids: np.ndarray
+    vectors: np.ndarray          # k x P float32
+    num_samples: np.ndarray      # local data size n_i
+    samples_processed: np.ndarray
+    loss_before: np.ndarray
+    loss_after: np.ndarray
+    compute_time_s: np.ndarray   # real seconds spent on each client
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    worker_id: int
+    client_ids: np.ndarray
+    loss_pre: np.ndarray
+    loss_post: np.ndarray
+    metric_pre: np.ndarray
+    metric_post: np.ndarray
+
+
+def configure_threads(threads: int) -> None:
+    """Fix torch's intra-op thread count (identically in every backend: results depend on it)."""
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def pick_device() -> torch.device:
+    """The GPU Ray assigned to this process (CUDA_VISIBLE_DEVICES), else the CPU."""
+    return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+
+
+class ClientWorker:
+    def __init__(self, spec: WorkerSpec, worker_id: int = 0) -> None:
+        configure_threads(spec.threads)
+        self.spec, self.worker_id = spec, worker_id
+        self.device = pick_device()
+        self.dataset = make_dataset(spec.data, spec.seed)
+        self.model = build_model(spec.model, self.dataset.input_dim, self.dataset.output_dim, spec.seed)
+        self.model.to(self.device)
+        self.algorithm = ALGORITHMS[spec.algorithm.name]
+        self.loss = loss_function(self.dataset.task)
+        self._shards: OrderedDict[int, ClientShard] = OrderedDict()
+        log.info("worker %d on %s (%d torch threads)", worker_id, self.describe()["device"], spec.threads)
+
+    def describe(self) -> dict[str, object]:
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"worker_id": self.worker_id, "device": str(self.device), "device_name": name,
+                "threads": torch.get_num_threads(), "pid": os.getpid(), "host": socket.gethostname()}
+
+    def shard(self, client_id: int) -> ClientShard:
+        shard = self._shards.get(client_id)
+        if shard is None:
+            shard = self.dataset.shard(client_id).to(self.device)
+            self._shards[client_id] = shard
+            if len(self._shards) > self.spec.shard_cache:
+                self._shards.popitem(last=False)
+        else:
+            self._shards.move_to_end(client_id)
+        return shard
+
+    def _theta(self, theta: np.ndarray | torch.Tensor) -> torch.Tensor:
+        return torch.as_tensor(np.array(theta, dtype=np.float32, copy=True)).to(self.device)
+
+    def train(self, theta: np.ndarray | torch.Tensor, round_idx: int, client_ids: list[int]) -> TrainResult:
+        configure_threads(self.spec.threads)
+        params = self._theta(theta)
+        rows = []
+        for cid in client_ids:
+            start = time.perf_counter()
+            shard = self.shard(int(cid))
+            rng = generator(self.spec.seed, "batches", round_idx, int(cid))
+            upd = self.algorithm.client_step(self.model, params, shard, self.spec.algorithm, rng, self.loss)
+            vec = upd.vector.to("cpu", torch.float32).numpy()
+            rows.append((vec, shard.num_samples, upd.samples_processed, upd.loss_before, upd.loss_after,
+                         time.perf_counter() - start))
+        vectors = np.stack([r[0] for r in rows]) if rows else np.zeros((0, params.numel()), np.float32)
+        return TrainResult(
+            self.worker_id, np.asarray(client_ids, dtype=np.int64), vectors,
+            np.array([r[1] for r in rows], np.int64), np.array([r[2] for r in rows], np.int64),
+            np.array([r[3] for r in rows], np.float64), np.array([r[4] for r in rows], np.float64),
+            np.array([r[5] for r in rows], np.float64))
+
+    def evaluate(self, theta: np.ndarray | torch.Tensor, round_idx: int, client_ids: list[int]) -> EvalResult:
+        configure_threads(self.spec.threads)
+        params = self._theta(theta)
+        evals = []
+        for cid in client_ids:
+            rng = generator(self.spec.seed, "eval_batches", round_idx, int(cid))
+            evals.append(evaluate_client(self.model, params, self.shard(int(cid)), self.spec.eval,
+                                         self.spec.algorithm, rng, self.loss, self.dataset.task))
+        col = lambda attr: np.array([getattr(e, attr) for e in evals], np.float64)  # noqa: E731
+        return EvalResult(self.worker_id, np.asarray(client_ids, dtype=np.int64), col("loss_pre"),
+                          col("loss_post"), col("metric_pre"), col("metric_post"))
