@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 from collections.abc import Iterator
 
 import numpy as np
@@ -56,12 +57,25 @@ def connect(system: SystemConfig) -> bool:
             import simulator
 
             kwargs["runtime_env"] = {"py_modules": [simulator, actors]}
+    _probe(system.address)
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ConfigError(f"system.address = {system.address!r}: cannot connect to a Ray cluster ({exc}); "
                           "start one with `ray start --head`, or use --address '' for a local Ray") from None
     return True
+
+
+def _probe(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on an unreachable HOST:PORT (``ray.init`` would retry it forever)."""
+    if not address or address == "auto" or address.startswith("ray://") or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"system.address = {address!r}: nothing answers there ({exc}); start the cluster "
+                          "with `ray start --head`, fix --address, or use --address '' for a local Ray") from None
 
 
 def pool_size(system: SystemConfig, per_round: int, cpus: float, gpus: float) -> int:

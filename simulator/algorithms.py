@@ -40,7 +40,7 @@ def batch_plan(rng: np.random.Generator, n: int, batch_size: int, steps: int) ->
 
     ``batch_size`` 0 or >= n means full-batch steps.
     """
-    if batch_size <= 0 or batch_size >= n:
+    if batch_size <= 0 or batch_size >= n or steps == 0:
         return [None] * steps
     epochs = -(-steps * batch_size // n)
     order = np.concatenate([rng.permutation(n) for _ in range(epochs)])

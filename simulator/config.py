@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import tomllib
 import typing
@@ -55,7 +56,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class AlgorithmConfig:
     name: str = "reptile"
-    local_steps: int = 5
+    local_steps: int = 10
     local_lr: float = 0.02
     batch_size: int = 10
     server_lr: float = 1.0
@@ -83,9 +84,9 @@ class SystemConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    every: int = 10
+    every: int = 20
     clients: int = 100
-    adapt_steps: int = 5
+    adapt_steps: int = 10
     adapt_lr: float = 0.02
 
 
@@ -334,7 +335,7 @@ def dumps_toml(data: dict[str, Any]) -> str:
         if isinstance(v, int | float):
             return repr(v)
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return json.dumps(v)  # a JSON string is a valid TOML basic string (escapes included)
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
         raise TypeError(f"cannot write {v!r} as TOML")

@@ -111,7 +111,7 @@ class ClientWorker:
         return shard
 
     def _theta(self, theta: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(np.array(theta, dtype=np.float32, copy=True)).to(self.device)
+        return torch.as_tensor(theta, dtype=torch.float32).to(self.device, copy=True)
 
     def train(self, theta: np.ndarray | torch.Tensor, round_idx: int, client_ids: list[int]) -> TrainResult:
         configure_threads(self.spec.threads)

@@ -1,0 +1,145 @@
+"""Parquet metric tables: part files written atomically, readable at any time with pandas."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pandas as pd
+import pytest
+
+from simulator.metrics import (
+    CLIENTS_SCHEMA,
+    EVALS_SCHEMA,
+    ROUNDS_SCHEMA,
+    TABLES,
+    MetricsWriter,
+    PartitionedTable,
+    atomic_write_bytes,
+    write_json,
+)
+
+
+def eval_row(i: int) -> dict:
+    return {"round": i // 2, "client_id": 100 + i, "actor_id": i % 3, "loss_pre": 1.0 + i, "loss_post": 0.5 * i,
+            "metric_pre": 0.125 * i, "metric_post": math.nan if i == 3 else 0.25}
+
+
+def full_row(schema, i: int) -> dict:
+    return {name: (i if str(schema.field(name).type) == "int64" else i + 0.5) for name in schema.names}
+
+
+def test_rows_flushed_as_parts_read_back_with_pandas(tmp_path):
+    table = PartitionedTable(tmp_path / "evals.parquet", EVALS_SCHEMA)
+    rows = [eval_row(i) for i in range(5)]
+    for row in rows[:3]:
+        table.append(row)
+    assert list((tmp_path / "evals.parquet").iterdir()) == []  # nothing written before a flush
+    table.flush()
+    for row in rows[3:]:
+        table.append(row)
+    table.flush()
+    table.flush()  # nothing buffered: no empty part
+    parts = sorted(p.name for p in (tmp_path / "evals.parquet").iterdir())
+    assert parts == ["part-00000.parquet", "part-00001.parquet"]
+    got = pd.read_parquet(tmp_path / "evals.parquet")
+    expected = pd.DataFrame(rows, columns=EVALS_SCHEMA.names)
+    pd.testing.assert_frame_equal(got.reset_index(drop=True), expected)
+    assert str(got["client_id"].dtype) == "int64"
+
+
+def test_reopened_table_continues_numbering(tmp_path):
+    d = tmp_path / "evals.parquet"
+    first = PartitionedTable(d, EVALS_SCHEMA)
+    first.append(eval_row(0))
+    first.flush()
+    second = PartitionedTable(d, EVALS_SCHEMA)
+    second.append(eval_row(1))
+    second.flush()
+    assert sorted(p.name for p in d.iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
+    assert pd.read_parquet(d)["client_id"].tolist() == [100, 101]
+
+
+def test_leftover_temp_file_does_not_break_reading(tmp_path):
+    d = tmp_path / "evals.parquet"
+    table = PartitionedTable(d, EVALS_SCHEMA)
+    table.append(eval_row(0))
+    table.append(eval_row(1))
+    table.flush()
+    (d / ".part-00009.parquet.tmp").write_bytes(b"\x00garbage, not parquet\xff" * 10)
+    got = pd.read_parquet(d)
+    assert got["client_id"].tolist() == [100, 101]
+    # and a writer reopening the directory does not count the temp file as a part
+    again = PartitionedTable(d, EVALS_SCHEMA)
+    again.append(eval_row(2))
+    again.flush()
+    assert (d / "part-00001.parquet").is_file()
+    assert pd.read_parquet(d)["client_id"].tolist() == [100, 101, 102]
+
+
+def test_append_rejects_missing_and_unexpected_keys(tmp_path):
+    table = PartitionedTable(tmp_path / "evals.parquet", EVALS_SCHEMA)
+    row = eval_row(0)
+    del row["loss_post"]
+    with pytest.raises(KeyError, match="loss_post"):
+        table.append(row)
+    with pytest.raises(KeyError, match="bogus"):
+        table.append({**eval_row(0), "bogus": 1})
+    table.flush()
+    assert list((tmp_path / "evals.parquet").iterdir()) == []  # rejected rows were not buffered
+
+
+def test_extend_appends_columns(tmp_path):
+    table = PartitionedTable(tmp_path / "evals.parquet", EVALS_SCHEMA)
+    rows = [eval_row(i) for i in range(4)]
+    table.extend({name: [r[name] for r in rows] for name in EVALS_SCHEMA.names})
+    table.flush()
+    got = pd.read_parquet(tmp_path / "evals.parquet")
+    pd.testing.assert_frame_equal(got, pd.DataFrame(rows, columns=EVALS_SCHEMA.names))
+
+
+def test_metrics_writer_flushes_every_n_rounds(tmp_path):
+    writer = MetricsWriter(tmp_path, flush_every=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.parquet" for n in TABLES)
+    for round_idx in range(3):
+        writer.tables["rounds"].append(full_row(ROUNDS_SCHEMA, round_idx))
+        writer.tables["clients"].append(full_row(CLIENTS_SCHEMA, round_idx))
+        writer.end_round(round_idx)
+        n_parts = len(list((tmp_path / "rounds.parquet").glob("part-*.parquet")))
+        assert n_parts == (0 if round_idx == 0 else 1)
+    writer.flush()
+    rounds = pd.read_parquet(tmp_path / "rounds.parquet")
+    assert rounds["round"].tolist() == [0, 1, 2]
+    assert rounds["sim_time"].tolist() == [0.5, 1.5, 2.5]
+    assert list(rounds.columns) == ROUNDS_SCHEMA.names
+    assert pd.read_parquet(tmp_path / "clients.parquet")["client_id"].tolist() == [0, 1, 2]
+    assert list((tmp_path / "evals.parquet").iterdir()) == []  # nothing appended, nothing written
+
+
+def test_write_json_and_atomic_write(tmp_path):
+    path = tmp_path / "summary.json"
+    write_json(path, {"a": 1, "b": [0.5, math.nan]})
+    loaded = json.loads(path.read_text())
+    assert loaded["a"] == 1 and loaded["b"][0] == 0.5 and math.isnan(loaded["b"][1])
+    atomic_write_bytes(path, b"replaced")
+    assert path.read_bytes() == b"replaced"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left behind
+
+
+def test_a_flush_killed_before_the_rename_leaves_a_readable_table(tmp_path, monkeypatch):
+    d = tmp_path / "evals.parquet"
+    table = PartitionedTable(d, EVALS_SCHEMA)
+    table.append(eval_row(0))
+    table.flush()
+    table.append(eval_row(1))
+
+    def killed(src, dst):
+        raise KeyboardInterrupt("killed between write and rename")
+
+    monkeypatch.setattr("simulator.metrics.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        table.flush()
+    monkeypatch.undo()
+    leftovers = sorted(p.name for p in d.iterdir())
+    assert leftovers == [".part-00001.parquet.tmp", "part-00000.parquet"]  # the partial part is hidden
+    assert pd.read_parquet(d)["client_id"].tolist() == [100]

@@ -1,0 +1,188 @@
+"""The client worker: per-client results that depend only on (theta, round, client), and evaluation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from simulator.config import AlgorithmConfig, EvalConfig, load_config
+from simulator.data import ClientShard, Split, eval_client_ids
+from simulator.evaluation import evaluate_client, summarize
+from simulator.models import flat_params
+from simulator.worker import ClientWorker, WorkerSpec
+
+BASE = ["data.num_clients=20", "clients.per_round=4", "eval.clients=5", "data.eval_clients=5",
+        "model.hidden=[8]", "algorithm.local_steps=2", "eval.adapt_steps=2"]
+SYN = ["data.name=synthetic", "data.samples_per_client=30"]
+
+
+def make_worker(*extra: str) -> tuple[ClientWorker, np.ndarray]:
+    cfg = load_config(None, [*BASE, *extra])
+    worker = ClientWorker(WorkerSpec.from_config(cfg))
+    return worker, flat_params(worker.model).numpy().copy()
+
+
+@pytest.fixture(scope="module")
+def sinusoid():
+    return make_worker()
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_worker(*SYN)
+
+
+def test_spec_from_config():
+    cfg = load_config(None, [*BASE, "seed=4", "system.threads=1", "system.shard_cache=8"])
+    spec = WorkerSpec.from_config(cfg)
+    assert (spec.seed, spec.threads, spec.shard_cache) == (4, 1, 8)
+    assert spec.data == cfg.data and spec.algorithm == cfg.algorithm and spec.eval == cfg.eval
+
+
+def test_train_rows_follow_the_given_order(sinusoid):
+    worker, theta = sinusoid
+    res = worker.train(theta, 0, [7, 3, 11])
+    p = theta.size
+    assert p == 1 * 8 + 8 + 8 * 1 + 1
+    assert res.client_ids.tolist() == [7, 3, 11]
+    assert res.vectors.shape == (3, p) and res.vectors.dtype == np.float32
+    assert res.num_samples.tolist() == [20, 20, 20]          # shots 10 + query 10
+    assert res.samples_processed.tolist() == [20, 20, 20]    # 2 steps of batch 10
+    for arr in (res.loss_before, res.loss_after, res.compute_time_s):
+        assert arr.shape == (3,)
+    assert np.all(np.isfinite(res.vectors))
+    assert np.all(res.compute_time_s >= 0)
+    assert res.worker_id == 0
+    # rows belong to their clients: the reversed call gives the reversed rows
+    rev = worker.train(theta, 0, [11, 3, 7])
+    assert np.array_equal(rev.vectors, res.vectors[::-1])
+    assert np.array_equal(rev.loss_before, res.loss_before[::-1])
+
+
+@pytest.mark.parametrize("which", ["sinusoid", "synthetic"])
+def test_train_is_bitwise_reproducible_and_independent_of_the_cohort(which, request):
+    worker, theta = request.getfixturevalue(which)
+    a = worker.train(theta, 2, [3, 7])
+    b = worker.train(theta, 2, [3, 7])
+    for name in ("vectors", "num_samples", "samples_processed", "loss_before", "loss_after"):
+        assert np.array_equal(getattr(a, name), getattr(b, name))
+    alone = worker.train(theta, 2, [7])
+    assert np.array_equal(alone.vectors[0], a.vectors[1])
+    assert alone.loss_after[0] == a.loss_after[1]
+    # a fresh worker (empty shard cache, same spec) gives the same bits
+    fresh = ClientWorker(worker.spec, worker_id=1).train(theta, 2, [7])
+    assert np.array_equal(fresh.vectors, alone.vectors)
+    assert fresh.worker_id == 1
+    # the round changes the mini-batch order, hence the update
+    assert not np.array_equal(worker.train(theta, 3, [7]).vectors, alone.vectors)
+
+
+def test_train_does_not_modify_theta(sinusoid):
+    worker, theta = sinusoid
+    before = theta.copy()
+    worker.train(theta, 0, [1, 2])
+    assert np.array_equal(theta, before)
+    as_tensor = torch.from_numpy(theta.copy())
+    res_tensor = worker.train(as_tensor, 0, [1])
+    assert np.array_equal(res_tensor.vectors, worker.train(theta, 0, [1]).vectors)
+
+
+def test_train_empty_call(sinusoid):
+    worker, theta = sinusoid
+    res = worker.train(theta, 0, [])
+    assert res.vectors.shape == (0, theta.size)
+    assert res.client_ids.shape == (0,)
+
+
+def test_shard_cache_eviction_keeps_results(sinusoid):
+    worker, theta = sinusoid
+    cfg = load_config(None, [*BASE, "system.shard_cache=1"])
+    small = ClientWorker(WorkerSpec.from_config(cfg))
+    first = small.train(theta, 0, [1, 2, 1])  # client 1's shard is evicted and rebuilt
+    assert np.array_equal(first.vectors[0], first.vectors[2])
+    assert np.array_equal(first.vectors, worker.train(theta, 0, [1, 2, 1]).vectors)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "reptile", "fomaml", "maml"])
+@pytest.mark.parametrize("dataset", ["sinusoid", "synthetic"])
+def test_every_algorithm_on_every_dataset(algorithm, dataset):
+    extra = SYN if dataset == "synthetic" else []
+    worker, theta = make_worker(*extra, f"algorithm.name={algorithm}")
+    res = worker.train(theta, 0, [0, 5])
+    assert res.vectors.shape == (2, theta.size)
+    assert np.all(np.isfinite(res.vectors))
+    assert np.all(np.isfinite(res.loss_before)) and np.all(np.isfinite(res.loss_after))
+    assert np.any(res.vectors != 0)
+    assert np.all(res.samples_processed > 0)
+    # batch_size 10, local_steps 2. sinusoid: 10 support + 10 query; synthetic: 30 samples, 24 support + 6 query.
+    # FedAvg/Reptile: 2 batches of 10 from all local data. MAML: 2 support batches (full batch of 10 for
+    # sinusoid) plus one query batch (10, or the whole 6-point query split).
+    expected = {("sinusoid", False): 20, ("synthetic", False): 20, ("sinusoid", True): 30, ("synthetic", True): 26}
+    assert res.samples_processed.tolist() == [expected[dataset, algorithm in ("fomaml", "maml")]] * 2
+
+
+def test_maml_and_fomaml_differ_on_an_mlp():
+    w1, theta = make_worker("algorithm.name=maml")
+    w2, theta2 = make_worker("algorithm.name=fomaml")
+    assert np.array_equal(theta, theta2)  # same seed: same initial model
+    a, b = w1.train(theta, 0, [4]), w2.train(theta, 0, [4])
+    assert a.loss_after[0] == b.loss_after[0]  # same adapted model, same query loss
+    assert not np.allclose(a.vectors, b.vectors)
+
+
+def test_evaluate_sinusoid(sinusoid):
+    worker, theta = sinusoid
+    ids = list(eval_client_ids(worker.spec.data))
+    assert ids == [20, 21, 22, 23, 24]
+    res = worker.evaluate(theta, 0, ids)
+    assert res.client_ids.tolist() == ids
+    for arr in (res.loss_pre, res.loss_post):
+        assert arr.shape == (5,) and np.all(np.isfinite(arr)) and np.all(arr >= 0)
+    assert np.all(np.isnan(res.metric_pre)) and np.all(np.isnan(res.metric_post))
+    again = worker.evaluate(theta, 0, ids)
+    assert np.array_equal(again.loss_post, res.loss_post)
+
+
+def test_evaluate_synthetic(synthetic):
+    worker, theta = synthetic
+    ids = list(eval_client_ids(worker.spec.data))
+    res = worker.evaluate(theta, 1, ids)
+    assert np.all(np.isfinite(res.loss_pre)) and np.all(np.isfinite(res.loss_post))
+    for metric in (res.metric_pre, res.metric_post):
+        assert np.all((metric >= 0) & (metric <= 1))
+        # query has 6 points: accuracies are multiples of 1/6
+        np.testing.assert_allclose(metric * 6, np.round(metric * 6), atol=1e-6)
+
+
+@pytest.mark.parametrize("extra", [[], SYN], ids=["sinusoid", "synthetic"])
+def test_evaluate_without_adaptation_leaves_the_loss(extra):
+    worker, theta = make_worker(*extra, "eval.adapt_steps=0")
+    res = worker.evaluate(theta, 0, [20, 21])
+    assert np.array_equal(res.loss_pre, res.loss_post)
+    assert np.array_equal(res.metric_pre, res.metric_post, equal_nan=True)
+
+
+def test_evaluate_client_hand_computed():
+    # y = w x, w = 0; support x = [1, 2], y = [2, 4]: one step with lr 0.1 gives w = 0 - 0.1 (5*0 - 10) = 1
+    model = nn.utils.skip_init(nn.Linear, 1, 1, bias=False, dtype=torch.float64)
+    col = lambda v: torch.tensor(v, dtype=torch.float64).reshape(-1, 1)  # noqa: E731
+    shard = ClientShard(0, Split(col([1, 2]), col([2, 4])), Split(col([3]), col([6])))
+    out = evaluate_client(model, torch.zeros(1, dtype=torch.float64), shard, EvalConfig(adapt_steps=1, adapt_lr=0.1),
+                          AlgorithmConfig(batch_size=0), np.random.default_rng(0), F.mse_loss, "regression")
+    assert out.loss_pre == pytest.approx(36.0, rel=1e-12)   # (0 - 6)^2
+    assert out.loss_post == pytest.approx(9.0, rel=1e-12)   # (3 - 6)^2
+    assert math.isnan(out.metric_pre) and math.isnan(out.metric_post)
+
+
+def test_summarize():
+    s = summarize(np.array([1.0, 2.0, 3.0, 4.0, 5.0]))
+    assert s == {"mean": 3.0, "p10": pytest.approx(1.4), "p50": 3.0, "p90": pytest.approx(4.6)}
+    with_nan = summarize(np.array([1.0, math.nan, 3.0]))
+    assert with_nan["mean"] == 2.0 and with_nan["p50"] == 2.0
+    assert all(math.isnan(v) for v in summarize(np.array([])).values())
+    assert all(math.isnan(v) for v in summarize(np.array([math.nan, math.nan])).values())
