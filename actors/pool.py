@@ -45,6 +45,7 @@ class ClientActor:
 
 def connect(system: SystemConfig) -> bool:
     """Start a local Ray (address "") or join a cluster; returns True if this call started it."""
+    _probe(system.address)
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -57,7 +58,6 @@ def connect(system: SystemConfig) -> bool:
             import simulator
 
             kwargs["runtime_env"] = {"py_modules": [simulator, actors]}
-    _probe(system.address)
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:

@@ -80,7 +80,8 @@ class ClientUpdate:
 
 
 def _vector(model: nn.Module) -> torch.Tensor:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    with torch.no_grad():
+        return torch.cat([p.reshape(-1) for p in model.parameters()])
 
 
 def local_sgd_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: AlgorithmConfig,
@@ -91,7 +92,7 @@ def local_sgd_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, 
     return the delta phi_i - theta. FedAvg's server weights deltas by sample count n_i, Reptile's
     uses equal weights; both then move theta <- theta + server_lr * mean(delta).
     """
-    data = Split(torch.cat([shard.support.x, shard.query.x]), torch.cat([shard.support.y, shard.query.y]))
+    data = shard.all
     plan = batch_plan(rng, len(data), cfg.batch_size, cfg.local_steps)
     load_flat(model, theta)
     before = full_loss(model, data, loss)
@@ -168,28 +169,52 @@ def pseudo_gradient(algorithm: Algorithm, mean_vector: torch.Tensor) -> torch.Te
     return -mean_vector if algorithm.update == "delta" else mean_vector
 
 
-class ServerOptimizer:
-    """theta <- optimizer step with pseudo-gradient g (SGD with optional momentum, or Adam: FedOpt).
+@dataclass(frozen=True)
+class ServerState:
+    """The server's model and optimizer moments; ``step`` counts applied server updates."""
 
-    Wraps ``torch.optim`` over the flat parameter vector; ``state_dict`` checkpoints it.
+    theta: torch.Tensor
+    step: int = 0
+    momentum: torch.Tensor | None = None   # SGD momentum buffer
+    exp_avg: torch.Tensor | None = None    # Adam first moment
+    exp_avg_sq: torch.Tensor | None = None  # Adam second moment
+
+
+def sgd_step(state: ServerState, g: torch.Tensor, lr: float, momentum: float = 0.0) -> ServerState:
+    """theta <- theta - lr * b, b = momentum * b + g (b = g when momentum is 0; FedAvgM, Hsu et al. 2019)."""
+    buf = g if momentum == 0 or state.momentum is None else momentum * state.momentum + g
+    return ServerState(state.theta - lr * buf, state.step + 1, buf if momentum else None)
+
+
+def adam_step(state: ServerState, g: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8) -> ServerState:
+    """Adam (Kingma & Ba 2015, Alg. 1) on the pseudo-gradient: FedAdam (Reddi et al. 2021, Alg. 2).
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  theta <- theta - lr * m_hat / (sqrt(v_hat) + eps).
     """
+    b1, b2 = betas
+    t = state.step + 1
+    m = (1 - b1) * g if state.exp_avg is None else b1 * state.exp_avg + (1 - b1) * g
+    v = (1 - b2) * g * g if state.exp_avg_sq is None else b2 * state.exp_avg_sq + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    return ServerState(state.theta - lr * m_hat / (v_hat.sqrt() + eps), t, None, m, v)
+
+
+class ServerOptimizer:
+    """Applies the configured server step (SGD with optional momentum, or Adam: FedOpt) to a ``ServerState``."""
 
     def __init__(self, theta: torch.Tensor, cfg: AlgorithmConfig) -> None:
-        self._param = torch.nn.Parameter(theta.detach().clone())
-        if cfg.server_optimizer == "adam":
-            self._opt: torch.optim.Optimizer = torch.optim.Adam([self._param], lr=cfg.server_lr)
-        else:
-            self._opt = torch.optim.SGD([self._param], lr=cfg.server_lr, momentum=cfg.server_momentum)
+        self.cfg = cfg
+        self.state = ServerState(theta.detach().clone())
 
     def step(self, g: torch.Tensor) -> torch.Tensor:
-        self._param.grad = g.to(self._param.dtype).clone()
-        self._opt.step()
-        self._param.grad = None
+        g = g.to(self.state.theta.dtype)
+        if self.cfg.server_optimizer == "adam":
+            self.state = adam_step(self.state, g, self.cfg.server_lr)
+        else:
+            self.state = sgd_step(self.state, g, self.cfg.server_lr, self.cfg.server_momentum)
         return self.params
 
     @property
     def params(self) -> torch.Tensor:
-        return self._param.detach().clone()
-
-    def state_dict(self) -> dict:
-        return {"theta": self.params, "optimizer": self._opt.state_dict()}
+        return self.state.theta.clone()

@@ -12,6 +12,7 @@ data of MAML) and a ``query`` split (its test data; the meta-objective and evalu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Protocol
 
 import numpy as np
@@ -42,6 +43,11 @@ class ClientShard:
     @property
     def num_samples(self) -> int:
         return len(self.support) + len(self.query)
+
+    @cached_property
+    def all(self) -> Split:
+        """Support and query together: a training client's whole local dataset (built once per shard)."""
+        return Split(torch.cat([self.support.x, self.query.x]), torch.cat([self.support.y, self.query.y]))
 
     def to(self, device: torch.device) -> ClientShard:
         return ClientShard(self.client_id, self.support.to(device), self.query.to(device))

@@ -14,12 +14,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simulator.evaluation import STATS
 
 _F, _I = pa.float64(), pa.int64()
+_NUMPY = {_F: np.float64, _I: np.int64}  # build columns from numpy: pyarrow then needs no pandas import
 
 _EVAL_COLUMNS = [f"eval_{what}_{when}{'' if s == 'mean' else '_' + s}"
                  for what in ("loss", "metric") for when in ("pre", "post") for s in STATS]
@@ -85,8 +87,8 @@ class PartitionedTable:
     def flush(self) -> None:
         if not self._columns[self.schema.names[0]]:
             return
-        table = pa.table({n: pa.array(self._columns[n], type=self.schema.field(n).type) for n in self.schema.names},
-                         schema=self.schema)
+        table = pa.table({n: pa.array(np.asarray(self._columns[n], dtype=_NUMPY[self.schema.field(n).type]))
+                          for n in self.schema.names}, schema=self.schema)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         atomic_write_bytes(self.directory / f"part-{self._parts:05d}.parquet", sink.getvalue().to_pybytes())

@@ -51,7 +51,10 @@ def build_model(cfg: ModelConfig, input_dim: int, output_dim: int, seed: int) ->
         torch.manual_seed(torch_seed(seed, "init"))
         if cfg.factory:
             fn = _load_factory(cfg.factory)
-            params = inspect.signature(fn).parameters
+            try:
+                params = inspect.signature(fn).parameters
+            except (TypeError, ValueError):  # builtins and C types may have no signature
+                params = {}
             kwargs = {"input_dim": input_dim, "output_dim": output_dim}
             try:
                 model = fn(**{k: v for k, v in kwargs.items() if k in params})

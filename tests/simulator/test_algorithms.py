@@ -329,6 +329,14 @@ def test_server_optimizer_does_not_alias_theta():
     p = opt.params
     p[1] = -5.0
     assert opt.params.tolist() == [1.0, 2.0]
-    state = opt.state_dict()
-    assert torch.equal(state["theta"], theta(1.0, 2.0))
-    assert "optimizer" in state
+    assert torch.equal(opt.state.theta, theta(1.0, 2.0)) and opt.state.step == 0
+
+
+def test_server_adam_constant_gradient_moves_lr_per_step():
+    # with g constant, m_hat = g and v_hat = g^2 at every step: each step is lr * g / (|g| + eps)
+    th0, g, lr = theta(1.0, -2.0), theta(2.0, -0.5), 0.1
+    opt = ServerOptimizer(th0, cfg(server_lr=lr, server_optimizer="adam"))
+    opt.step(g)
+    out = opt.step(g)
+    torch.testing.assert_close(out, th0 - 2 * lr * g / (g.abs() + 1e-8), rtol=1e-12, atol=1e-15)
+    assert opt.state.step == 2
