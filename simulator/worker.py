@@ -111,7 +111,10 @@ class ClientWorker:
         return shard
 
     def _theta(self, theta: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(theta, dtype=torch.float32).to(self.device, copy=True)
+        if isinstance(theta, torch.Tensor):
+            return theta.detach().to(self.device, torch.float32, copy=True)
+        # arrays from Ray's object store are read-only: copy into a writable array first
+        return torch.from_numpy(np.array(theta, dtype=np.float32)).to(self.device)
 
     def train(self, theta: np.ndarray | torch.Tensor, round_idx: int, client_ids: list[int]) -> TrainResult:
         configure_threads(self.spec.threads)
