@@ -29,8 +29,8 @@ log = logging.getLogger("metafleet.pool")
 class ClientActor:
     """A Ray actor serving many clients: ``train`` and ``evaluate`` take a list of client ids."""
 
-    def __init__(self, spec: WorkerSpec, worker_id: int) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    def __init__(self, spec: WorkerSpec, worker_id: int, log_level: int = logging.WARNING) -> None:
+        logging.basicConfig(level=log_level, format="%(name)s: %(message)s")
         self.worker = ClientWorker(spec, worker_id)
 
     def describe(self) -> dict[str, object]:
@@ -43,14 +43,19 @@ class ClientActor:
         return self.worker.evaluate(theta, round_idx, client_ids)
 
 
+def _level() -> int:
+    return logging.getLogger("metafleet").getEffectiveLevel()
+
+
 def connect(system: SystemConfig) -> bool:
     """Start a local Ray (address "") or join a cluster; returns True if this call started it."""
     _probe(system.address)
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    kwargs: dict[str, object] = {"include_dashboard": False, "logging_level": logging.WARNING,
-                                 "configure_logging": True}
+    # Ray's own messages follow metafleet's verbosity (`metafleet run -v` shows them)
+    ray_level = _level() if _level() <= logging.INFO else logging.ERROR
+    kwargs: dict[str, object] = {"include_dashboard": False, "logging_level": ray_level, "configure_logging": True}
     if system.address:
         kwargs["address"] = system.address
         if system.ship_code:
@@ -112,7 +117,7 @@ class RayPool:
             res = ray.cluster_resources()
             n = pool_size(system, per_round, res.get("CPU", 0.0), res.get("GPU", 0.0))
             opts = {"num_cpus": system.cpus_per_actor, "num_gpus": system.gpus_per_actor}
-            self.actors = [ClientActor.options(**opts).remote(spec, i) for i in range(n)]
+            self.actors = [ClientActor.options(**opts).remote(spec, i, _level()) for i in range(n)]
             self._describe = ray.get([a.describe.remote() for a in self.actors])
         except BaseException:
             self.close()
