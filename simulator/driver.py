@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -21,7 +20,7 @@ import torch
 from simulator.aggregation import weighted_mean
 from simulator.algorithms import ALGORITHMS, ServerOptimizer, client_weight, pseudo_gradient
 from simulator.config import ExperimentConfig
-from simulator.data import FederatedDataset, make_dataset
+from simulator.data import make_dataset
 from simulator.evaluation import STATS, summarize
 from simulator.metrics import MetricsWriter, write_json
 from simulator.models import build_model, check_output_shape, flat_params
@@ -46,20 +45,13 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """What the driver builds before any run directory exists (so bad input fails cleanly)."""
-
-    dataset: FederatedDataset
-    theta: torch.Tensor
-
-
-def prepare(cfg: ExperimentConfig) -> Prepared:
-    """Build the dataset handle and the initial server model; raises ConfigError on a bad model."""
+def prepare(cfg: ExperimentConfig) -> torch.Tensor:
+    """The initial server parameters, built before any run directory exists: a bad model factory
+    or a model that does not fit the data raises ConfigError here."""
     dataset = make_dataset(cfg.data, cfg.seed)
     model = build_model(cfg.model, dataset.input_dim, dataset.output_dim, cfg.seed)
     check_output_shape(model, dataset.input_dim, dataset.output_dim)
-    return Prepared(dataset, flat_params(model))
+    return flat_params(model)
 
 
 def _ordered(chunks: list[Any], client_ids: np.ndarray) -> tuple[Callable[[str], np.ndarray], np.ndarray]:
@@ -91,16 +83,15 @@ def _eval_columns(ev: EvalResult | None) -> dict[str, float]:
 RoundCallback = Callable[[dict[str, Any]], None]
 
 
-def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepared | None = None,
+def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Tensor | None = None,
         on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Run ``cfg.rounds`` synchronous rounds; write metrics and ``summary.json`` into ``run_dir``.
 
     Ctrl-C (KeyboardInterrupt) stops after the current round's metrics are flushed; the
     summary then says ``"status": "interrupted"``.
     """
-    prepared = prepared or prepare(cfg)
     algo = ALGORITHMS[cfg.algorithm.name]
-    opt = ServerOptimizer(prepared.theta, cfg.algorithm)
+    opt = ServerOptimizer(prepare(cfg) if theta0 is None else theta0, cfg.algorithm)
     theta = opt.params
     model_bytes = update_bytes = theta.numel() * theta.element_size()
     eval_ids = select_eval_clients(cfg.seed, cfg.data.num_clients, cfg.data.eval_clients, cfg.eval.clients)
