@@ -60,7 +60,9 @@ def _ordered(chunks: list[Any], client_ids: np.ndarray) -> tuple[Callable[[str],
     Returns a getter for a concatenated, reordered field, and each row's worker id.
     """
     got = np.concatenate([c.client_ids for c in chunks])
-    order = np.argsort(got, kind="stable")[np.searchsorted(np.sort(got), client_ids)]
+    order = np.argsort(got, kind="stable")
+    if len(got) == len(client_ids):
+        order = order[np.minimum(np.searchsorted(got[order], client_ids), len(got) - 1)]
     if len(got) != len(client_ids) or not np.array_equal(got[order], client_ids):
         raise RuntimeError("the backend did not return exactly one result per client of the cohort")
     workers = np.concatenate([np.full(len(c.client_ids), c.worker_id) for c in chunks])
@@ -98,9 +100,8 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Te
     writer = MetricsWriter(run_dir, cfg.metrics.flush_every)
     clock = VirtualClock()
     start = time.perf_counter()
-    round_ends: list[float] = []
-    history: list[dict[str, Any]] = []
-    status, updates = "completed", 0
+    history: list[dict[str, Any]] = []  # the rows written to rounds.parquet
+    status = "completed"
     try:
         for r in range(cfg.rounds):
             cohort = sample_cohort(cfg.seed, r, cfg.data.num_clients, cfg.clients.per_round)
@@ -117,7 +118,6 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Te
                                   for s in col("samples_processed")])
             round_start = clock.now
             clock = clock.after_sync_round(durations)
-            updates += len(cohort)
 
             ev = None
             if r % cfg.eval.every == 0 or r == cfg.rounds - 1:
@@ -132,7 +132,6 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Te
                         "metric_pre": ev.metric_pre, "metric_post": ev.metric_post})
 
             wall = time.perf_counter() - start
-            round_ends.append(wall)
             loss_after, loss_before = col("loss_after"), col("loss_before")
             row = {"round": r, "model_version": r + 1, "sim_time": clock.now,
                    "round_sim_duration": clock.now - round_start, "wall_time": wall,
@@ -155,20 +154,25 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Te
         status = "interrupted"
     finally:
         writer.flush()
-    summary = build_summary(cfg, history, status, time.perf_counter() - start, round_ends, updates, backend)
+    summary = build_summary(cfg, history, status, time.perf_counter() - start, backend)
     write_json(run_dir / "summary.json", summary)
     return summary
 
 
+def steady_updates_per_s(history: list[dict[str, Any]]) -> float | None:
+    """Clients per round / median round wall time, from the second round on (the first pays for
+    warm-up and shard building), as in the anchor benchmark."""
+    if len(history) < 2:
+        return None
+    durations = np.diff([0.0] + [h["wall_time"] for h in history])[1:]
+    return float(np.median([h["num_completed"] for h in history[1:]]) / np.median(durations))
+
+
 def build_summary(cfg: ExperimentConfig, history: list[dict[str, Any]], status: str, wall: float,
-                  round_ends: list[float], updates: int, backend: Backend) -> dict[str, Any]:
+                  backend: Backend) -> dict[str, Any]:
     evals = [h for h in history if not math.isnan(h["eval_loss_post"])]
     keys = ("eval_loss_pre", "eval_loss_post", "eval_metric_pre", "eval_metric_post")
-    # steady throughput: from round 2 on (round 1 pays for actor warm-up and shard building)
-    steady = None
-    if len(round_ends) >= 3:
-        times = np.diff(round_ends)[1:]
-        steady = cfg.clients.per_round / float(np.median(times))
+    updates = sum(h["num_completed"] for h in history)
     return {
         "status": status,
         "name": cfg.name,
@@ -186,6 +190,6 @@ def build_summary(cfg: ExperimentConfig, history: list[dict[str, Any]], status: 
         "sim_time_s": history[-1]["sim_time"] if history else 0.0,
         "wall_time_s": wall,
         "updates_per_s": updates / wall if wall > 0 else None,
-        "steady_updates_per_s": steady,
+        "steady_updates_per_s": steady_updates_per_s(history),
         "workers": backend.describe(),
     }

@@ -1,0 +1,65 @@
+"""Driver bookkeeping: result reordering, steady throughput, and Ctrl-C mid-round."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import small_overrides
+
+from actors.inline import InlineBackend
+from simulator.config import load_config
+from simulator.driver import _ordered, run, steady_updates_per_s
+from simulator.worker import EvalResult, WorkerSpec
+
+
+def _chunk(worker: int, ids: list[int]) -> EvalResult:
+    a = np.array(ids, dtype=np.float64)
+    return EvalResult(worker, np.array(ids), a * 10, a * 100, a, a)
+
+
+def test_ordered_puts_results_back_in_cohort_order():
+    cohort = np.array([2, 5, 7, 9])
+    col, workers = _ordered([_chunk(1, [9, 5]), _chunk(0, [7, 2])], cohort)
+    assert col("loss_pre").tolist() == [20, 50, 70, 90]
+    assert workers.tolist() == [0, 1, 0, 1]
+
+
+def test_ordered_rejects_missing_or_extra_clients():
+    with pytest.raises(RuntimeError, match="exactly one result per client"):
+        _ordered([_chunk(0, [2, 5])], np.array([2, 5, 7]))
+    with pytest.raises(RuntimeError, match="exactly one result per client"):
+        _ordered([_chunk(0, [2, 5, 8])], np.array([2, 5, 7]))
+    with pytest.raises(RuntimeError, match="exactly one result per client"):
+        _ordered([_chunk(0, [1, 2, 3])], np.array([1, 2, 9]))
+
+
+def test_steady_updates_per_s_skips_the_first_round():
+    # round durations 1.0, 0.5, 1.0, 0.5: from the second round on the median is 0.5 s for 10 clients
+    history = [{"wall_time": t, "num_completed": 10} for t in (1.0, 1.5, 2.5, 3.0)]
+    assert steady_updates_per_s(history) == pytest.approx(20.0)
+    assert steady_updates_per_s(history[:1]) is None
+
+
+class InterruptAt(InlineBackend):
+    """Raises KeyboardInterrupt (as Ctrl-C would) when round ``stop`` starts training."""
+
+    stop = 2
+
+    def map(self, method, theta, round_idx, client_ids):
+        if method == "train" and round_idx == self.stop:
+            raise KeyboardInterrupt
+        yield from super().map(method, theta, round_idx, client_ids)
+
+
+def test_ctrl_c_keeps_what_was_measured(tmp_path):
+    cfg = load_config(None, small_overrides(**{"system.backend": "inline", "metrics.flush_every": 10}))
+    summary = run(cfg, InterruptAt(WorkerSpec.from_config(cfg), cfg.system), tmp_path)
+    assert summary["status"] == "interrupted"
+    assert summary["rounds_completed"] == 2 and summary["client_updates"] == 2 * 6
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk["status"] == "interrupted"
+    assert pd.read_parquet(tmp_path / "rounds.parquet")["round"].tolist() == [0, 1]  # flushed on the way out
+    assert len(pd.read_parquet(tmp_path / "clients.parquet")) == 12
