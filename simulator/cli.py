@@ -120,6 +120,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"metafleet: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts: nothing was written yet
+        print("metafleet: interrupted before the first round; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.toml", dumps_toml(to_dict(cfg)).encode())
