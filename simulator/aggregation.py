@@ -1,4 +1,4 @@
-"""Aggregation of client vectors: a weighted mean in a fixed order.
+"""Aggregation of client vectors: a weighted mean in a fixed order, and the asynchronous rules.
 
 The cohort's vectors are stacked in the order the clients were sampled, never in the order
 their results arrived, so the floating-point sum (and the model) is the same whatever the
@@ -7,6 +7,7 @@ number of actors or the order Ray returns them in.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -25,3 +26,51 @@ def weighted_mean(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         raise ValueError("client weights must sum to a positive number")
     w = (weights / total).to(vectors.dtype)
     return w @ vectors
+
+
+# ----------------------------------------------------------------------------- asynchronous aggregation
+
+STALENESS = ("constant", "polynomial", "sqrt", "hinge")
+
+
+def staleness_weight(name: str, tau: np.ndarray | float, a: float = 0.5, b: float = 4.0) -> np.ndarray:
+    """s(tau): how much an update computed on a model ``tau`` versions old still counts.
+
+    FedAsync (Xie et al. 2019, Sec. 5.2): constant s = 1; polynomial s_a(tau) = (1 + tau)^-a;
+    hinge s_{a,b}(tau) = 1 if tau <= b else 1 / (a (tau - b) + 1). FedBuff (Nguyen et al. 2022,
+    Sec. 5) uses s(tau) = 1 / sqrt(1 + tau), named "sqrt" here.
+    """
+    t = np.asarray(tau, dtype=np.float64)
+    if np.any(t < 0):
+        raise ValueError(f"staleness must be >= 0, got {tau!r}")
+    if name == "constant":
+        return np.ones_like(t)
+    if name == "polynomial":
+        return (1.0 + t) ** -a
+    if name == "sqrt":
+        return 1.0 / np.sqrt(1.0 + t)
+    if name == "hinge":
+        return np.where(t <= b, 1.0, 1.0 / (a * (t - b) + 1.0))
+    raise ValueError(f"unknown staleness function {name!r}; choose one of {', '.join(STALENESS)}")
+
+
+def fedbuff_mean(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """FedBuff's buffered aggregate (Nguyen et al. 2022, Alg. 1): (1/K) sum_i s(tau_i) v_i.
+
+    ``weights`` are the staleness weights s(tau_i) of the K buffered updates, in buffer order.
+    Unlike ``weighted_mean`` the sum is divided by K, not by the sum of the weights, so stale
+    updates shrink the server step. The server then applies server_lr (or its optimizer).
+    """
+    if vectors.ndim != 2 or weights.shape != (vectors.shape[0],) or vectors.shape[0] == 0:
+        raise ValueError(f"need K >= 1 vectors (K x P) and K weights, got {tuple(vectors.shape)}, "
+                         f"{tuple(weights.shape)}")
+    return (weights.to(vectors.dtype) @ vectors) / vectors.shape[0]
+
+
+def fedasync_mix(theta: torch.Tensor, theta_client: torch.Tensor, mixing: float, weight: float) -> torch.Tensor:
+    """FedAsync's update (Xie et al. 2019, Alg. 1): theta <- (1 - a_t) theta + a_t theta_client,
+    a_t = mixing * s(tau), where theta_client is the client's model trained from a stale version."""
+    alpha = mixing * weight
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"mixing * s(tau) must be in [0, 1], got {alpha}")
+    return (1.0 - alpha) * theta + alpha * theta_client
