@@ -18,6 +18,7 @@ PURPOSES: dict[str, int] = {
     "eval_select": 6,   # which held-out clients are evaluated
     "eval_batches": 7,  # adaptation batches of an evaluated client
     "init": 8,          # the server model's initial weights
+    "partition": 9,     # how a pooled dataset is split over clients
 }
 
 
