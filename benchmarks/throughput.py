@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from simulator.config import load_config
 from simulator.data import make_dataset
-from simulator.driver import run
+from simulator.driver import run, steady_throughput
 from simulator.models import build_model
 from simulator.scheduling import sample_cohort
 
@@ -38,10 +38,6 @@ ANCHOR = [
     "model.hidden=[64]", "algorithm.name=\"fedavg\"", "algorithm.local_steps=5", "algorithm.batch_size=10",
     "algorithm.local_lr=0.05", "algorithm.server_lr=1.0", "clients.per_round=100", "metrics.flush_every=100",
 ]
-
-
-def steady(per_round: int, round_times: list[float]) -> float:
-    return per_round / float(np.median(round_times[1:]))
 
 
 def plain_loop(rounds: int, seed: int = 0) -> float:
@@ -73,7 +69,7 @@ def plain_loop(rounds: int, seed: int = 0) -> float:
             total += len(x)
         model.load_state_dict({k: v / total for k, v in acc.items()})
         times.append(time.perf_counter() - start)
-    return steady(cfg.clients.per_round, times)
+    return steady_throughput([cfg.clients.per_round] * len(times), times)
 
 
 def metafleet(rounds: int, backend: str, actors: int, seed: int = 0) -> float:

@@ -159,13 +159,19 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Te
     return summary
 
 
-def steady_updates_per_s(history: list[dict[str, Any]]) -> float | None:
-    """Clients per round / median round wall time, from the second round on (the first pays for
-    warm-up and shard building), as in the anchor benchmark."""
-    if len(history) < 2:
+def steady_throughput(clients: list[int] | np.ndarray, durations: list[float] | np.ndarray) -> float | None:
+    """Client updates per second in steady state: median clients per round / median round time,
+    from the second round on (the first pays for warm-up and shard building). The anchor
+    benchmark's definition, used for metafleet's summaries and for the plain-loop baseline."""
+    if len(durations) < 2:
         return None
-    durations = np.diff([0.0] + [h["wall_time"] for h in history])[1:]
-    return float(np.median([h["num_completed"] for h in history[1:]]) / np.median(durations))
+    return float(np.median(clients[1:]) / np.median(durations[1:]))
+
+
+def steady_updates_per_s(history: list[dict[str, Any]]) -> float | None:
+    """``steady_throughput`` of a run's rounds (``wall_time`` is cumulative)."""
+    return steady_throughput([h["num_completed"] for h in history],
+                             np.diff([0.0] + [h["wall_time"] for h in history]))
 
 
 def build_summary(cfg: ExperimentConfig, history: list[dict[str, Any]], status: str, wall: float,

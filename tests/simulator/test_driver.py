@@ -11,7 +11,7 @@ from conftest import small_overrides
 
 from actors.inline import InlineBackend
 from simulator.config import load_config
-from simulator.driver import _ordered, run, steady_updates_per_s
+from simulator.driver import _ordered, run, steady_throughput, steady_updates_per_s
 from simulator.worker import EvalResult, WorkerSpec
 
 
@@ -41,6 +41,12 @@ def test_steady_updates_per_s_skips_the_first_round():
     history = [{"wall_time": t, "num_completed": 10} for t in (1.0, 1.5, 2.5, 3.0)]
     assert steady_updates_per_s(history) == pytest.approx(20.0)
     assert steady_updates_per_s(history[:1]) is None
+
+
+def test_steady_throughput_is_the_shared_definition():
+    # from the second round on: median clients 10, median duration 1.0 s; the slow first round is ignored
+    assert steady_throughput([5, 10, 10, 20], [9.0, 1.0, 0.5, 2.0]) == pytest.approx(10.0)
+    assert steady_throughput([100], [1.0]) is None
 
 
 class InterruptAt(InlineBackend):
