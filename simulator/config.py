@@ -37,13 +37,28 @@ class DataConfig:
     samples_per_client: int = 0
     iid: bool = False
     test_fraction: float = 0.2
+    # pooled labelled datasets (gaussian, digits) split over clients by a partitioner
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    shards_per_client: int = 2
+    quantity_sigma: float = 1.0
+    # gaussian mixture: pool size (0 = 50 samples per client), classes, features, class-mean spread
+    pool_size: int = 0
+    num_classes: int = 10
+    features: int = 20
+    separation: float = 1.0
 
 
-#: keys that belong to one dataset only; setting them for another dataset is an error
+_PARTITION_KEYS = {"partition", "dirichlet_alpha", "shards_per_client", "quantity_sigma", "test_fraction"}
+
+#: keys that belong to some datasets only; setting them for another dataset is an error
 DATASET_KEYS: dict[str, frozenset[str]] = {
     "sinusoid": frozenset({"shots", "query"}),
     "synthetic": frozenset({"alpha", "beta", "samples_per_client", "iid", "test_fraction"}),
+    "gaussian": frozenset(_PARTITION_KEYS | {"pool_size", "num_classes", "features", "separation"}),
+    "digits": frozenset(_PARTITION_KEYS),
 }
+_DATASET_ONLY = frozenset().union(*DATASET_KEYS.values())
 
 
 @dataclass(frozen=True)
@@ -80,6 +95,53 @@ class SystemConfig:
     threads: int = 1
     ship_code: bool = False
     shard_cache: int = 4096
+    # round policy, in simulated time
+    mode: str = "sync"
+    deadline_s: float = 0.0
+    overselect: float = 1.3
+    max_concurrency: int = 0   # async: clients training at once (0 = clients.per_round)
+    max_staleness: int = 0     # async: drop updates staler than this (0 = no limit)
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """A positive per-client quantity drawn from (seed, client id): ``dist`` is "constant" (always
+    ``median``), "lognormal" (median ``median``, log-space std ``sigma``) or "pareto" (heavy-tailed
+    slowness: the reciprocal of the rate is Pareto with tail index ``shape``; median ``median``)."""
+
+    dist: str = "lognormal"
+    median: float = 1.0
+    sigma: float = 1.0
+    shape: float = 1.5
+
+
+@dataclass(frozen=True)
+class DevicesConfig:
+    """System heterogeneity: compute speed in samples per simulated second, download bandwidth in
+    Mbit/s (upload = ``uplink_ratio`` x download), or a FedScale-style ``trace`` file; availability
+    (probability of being online when sampled, or an on/off ``availability_trace``) and the
+    probability of dropping out mid-update."""
+
+    speed: Distribution = field(default_factory=lambda: Distribution("lognormal", 100.0, 1.0))
+    bandwidth: Distribution = field(default_factory=lambda: Distribution("lognormal", 20.0, 1.0))
+    uplink_ratio: float = 0.5
+    trace: str = ""
+    availability: float = 1.0
+    availability_trace: str = ""
+    dropout: float = 0.0
+
+
+@dataclass(frozen=True)
+class AsyncConfig:
+    """Asynchronous aggregation (``system.mode = "async"``): FedBuff (Nguyen et al. 2022) or
+    FedAsync (Xie et al. 2019), with a staleness function s(tau)."""
+
+    rule: str = "fedbuff"
+    buffer_size: int = 10
+    staleness: str = "sqrt"
+    staleness_a: float = 0.5
+    staleness_b: float = 4.0
+    mixing: float = 0.6
 
 
 @dataclass(frozen=True)
@@ -105,6 +167,8 @@ class ExperimentConfig:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    async_: AsyncConfig = field(default_factory=AsyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
@@ -113,15 +177,31 @@ class ExperimentConfig:
         return from_dict(_set_dotted(to_dict(self), changes))
 
 
-_SECTIONS: dict[str, type] = {name: t for name, t in typing.get_type_hints(ExperimentConfig).items()
+#: TOML section name -> its dataclass (the ``[async]`` section is the attribute ``async_``)
+_SECTIONS: dict[str, type] = {name.rstrip("_"): t for name, t in typing.get_type_hints(ExperimentConfig).items()
                               if name not in ("name", "seed", "rounds")}
 
+
+def _attr(section: str) -> str:
+    return "async_" if section == "async" else section
+
+
+def section(cfg: ExperimentConfig, name: str) -> Any:
+    """A config section by its TOML name: ``section(cfg, "async")`` is ``cfg.async_``."""
+    return getattr(cfg, _attr(name))
+
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("sinusoid", "synthetic"),
+    "data.name": ("sinusoid", "synthetic", "gaussian", "digits"),
+    "data.partition": ("iid", "dirichlet", "shards", "quantity"),
     "model.name": ("mlp",),
     "algorithm.name": ("fedavg", "reptile", "fomaml", "maml"),
     "algorithm.server_optimizer": ("sgd", "adam"),
     "system.backend": ("ray", "inline"),
+    "system.mode": ("sync", "deadline", "overselect", "async"),
+    "async.rule": ("fedbuff", "fedasync"),
+    "async.staleness": ("constant", "polynomial", "sqrt", "hinge"),
+    "devices.speed.dist": ("constant", "lognormal", "pareto"),
+    "devices.bandwidth.dist": ("constant", "lognormal", "pareto"),
 }
 
 
@@ -129,27 +209,30 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """Nested plain dict (tuples become lists), as written to ``config.toml``."""
 
     def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         return list(v) if isinstance(v, tuple) else v
 
     out: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds}
-    for section in _SECTIONS:
-        sub = getattr(cfg, section)
-        out[section] = {f.name: plain(getattr(sub, f.name)) for f in dataclasses.fields(sub)}
-    for other, keys in DATASET_KEYS.items():  # only the chosen dataset's own parameters
-        if other != cfg.data.name:
-            out["data"] = {k: v for k, v in out["data"].items() if k not in keys}
+    for name in _SECTIONS:
+        out[name] = plain(section(cfg, name))
+    own = DATASET_KEYS[cfg.data.name] if cfg.data.name in DATASET_KEYS else frozenset()
+    out["data"] = {k: v for k, v in out["data"].items() if k not in _DATASET_ONLY or k in own}
     return out
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
-    """``{"data.name": ..., "algorithm.local_lr": ...}``: one column per key, for analysis frames."""
-    flat: dict[str, Any] = {}
-    for key, value in to_dict(cfg).items():
+    """``{"data.name": ..., "devices.speed.median": ...}``: one column per key, for analysis frames."""
+
+    def walk(prefix: str, value: Any, flat: dict[str, Any]) -> dict[str, Any]:
         if isinstance(value, dict):
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v, flat)
         else:
-            flat[key] = value
-    return flat
+            flat[prefix] = value
+        return flat
+
+    return walk("", to_dict(cfg), {})
 
 
 def parse_value(text: str) -> Any:
@@ -184,22 +267,32 @@ def _set_dotted(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
     for key, value in changes.items():
         parts = key.split(".")
-        if len(parts) > 2 or (len(parts) == 2 and parts[0] not in _SECTIONS):
+        if len(parts) > 3 or (len(parts) >= 2 and parts[0] not in _SECTIONS):
             raise ConfigError(f"unknown key {key!r}{_suggest(key, _all_keys())}")
         if len(parts) == 1:
             out[key] = value
-        else:
-            section = out.setdefault(parts[0], {})
-            if not isinstance(section, dict):
-                raise ConfigError(f"{parts[0]!r} must be a table ([{parts[0]}]), not a value")
-            section[parts[1]] = value
+            continue
+        table = out.setdefault(parts[0], {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{parts[0]!r} must be a table ([{parts[0]}]), not a value")
+        if len(parts) == 3:  # a field of a nested table, e.g. devices.speed.sigma
+            if key not in _all_keys():
+                raise ConfigError(f"unknown key {key!r}{_suggest(key, _all_keys())}")
+            sub = table.get(parts[1], {})
+            table[parts[1]] = {**sub, parts[2]: value} if isinstance(sub, dict) else sub
+            continue
+        table[parts[1]] = value
     return out
 
 
 def _all_keys() -> list[str]:
     keys = ["name", "seed", "rounds"]
-    for section, cls in _SECTIONS.items():
-        keys += [f"{section}.{f.name}" for f in dataclasses.fields(cls)]
+    for name, cls in _SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            keys.append(f"{name}.{f.name}")
+            sub = typing.get_type_hints(cls)[f.name]
+            if dataclasses.is_dataclass(sub):
+                keys += [f"{name}.{f.name}.{g.name}" for g in dataclasses.fields(sub)]
     return keys
 
 
@@ -230,6 +323,11 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key} must be a string, got {value!r}; quote it, e.g. {key}=\"...\"")
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, dict):
+            return _build_section(key, annotation, value)
+        raise ConfigError(f"{key} must be a table such as {{dist = \"lognormal\", median = 100.0, sigma = 1.0}}, "
+                          f"got {value!r}")
     if typing.get_origin(annotation) is tuple:
         if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
             return tuple(value)
@@ -237,7 +335,7 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # programming error
 
 
-def _build_section(name: str, cls: type, raw: Any) -> Any:
+def _build_section(name: str, cls: Any, raw: Any) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{name!r} must be a table ([{name}]), got {raw!r}")
     hints = typing.get_type_hints(cls)
@@ -257,7 +355,7 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key in _SECTIONS:
-            kwargs[key] = _build_section(key, _SECTIONS[key], value)
+            kwargs[_attr(key)] = _build_section(key, _SECTIONS[key], value)
         elif key in ("name", "seed", "rounds"):
             kwargs[key] = _coerce(key, value, top_hints[key])
         else:
@@ -274,16 +372,18 @@ def _require(ok: bool, message: str) -> None:
 
 def _validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     for key, options in CHOICES.items():
-        section, attr = key.split(".")
-        value = getattr(getattr(cfg, section), attr)
+        first, *rest = key.split(".")
+        value: Any = section(cfg, first)
+        for attr in rest:
+            value = getattr(value, attr)
         if key == "model.name" and cfg.model.factory:
             continue
         _require(value in options, f"{key} = {value!r} is not supported; choose one of {', '.join(options)}")
-    for other, keys in DATASET_KEYS.items():
-        if other != cfg.data.name:
-            wrong = sorted(keys & raw_data.keys())
-            _require(not wrong, f"data.{wrong[0] if wrong else ''} applies to data.name = {other!r}, "
-                                f"not {cfg.data.name!r}; remove it")
+    wrong = sorted((_DATASET_ONLY - DATASET_KEYS[cfg.data.name]) & raw_data.keys())
+    if wrong:
+        owners = [n for n, keys in DATASET_KEYS.items() if wrong[0] in keys]
+        raise ConfigError(f"data.{wrong[0]} applies to data.name = {' or '.join(map(repr, owners))}, "
+                          f"not {cfg.data.name!r}; remove it")
     d, a, s, e = cfg.data, cfg.algorithm, cfg.system, cfg.eval
     _require(bool(cfg.name.strip()) and "/" not in cfg.name, "name must be a non-empty string without '/'")
     _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
@@ -323,7 +423,57 @@ def _validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
              "lower eval.clients or raise data.eval_clients")
     _require(e.adapt_steps >= 0, f"eval.adapt_steps must be >= 0, got {e.adapt_steps}")
     _require(e.adapt_lr > 0, f"eval.adapt_lr must be > 0, got {e.adapt_lr}")
+    _validate_pooled(d)
+    _validate_system(cfg)
     _require(cfg.metrics.flush_every >= 1, f"metrics.flush_every must be >= 1, got {cfg.metrics.flush_every}")
+
+
+def _validate_pooled(d: DataConfig) -> None:
+    _require(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
+    _require(d.shards_per_client >= 1, f"data.shards_per_client must be >= 1, got {d.shards_per_client}")
+    _require(d.quantity_sigma >= 0, f"data.quantity_sigma must be >= 0, got {d.quantity_sigma}")
+    _require(d.pool_size >= 0, f"data.pool_size must be >= 0 (0 = 50 samples per client), got {d.pool_size}")
+    _require(d.num_classes >= 2, f"data.num_classes must be >= 2, got {d.num_classes}")
+    _require(d.features >= 1, f"data.features must be >= 1, got {d.features}")
+    _require(d.separation > 0, f"data.separation must be > 0, got {d.separation}")
+
+
+def _validate_distribution(key: str, dist: Distribution) -> None:
+    _require(dist.median > 0, f"{key}.median must be > 0, got {dist.median}")
+    _require(dist.sigma >= 0, f"{key}.sigma must be >= 0, got {dist.sigma}")
+    _require(dist.shape > 0, f"{key}.shape must be > 0 (the Pareto tail index), got {dist.shape}")
+
+
+def _validate_system(cfg: ExperimentConfig) -> None:
+    s, dv, a = cfg.system, cfg.devices, cfg.async_
+    _validate_distribution("devices.speed", dv.speed)
+    _validate_distribution("devices.bandwidth", dv.bandwidth)
+    _require(dv.uplink_ratio > 0, f"devices.uplink_ratio must be > 0, got {dv.uplink_ratio}")
+    _require(0 < dv.availability <= 1,
+             f"devices.availability must be a probability in (0, 1], got {dv.availability}")
+    _require(0 <= dv.dropout < 1, f"devices.dropout must be a probability in [0, 1), got {dv.dropout}")
+    _require(s.mode != "deadline" or s.deadline_s > 0,
+             f"system.mode = \"deadline\" needs system.deadline_s > 0 (simulated seconds), got {s.deadline_s}")
+    _require(s.deadline_s >= 0, f"system.deadline_s must be >= 0, got {s.deadline_s}")
+    _require(s.overselect >= 1, f"system.overselect must be >= 1 (e.g. 1.3 samples 30% more), got {s.overselect}")
+    if s.mode == "overselect":
+        _require(math.ceil(s.overselect * cfg.clients.per_round) <= cfg.data.num_clients,
+                 f"system.overselect = {s.overselect} samples {math.ceil(s.overselect * cfg.clients.per_round)} "
+                 f"clients, more than data.num_clients = {cfg.data.num_clients}; lower system.overselect")
+    _require(s.max_concurrency >= 0, f"system.max_concurrency must be >= 0 (0 = clients.per_round), "
+                                     f"got {s.max_concurrency}")
+    _require(s.max_concurrency <= cfg.data.num_clients,
+             f"system.max_concurrency = {s.max_concurrency} is larger than data.num_clients = "
+             f"{cfg.data.num_clients}; lower it")
+    _require(s.max_staleness >= 0, f"system.max_staleness must be >= 0 (0 = no limit), got {s.max_staleness}")
+    _require(a.buffer_size >= 1, f"async.buffer_size must be >= 1, got {a.buffer_size}")
+    _require(a.staleness_a >= 0, f"async.staleness_a must be >= 0, got {a.staleness_a}")
+    _require(a.staleness_b >= 0, f"async.staleness_b must be >= 0, got {a.staleness_b}")
+    _require(0 < a.mixing <= 1, f"async.mixing must be in (0, 1], got {a.mixing}")
+    if s.mode == "async" and a.rule == "fedasync":
+        _require(cfg.algorithm.server_optimizer == "sgd" and cfg.algorithm.server_momentum == 0,
+                 "async.rule = \"fedasync\" mixes models directly (no server optimizer); set "
+                 "algorithm.server_optimizer = \"sgd\" and algorithm.server_momentum = 0, or use rule = \"fedbuff\"")
 
 
 def dumps_toml(data: dict[str, Any]) -> str:
@@ -338,6 +488,8 @@ def dumps_toml(data: dict[str, Any]) -> str:
             return json.dumps(v)  # a JSON string is a valid TOML basic string (escapes included)
         if isinstance(v, list | tuple):
             return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):  # a nested table, written inline: speed = {dist = "lognormal", ...}
+            return "{" + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + "}"
         raise TypeError(f"cannot write {v!r} as TOML")
 
     lines = [f"{k} = {value(v)}" for k, v in data.items() if not isinstance(v, dict)]
@@ -348,7 +500,7 @@ def dumps_toml(data: dict[str, Any]) -> str:
 
 
 __all__ = [
-    "AlgorithmConfig", "ClientsConfig", "ConfigError", "DataConfig", "EvalConfig", "ExperimentConfig",
-    "MetricsConfig", "ModelConfig", "SystemConfig", "dumps_toml", "flatten", "from_dict", "load_config",
-    "parse_value", "to_dict",
+    "AlgorithmConfig", "AsyncConfig", "ClientsConfig", "ConfigError", "DataConfig", "DevicesConfig",
+    "Distribution", "EvalConfig", "ExperimentConfig", "MetricsConfig", "ModelConfig", "SystemConfig", "dumps_toml",
+    "flatten", "from_dict", "load_config", "parse_value", "section", "to_dict",
 ]

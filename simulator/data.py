@@ -64,6 +64,15 @@ class FederatedDataset(Protocol):
 
     def num_samples(self, client_id: int) -> int: ...
 
+    def split_sizes(self, client_id: int) -> tuple[int, int]:
+        """(support, query) sizes without building the shard: the driver needs them at dispatch to
+        know a client's simulated compute time."""
+        ...
+
+    def label_histogram(self) -> np.ndarray | None:
+        """Per-client label counts (clients x classes) of a partitioned pooled dataset, else None."""
+        ...
+
 
 class Sinusoid:
     """The sinusoid regression benchmark of MAML (Finn et al. 2017, Sec. 5.1).
@@ -92,6 +101,12 @@ class Sinusoid:
     def num_samples(self, client_id: int) -> int:
         return self.shots + self.query
 
+    def split_sizes(self, client_id: int) -> tuple[int, int]:
+        return self.shots, self.query
+
+    def label_histogram(self) -> None:
+        return None
+
 
 class Synthetic:
     """FedProx's Synthetic(alpha, beta) classification data (Li et al. 2020, Sec. 5.1).
@@ -117,6 +132,14 @@ class Synthetic:
         rng = generator(self.seed, "sizes", 0, client_id)
         return int(rng.lognormal(4.0, 2.0)) + 50
 
+    def split_sizes(self, client_id: int) -> tuple[int, int]:
+        n = self.num_samples(client_id)
+        n_test = min(max(1, round(n * self.cfg.test_fraction)), n - 1)
+        return n - n_test, n_test
+
+    def label_histogram(self) -> None:
+        return None
+
     def _model(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         d, c = self.input_dim, self.output_dim
         if self.cfg.iid:
@@ -132,12 +155,11 @@ class Synthetic:
     def shard(self, client_id: int) -> ClientShard:
         rng = generator(self.seed, "data", 0, client_id)
         w, b, v = self._model(rng)
-        n = self.num_samples(client_id)
+        k, n_test = self.split_sizes(client_id)
+        n = k + n_test
         x = v + rng.standard_normal((n, self.input_dim)) * self._sigma
         y = np.argmax(x @ w + b, axis=1)  # softmax is monotone: argmax of the logits
-        n_test = min(max(1, round(n * self.cfg.test_fraction)), n - 1)
         xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
-        k = n - n_test
         return ClientShard(client_id, Split(xt[:k], yt[:k]), Split(xt[k:], yt[k:]))
 
 
@@ -146,6 +168,10 @@ def make_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
         return Sinusoid(cfg, seed)
     if cfg.name == "synthetic":
         return Synthetic(cfg, seed)
+    if cfg.name in ("gaussian", "digits"):
+        from simulator.pooled import make_pooled
+
+        return make_pooled(cfg, seed)
     raise ValueError(f"unknown dataset {cfg.name!r}")  # config validation rejects this earlier
 
 
