@@ -2,18 +2,29 @@
 
 For tests and debugging (breakpoints, profilers). Its results equal the Ray pool's exactly:
 every client's work is a pure function of (model version, client id, seed), and the worker
-fixes torch's thread count the same way here as in an actor.
+fixes torch's thread count the same way here as in an actor. Submitted work runs lazily, when
+its result is first asked for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import numpy as np
 
 from simulator.config import SystemConfig
-from simulator.scheduling import split_cohort
+from simulator.scheduling import split_work
 from simulator.worker import ClientWorker, EvalResult, TrainResult, WorkerSpec
+
+
+@dataclass
+class InlinePending:
+    client_ids: list[int]
+    thunk: Any
+    value: Any = field(default=None)
 
 
 class InlineBackend:
@@ -25,11 +36,22 @@ class InlineBackend:
     def describe(self) -> list[dict[str, object]]:
         return [self.worker.describe()]
 
-    def map(self, method: str, theta: np.ndarray, round_idx: int,
-            client_ids: np.ndarray) -> Iterator[TrainResult | EvalResult]:
+    def submit(self, method: str, theta: np.ndarray, keys: int | np.ndarray,
+               client_ids: np.ndarray) -> list[InlinePending]:
         fn = getattr(self.worker, method)
-        for _, chunk in split_cohort(client_ids, 1, self.max_chunk):
-            yield fn(theta, round_idx, chunk)
+        theta = np.array(theta, copy=True)  # the caller may change its array before the work runs
+        return [InlinePending(ids, partial(fn, theta, k, ids))
+                for _, ids, k in split_work(client_ids, keys, 1, self.max_chunk)]
+
+    def result(self, pending: InlinePending) -> TrainResult | EvalResult:
+        if pending.thunk is not None:
+            pending.value, pending.thunk = pending.thunk(), None
+        return pending.value
+
+    def map(self, method: str, theta: np.ndarray, keys: int | np.ndarray,
+            client_ids: np.ndarray) -> Iterator[TrainResult | EvalResult]:
+        for pending in self.submit(method, theta, keys, client_ids):
+            yield self.result(pending)
 
     def close(self) -> None:
         pass

@@ -14,15 +14,26 @@ import math
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
 
 from simulator.config import ConfigError, SystemConfig
-from simulator.scheduling import split_cohort
+from simulator.scheduling import split_work
 from simulator.worker import ClientWorker, EvalResult, TrainResult, WorkerSpec
 
 log = logging.getLogger("metafleet.pool")
+
+
+@dataclass
+class RayPending:
+    """A submitted chunk: its clients and the object reference of its result (None once fetched)."""
+
+    client_ids: list[int]
+    ref: Any
+    value: Any = field(default=None)
 
 
 @ray.remote
@@ -36,8 +47,8 @@ class ClientActor:
     def describe(self) -> dict[str, object]:
         return self.worker.describe()
 
-    def train(self, theta: np.ndarray, round_idx: int, client_ids: list[int]) -> TrainResult:
-        return self.worker.train(theta, round_idx, client_ids)
+    def train(self, theta: np.ndarray, keys: int | list[int], client_ids: list[int]) -> TrainResult:
+        return self.worker.train(theta, keys, client_ids)
 
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: list[int]) -> EvalResult:
         return self.worker.evaluate(theta, round_idx, client_ids)
@@ -130,16 +141,29 @@ class RayPool:
     def describe(self) -> list[dict[str, object]]:
         return list(self._describe)
 
-    def map(self, method: str, theta: np.ndarray, round_idx: int,
+    def submit(self, method: str, theta: np.ndarray, keys: int | np.ndarray,
+               client_ids: np.ndarray) -> list[RayPending]:
+        """Dispatch the clients as one call per chunk; the model is put in the object store once."""
+        model_ref = ray.put(theta)
+        pending = [RayPending(ids, getattr(self.actors[w], method).remote(model_ref, k, ids))
+                   for w, ids, k in split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor)]
+        del model_ref  # the pending calls hold it; it is freed when the last one finishes
+        return pending
+
+    def result(self, pending: RayPending) -> TrainResult | EvalResult:
+        """Block until this chunk is done (the others keep running); its reference is then released."""
+        if pending.ref is not None:
+            pending.value, pending.ref = ray.get(pending.ref), None
+        return pending.value
+
+    def map(self, method: str, theta: np.ndarray, keys: int | np.ndarray,
             client_ids: np.ndarray) -> Iterator[TrainResult | EvalResult]:
         """Dispatch every chunk at once; yield results as they complete (``ray.wait``)."""
-        model_ref = ray.put(theta)
-        pending = [getattr(self.actors[w], method).remote(model_ref, round_idx, chunk)
-                   for w, chunk in split_cohort(client_ids, self.num_workers, self.system.clients_per_actor)]
-        del model_ref  # the pending calls hold it; it is freed when the last one finishes
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield ray.get(done[0])
+        pending = {p.ref: p for p in self.submit(method, theta, keys, client_ids)}
+        refs = list(pending)
+        while refs:
+            done, refs = ray.wait(refs, num_returns=1)
+            yield self.result(pending.pop(done[0]))
 
     def close(self) -> None:
         for actor in getattr(self, "actors", []):

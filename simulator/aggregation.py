@@ -54,17 +54,26 @@ def staleness_weight(name: str, tau: np.ndarray | float, a: float = 0.5, b: floa
     raise ValueError(f"unknown staleness function {name!r}; choose one of {', '.join(STALENESS)}")
 
 
-def fedbuff_mean(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def fedbuff_mean(vectors: torch.Tensor, weights: torch.Tensor,
+                 client_weights: torch.Tensor | None = None) -> torch.Tensor:
     """FedBuff's buffered aggregate (Nguyen et al. 2022, Alg. 1): (1/K) sum_i s(tau_i) v_i.
 
     ``weights`` are the staleness weights s(tau_i) of the K buffered updates, in buffer order.
-    Unlike ``weighted_mean`` the sum is divided by K, not by the sum of the weights, so stale
-    updates shrink the server step. The server then applies server_lr (or its optimizer).
+    Unlike ``weighted_mean`` the sum is divided by K, not by the sum of the staleness weights, so
+    stale updates shrink the server step. The server then applies server_lr (or its optimizer).
+
+    ``client_weights`` c_i generalize 1/K to c_i / sum_j c_j (FedAvg's sample counts n_i); with
+    every s(tau_i) = 1 the result is bit-for-bit ``weighted_mean(vectors, c)``, so asynchronous
+    FedBuff with a full buffer of fresh updates reproduces a synchronous round exactly.
     """
     if vectors.ndim != 2 or weights.shape != (vectors.shape[0],) or vectors.shape[0] == 0:
         raise ValueError(f"need K >= 1 vectors (K x P) and K weights, got {tuple(vectors.shape)}, "
                          f"{tuple(weights.shape)}")
-    return (weights.to(vectors.dtype) @ vectors) / vectors.shape[0]
+    c = torch.ones_like(weights) if client_weights is None else client_weights.to(weights.dtype)
+    if c.shape != weights.shape or not c.sum() > 0:
+        raise ValueError("client weights must be one positive-sum weight per buffered update")
+    w = ((c / c.sum()) * weights).to(vectors.dtype)
+    return w @ vectors
 
 
 def fedasync_mix(theta: torch.Tensor, theta_client: torch.Tensor, mixing: float, weight: float) -> torch.Tensor:

@@ -160,6 +160,18 @@ ALGORITHMS: dict[str, Algorithm] = {
 }
 
 
+def planned_samples(algorithm: Algorithm, cfg: AlgorithmConfig, n_support: int, n_query: int) -> int:
+    """Samples a client step will process (forward/backward), known before it runs: the driver
+    turns it into simulated compute time at dispatch. Equals ``ClientUpdate.samples_processed``."""
+
+    def steps(n: int, count: int) -> int:
+        return count * (n if cfg.batch_size <= 0 or cfg.batch_size >= n else cfg.batch_size)
+
+    if algorithm.client_step is local_sgd_update:
+        return steps(n_support + n_query, cfg.local_steps)
+    return steps(n_support, cfg.local_steps) + steps(n_query, 1)
+
+
 def client_weight(algorithm: Algorithm, num_samples: int) -> float:
     return float(num_samples) if algorithm.weighting == "samples" else 1.0
 

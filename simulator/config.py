@@ -46,7 +46,7 @@ class DataConfig:
     pool_size: int = 0
     num_classes: int = 10
     features: int = 20
-    separation: float = 1.0
+    separation: float = 0.6
 
 
 _PARTITION_KEYS = {"partition", "dirichlet_alpha", "shards_per_client", "quantity_sigma", "test_fraction"}

@@ -19,24 +19,29 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from simulator.evaluation import STATS
+from simulator.scheduling.policies import DROP_REASONS
 
-_F, _I = pa.float64(), pa.int64()
-_NUMPY = {_F: np.float64, _I: np.int64}  # build columns from numpy: pyarrow then needs no pandas import
+_F, _I, _B, _S = pa.float64(), pa.int64(), pa.bool_(), pa.string()
+_NUMPY = {_F: np.float64, _I: np.int64, _B: np.bool_}  # build columns from numpy: pyarrow then needs no pandas
 
 _EVAL_COLUMNS = [f"eval_{what}_{when}{'' if s == 'mean' else '_' + s}"
                  for what in ("loss", "metric") for when in ("pre", "post") for s in STATS]
 
 ROUNDS_SCHEMA = pa.schema(
     [("round", _I), ("model_version", _I), ("sim_time", _F), ("round_sim_duration", _F), ("wall_time", _F),
-     ("num_sampled", _I), ("num_completed", _I), ("num_dropped", _I), ("train_loss", _F),
-     ("train_loss_before", _F), ("update_norm", _F)]
+     ("num_sampled", _I), ("num_completed", _I), ("num_dropped", _I)]
+    + [(f"dropped_{r}", _I) for r in DROP_REASONS]
+    + [("staleness_mean", _F), ("staleness_max", _F), ("bytes_up", _I), ("bytes_down", _I),
+       ("train_loss", _F), ("train_loss_before", _F), ("update_norm", _F)]
     + [(c, _F) for c in _EVAL_COLUMNS]
 )
 
 CLIENTS_SCHEMA = pa.schema(
     [("round", _I), ("client_id", _I), ("actor_id", _I), ("num_samples", _I), ("samples_processed", _I),
      ("weight", _F), ("loss_before", _F), ("loss_after", _F), ("update_norm", _F), ("compute_time_s", _F),
-     ("sim_start", _F), ("sim_duration_s", _F), ("sim_finish", _F)]
+     ("sim_start", _F), ("sim_duration_s", _F), ("sim_finish", _F), ("start_version", _I), ("staleness", _I),
+     ("staleness_weight", _F), ("dropped", _B), ("drop_reason", _S), ("compute_speed", _F), ("up_bw", _F),
+     ("down_bw", _F)]
 )
 
 EVALS_SCHEMA = pa.schema(
@@ -87,13 +92,19 @@ class PartitionedTable:
     def flush(self) -> None:
         if not self._columns[self.schema.names[0]]:
             return
-        table = pa.table({n: pa.array(np.asarray(self._columns[n], dtype=_NUMPY[self.schema.field(n).type]))
-                          for n in self.schema.names}, schema=self.schema)
+        table = pa.table({n: self._array(n) for n in self.schema.names}, schema=self.schema)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         atomic_write_bytes(self.directory / f"part-{self._parts:05d}.parquet", sink.getvalue().to_pybytes())
         self._parts += 1
         self._columns = {name: [] for name in self.schema.names}
+
+
+    def _array(self, name: str) -> pa.Array:
+        kind = self.schema.field(name).type
+        if kind == _S:
+            return pa.array([str(v) for v in self._columns[name]], type=_S)
+        return pa.array(np.asarray(self._columns[name], dtype=_NUMPY[kind]))
 
 
 class MetricsWriter:

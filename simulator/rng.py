@@ -19,6 +19,9 @@ PURPOSES: dict[str, int] = {
     "eval_batches": 7,  # adaptation batches of an evaluated client
     "init": 8,          # the server model's initial weights
     "partition": 9,     # how a pooled dataset is split over clients
+    "device": 10,       # a client's device profile (compute speed, bandwidth)
+    "availability": 11,  # whether a sampled client is online
+    "dropout": 12,      # whether (and when) a client drops out mid-update
 }
 
 

@@ -13,6 +13,7 @@ import os
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,14 +117,18 @@ class ClientWorker:
         # arrays from Ray's object store are read-only: copy into a writable array first
         return torch.from_numpy(np.array(theta, dtype=np.float32)).to(self.device)
 
-    def train(self, theta: np.ndarray | torch.Tensor, round_idx: int, client_ids: list[int]) -> TrainResult:
+    def train(self, theta: np.ndarray | torch.Tensor, keys: int | Sequence[int], client_ids: list[int]) -> TrainResult:
+        """Update every client of ``client_ids`` from ``theta``; client i's batches are drawn from
+        the stream (seed, "batches", key, client id), key = the round (or, in async mode, the
+        refill group it was dispatched in): ``keys`` is one key for all or one per client."""
         configure_threads(self.spec.threads)
         params = self._theta(theta)
+        per_client = [keys] * len(client_ids) if isinstance(keys, int | np.integer) else list(keys)
         rows = []
-        for cid in client_ids:
+        for cid, key in zip(client_ids, per_client, strict=True):
             start = time.perf_counter()
             shard = self.shard(int(cid))
-            rng = generator(self.spec.seed, "batches", round_idx, int(cid))
+            rng = generator(self.spec.seed, "batches", int(key), int(cid))
             upd = self.algorithm.client_step(self.model, params, shard, self.spec.algorithm, rng, self.loss)
             vec = upd.vector.to("cpu", torch.float32).numpy()
             rows.append((vec, shard.num_samples, upd.samples_processed, upd.loss_before, upd.loss_after,

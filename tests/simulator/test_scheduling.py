@@ -8,10 +8,6 @@ import numpy as np
 import pytest
 
 from simulator.scheduling import (
-    DEFAULT_PROFILE,
-    DeviceProfile,
-    VirtualClock,
-    client_duration,
     sample_cohort,
     select_eval_clients,
     split_cohort,
@@ -104,22 +100,3 @@ def test_split_cohort_is_stable():
     ids = np.array([4 * k + r for r in range(4) for k in range(10)])
     for w, part in split_cohort(ids, 4):
         assert {c % 4 for c in part} == {w}
-
-
-def test_client_duration_hand_computed():
-    profile = DeviceProfile(compute_speed=50.0, up_bw=1000.0, down_bw=2000.0)
-    # 4000 / 2000 + 100 / 50 + 500 / 1000
-    assert client_duration(profile, 100, 4000, 500) == pytest.approx(4.5, rel=1e-15)
-    # defaults: 100 samples/s, 1.25e6 B/s up, 2.5e6 B/s down
-    assert client_duration(DEFAULT_PROFILE, 100, 2_500_000, 1_250_000) == pytest.approx(3.0, rel=1e-15)
-    assert client_duration(DEFAULT_PROFILE, 0, 0, 0) == 0.0
-
-
-def test_virtual_clock():
-    clock = VirtualClock(1.5)
-    later = clock.after_sync_round(np.array([0.5, 2.0, 1.0]))
-    assert later.now == 3.5
-    assert clock.now == 1.5  # immutable
-    assert later.after_sync_round(np.array([])).now == 3.5
-    assert VirtualClock().now == 0.0
-    assert VirtualClock().after_sync_round(np.array([0.25])).after_sync_round(np.array([0.5, 0.125])).now == 0.75

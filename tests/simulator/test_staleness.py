@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.aggregation import STALENESS, fedasync_mix, fedbuff_mean, staleness_weight
+from simulator.aggregation import STALENESS, fedasync_mix, fedbuff_mean, staleness_weight, weighted_mean
 
 
 @pytest.mark.parametrize(("name", "tau", "a", "b", "expected"), [
@@ -38,6 +38,19 @@ def test_fedbuff_divides_by_k_not_by_the_weights():
     assert fedbuff_mean(vectors, ones).tolist() == [1.0, 2.0]
     with pytest.raises(ValueError):
         fedbuff_mean(vectors[:0], ones[:0])
+
+
+def test_fedbuff_with_sample_weights_and_its_sync_limit():
+    vectors = torch.tensor([[2.0, 0.0], [0.0, 4.0]], dtype=torch.float64)
+    s = torch.tensor([1.0, 0.5], dtype=torch.float64)
+    c = torch.tensor([3.0, 1.0], dtype=torch.float64)
+    # (3/4)(1)[2, 0] + (1/4)(0.5)[0, 4] = [1.5, 0.5]
+    assert fedbuff_mean(vectors, s, c).tolist() == [1.5, 0.5]
+    # fresh updates: bit-for-bit the synchronous weighted mean
+    rng = np.random.default_rng(0)
+    v = torch.from_numpy(rng.standard_normal((7, 5)))
+    n = torch.from_numpy(rng.integers(1, 50, 7).astype(np.float64))
+    assert torch.equal(fedbuff_mean(v, torch.ones(7, dtype=torch.float64), n), weighted_mean(v, n))
 
 
 def test_fedasync_mix_exact():

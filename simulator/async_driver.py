@@ -1,0 +1,252 @@
+"""Asynchronous federated optimization in simulated time: FedBuff and FedAsync.
+
+``max_concurrency`` clients are always training. Each starts from the model version current at
+its (simulated) start, and its completion time is known at dispatch (device profile + planned
+samples), so completions are applied in simulated-time order, ties broken by client id, never
+in the order Ray returns them. Meanwhile the training work of every in-flight client runs in
+parallel on the actor pool: a client is submitted as soon as its model version is final, and
+the driver blocks only on the one result the next event needs.
+
+At each simulated instant, all completions at that instant are applied first; then the free
+slots are refilled as one *refill group* (one seeded sample, and the key of those clients'
+batch streams). Server rules:
+
+- FedBuff (Nguyen et al. 2022, Alg. 1): buffer K = ``async.buffer_size`` updates, then apply
+  theta <- theta - server_lr * g with g = -(1/K) sum_i s(tau_i) Delta_i through the server
+  optimizer (``aggregation.fedbuff_mean``; FedAvg weights c_i = n_i replace 1/K by c_i / sum c).
+- FedAsync (Xie et al. 2019, Alg. 1): every update mixes theta <- (1 - a_t) theta + a_t theta_i with
+  a_t = mixing * s(tau), theta_i = theta_{v_i} - server_lr * g_i the client's model from its start version.
+
+Staleness tau = (server version at arrival) - (version the client started from); updates with
+tau > ``max_staleness`` (when > 0) are dropped. Reptile and FedAvg deltas and MAML
+meta-gradients are all computed against the stale version the client started from. With
+K = per_round = max_concurrency and identical devices, FedBuff reproduces sync rounds exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from simulator.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
+from simulator.algorithms import ServerState, client_weight, pseudo_gradient
+from simulator.driver import RunContext, client_rows
+from simulator.scheduling import DROP_REASONS, Event, EventQueue, Profiles, sample_clients
+
+#: consecutive refills that dispatch nobody before a run is declared stalled
+MAX_EMPTY_REFILLS = 10_000
+
+
+class Stalled(RuntimeError):
+    """No client can ever be online again (availability trace exhausted)."""
+
+
+@dataclass
+class Flight:
+    """One dispatched client's bookkeeping, from dispatch to its completion event."""
+
+    client_id: int
+    key: int            # refill group: the key of its batch stream
+    start: float
+    finish: float
+    version: int        # the model version it started from
+    dropout: bool
+    num_samples: int
+    samples: int
+    profile: tuple[float, float, float]
+    pending: Any = None
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class AsyncServer:
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx, cfg = ctx, ctx.cfg
+        self.cfg, self.acfg = cfg, cfg.async_
+        self.concurrency = cfg.system.max_concurrency or cfg.clients.per_round
+        self.theta, self.version, self.now, self.updates = ctx.opt.params, 0, 0.0, 0
+        self.bases: dict[int, torch.Tensor] = {0: self.theta} if self.acfg.rule == "fedasync" else {}
+        self.base_refs: dict[int, int] = {}
+        self.queue, self.held, self.group, self.seq = EventQueue(), [], 0, 0
+        self.buffer: list[tuple[Flight, float]] = []
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        """Accumulators of what happened since the last server update (one rounds row)."""
+        self.window_start, self.dispatched, self.bytes_up, self.bytes_down = self.now, 0, 0, 0
+        self.reasons: list[str] = []
+        self.rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ dispatch
+    def refill(self) -> int:
+        free = self.concurrency - len(self.queue)
+        if free <= 0:
+            return 0
+        key, self.group = self.group, self.group + 1
+        ids = sample_clients(self.cfg.seed, key, self.cfg.data.num_clients, free, self.queue.client_ids())
+        if not ids.size:
+            return 0
+        profiles, n_samples, samples, durations = self.ctx.plan(ids)
+        online = self.ctx.devices.online(ids, self.now, key)
+        frac = self.ctx.devices.dropout_fraction(ids, key)
+        for i, cid in enumerate(ids.tolist()):
+            prof = (profiles.compute_speed[i], profiles.up_bw[i], profiles.down_bw[i])
+            drop = not math.isnan(frac[i])
+            f = Flight(cid, key, self.now, self.now + (frac[i] * durations[i] if drop else durations[i]),
+                       self.version, drop, int(n_samples[i]), int(samples[i]), prof)
+            if not online[i]:
+                f.finish = self.now
+                self._record(f, "offline")
+                continue
+            self.dispatched += 1
+            self.bytes_down += self.ctx.model_bytes
+            self.queue.push(Event(f.finish, cid, self.seq, f))
+            self.seq += 1
+            if not drop:
+                self.held.append(f)
+                self.base_refs[f.version] = self.base_refs.get(f.version, 0) + 1
+        return int(online.sum())
+
+    def flush_held(self) -> None:
+        """Submit the dispatched-but-unsubmitted clients (all on the current model) as one cohort."""
+        if not self.held:
+            return
+        by_id = {f.client_id: f for f in self.held}
+        ids = np.array(sorted(by_id), np.int64)
+        keys = np.array([by_id[c].key for c in ids.tolist()], np.int64)
+        for pending in self.ctx.backend.submit("train", self.theta.numpy(), keys, ids):
+            for cid in pending.client_ids:
+                by_id[int(cid)].pending = pending
+        self.held = []
+
+    def fetch(self, f: Flight) -> dict[str, Any]:
+        if f.pending is None:
+            self.flush_held()
+        res = self.ctx.backend.result(f.pending)
+        i = int(np.flatnonzero(res.client_ids == f.client_id)[0])
+        if int(res.samples_processed[i]) != f.samples:
+            raise RuntimeError("a worker processed a different number of samples than planned at dispatch")
+        f.pending = None
+        return {"actor_id": res.worker_id, "vector": res.vectors[i], "num_samples": int(res.num_samples[i]),
+                "loss_before": float(res.loss_before[i]), "loss_after": float(res.loss_after[i]),
+                "compute_time_s": float(res.compute_time_s[i])}
+
+    # ------------------------------------------------------------------ events
+    def process(self, ev: Event) -> None:
+        f: Flight = ev.info
+        self.now = ev.time
+        if f.dropout:
+            self._record(f, "dropout")
+            return
+        f.result = self.fetch(f)
+        self.bytes_up += self.ctx.update_bytes
+        tau = self.version - f.version
+        if self.cfg.system.max_staleness and tau > self.cfg.system.max_staleness:
+            self._release(f.version)
+            self._record(f, "staleness")
+            return
+        s = float(staleness_weight(self.acfg.staleness, tau, self.acfg.staleness_a, self.acfg.staleness_b))
+        self.buffer.append((f, s))
+        if self.acfg.rule == "fedasync" or len(self.buffer) >= self.acfg.buffer_size:
+            self.server_update()
+
+    def server_update(self) -> None:
+        self.flush_held()  # clients dispatched on the current model go out before it changes
+        algo, ctx = self.ctx.algo, self.ctx
+        flights = [f for f, _ in self.buffer]
+        s = torch.tensor([w for _, w in self.buffer], dtype=torch.float64)
+        c = torch.tensor([client_weight(algo, f.result["num_samples"]) for f in flights], dtype=torch.float64)
+        old = self.theta
+        if self.acfg.rule == "fedbuff":
+            vectors = torch.from_numpy(np.stack([f.result["vector"] for f in flights]))
+            mean = fedbuff_mean(vectors.double(), s, c).float()
+            self.theta = ctx.opt.step(pseudo_gradient(algo, mean))
+        else:
+            (f,) = flights
+            g = pseudo_gradient(algo, torch.from_numpy(np.array(f.result["vector"])))
+            client_theta = self.bases[f.version] - self.cfg.algorithm.server_lr * g
+            self.theta = fedasync_mix(old, client_theta, self.acfg.mixing, float(s[0]))
+            ctx.opt.state = ServerState(self.theta.clone(), ctx.opt.state.step + 1)
+        tau = np.array([self.version - f.version for f in flights], np.float64)
+        for (f, w), ci in zip(self.buffer, c.tolist(), strict=True):
+            self._record(f, "", weight=ci, staleness_w=w)
+        self.version += 1
+        if self.acfg.rule == "fedasync":
+            self.bases[self.version] = self.theta
+        for f in flights:
+            self._release(f.version)
+        losses = np.array([f.result["loss_after"] for f in flights])
+        counts = {f"dropped_{r}": self.reasons.count(r) for r in DROP_REASONS}
+        row = {"round": self.updates, "model_version": self.version, "sim_time": self.now,
+               "round_sim_duration": self.now - self.window_start, "num_sampled": self.dispatched,
+               "num_completed": len(flights), "num_dropped": sum(counts.values()), **counts,
+               "staleness_mean": float(tau.mean()), "staleness_max": float(tau.max()),
+               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "train_loss": float(losses.mean()),
+               "train_loss_before": float(np.mean([f.result["loss_before"] for f in flights])),
+               "update_norm": float(torch.linalg.vector_norm(self.theta - old))}
+        self._write_clients()
+        self.buffer = []
+        ctx.record_round(row, self.theta)
+        self.updates += 1
+        self._reset_window()
+
+    def _release(self, version: int) -> None:
+        self.base_refs[version] -= 1
+        if not self.base_refs[version]:
+            del self.base_refs[version]
+            if version != self.version:
+                self.bases.pop(version, None)
+
+    def _record(self, f: Flight, reason: str, weight: float = math.nan, staleness_w: float = math.nan) -> None:
+        if reason:
+            self.reasons.append(reason)
+        r = f.result
+        self.rows.append({
+            "client_id": f.client_id, "num_samples": f.num_samples, "start": f.start, "finish": f.finish,
+            "reason": reason, "version": f.version, "staleness": self.version - f.version if r else 0,
+            "staleness_weight": staleness_w, "profile": f.profile, "actor_id": r.get("actor_id", -1),
+            "samples_processed": f.samples if r else 0, "weight": weight,
+            "loss_before": r.get("loss_before", math.nan), "loss_after": r.get("loss_after", math.nan),
+            "update_norm": float(np.linalg.norm(r["vector"].astype(np.float64))) if r else math.nan,
+            "compute_time_s": r.get("compute_time_s", math.nan)})
+
+    def _write_clients(self) -> None:
+        rows = self.rows
+        if not rows:
+            return
+        col = lambda k, dt=np.float64: np.array([x[k] for x in rows], dt)  # noqa: E731
+        prof = np.array([x["profile"] for x in rows], np.float64)
+        ids = col("client_id", np.int64)
+        trained = {"actor_id": col("actor_id", np.int64), "samples_processed": col("samples_processed", np.int64),
+                   "weight": col("weight"), "loss_before": col("loss_before"), "loss_after": col("loss_after"),
+                   "update_norm": col("update_norm"), "compute_time_s": col("compute_time_s")}
+        self.ctx.writer.tables["clients"].extend(client_rows(
+            self.updates, ids, Profiles(ids, prof[:, 0], prof[:, 1], prof[:, 2]), col("num_samples", np.int64),
+            col("start"), col("finish"), np.array([x["reason"] for x in rows], dtype=object),
+            col("version", np.int64), col("staleness", np.int64), col("staleness_weight"), trained))
+
+    # ------------------------------------------------------------------ main loop
+    def run(self) -> None:
+        empty = 0
+        self.refill()
+        while self.updates < self.cfg.rounds:
+            if not len(self.queue):
+                nxt = self.ctx.devices.next_online_time(self.now)
+                empty += 1
+                if nxt is None or empty > MAX_EMPTY_REFILLS:
+                    raise Stalled(f"no client can come online after simulated time {self.now:.1f} s")
+                self.now = max(self.now, nxt)
+                self.refill()
+                continue
+            empty = 0
+            self.process(self.queue.pop())
+            if self.queue.peek_time() != self.now:
+                self.refill()
+
+
+def async_rounds(ctx: RunContext) -> None:
+    """``cfg.rounds`` server updates of FedBuff or FedAsync; one rounds.parquet row per update."""
+    AsyncServer(ctx).run()
