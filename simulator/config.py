@@ -345,6 +345,10 @@ def _build_section(name: str, cls: Any, raw: Any) -> Any:
         full = f"{name}.{key}"
         if key not in names:
             raise ConfigError(f"unknown key {full!r}{_suggest(full, [f'{name}.{n}' for n in names])}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            # a partial nested table keeps this field's own defaults (speed's median 100, not 1)
+            default = getattr(cls(), key)
+            value = {f.name: getattr(default, f.name) for f in dataclasses.fields(default)} | value
         kwargs[key] = _coerce(full, value, hints[key])
     return cls(**kwargs)
 
@@ -444,6 +448,12 @@ def _validate_distribution(key: str, dist: Distribution) -> None:
     _require(dist.shape > 0, f"{key}.shape must be > 0 (the Pareto tail index), got {dist.shape}")
 
 
+def overselect_cohort(per_round: int, overselect: float) -> int:
+    """Clients sampled per overselect round: ceil(overselect x per_round), ignoring float noise
+    (1.1 x 50 is 55.00000000000001, and samples 55)."""
+    return math.ceil(overselect * per_round - 1e-9)
+
+
 def _validate_system(cfg: ExperimentConfig) -> None:
     s, dv, a = cfg.system, cfg.devices, cfg.async_
     _validate_distribution("devices.speed", dv.speed)
@@ -457,9 +467,10 @@ def _validate_system(cfg: ExperimentConfig) -> None:
     _require(s.deadline_s >= 0, f"system.deadline_s must be >= 0, got {s.deadline_s}")
     _require(s.overselect >= 1, f"system.overselect must be >= 1 (e.g. 1.3 samples 30% more), got {s.overselect}")
     if s.mode == "overselect":
-        _require(math.ceil(s.overselect * cfg.clients.per_round) <= cfg.data.num_clients,
-                 f"system.overselect = {s.overselect} samples {math.ceil(s.overselect * cfg.clients.per_round)} "
-                 f"clients, more than data.num_clients = {cfg.data.num_clients}; lower system.overselect")
+        sampled = overselect_cohort(cfg.clients.per_round, s.overselect)
+        _require(sampled <= cfg.data.num_clients,
+                 f"system.overselect = {s.overselect} samples {sampled} clients, more than data.num_clients = "
+                 f"{cfg.data.num_clients}; lower system.overselect")
     _require(s.max_concurrency >= 0, f"system.max_concurrency must be >= 0 (0 = clients.per_round), "
                                      f"got {s.max_concurrency}")
     _require(s.max_concurrency <= cfg.data.num_clients,

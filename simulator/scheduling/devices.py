@@ -67,12 +67,13 @@ def _read_table(path: str, key: str, columns: tuple[str, ...]) -> dict[str, np.n
     import pyarrow.parquet as pq
 
     p = Path(path)
+    is_parquet = p.suffix.lower() in (".parquet", ".pq")
     if not p.is_file():
         raise ConfigError(f"{key} = {path!r} does not exist; give the path of a CSV or Parquet file")
     try:
-        table = pq.read_table(p) if p.suffix.lower() in (".parquet", ".pq") else pacsv.read_csv(p)
+        table = pq.read_table(p) if is_parquet else pacsv.read_csv(p)
     except (pa.ArrowException, OSError) as exc:
-        raise ConfigError(f"{key} = {path!r} cannot be read as {'Parquet' if p.suffix == '.parquet' else 'CSV'} "
+        raise ConfigError(f"{key} = {path!r} cannot be read as {'Parquet' if is_parquet else 'CSV'} "
                           f"({exc}); fix or regenerate the file") from None
     missing = [c for c in columns if c not in table.column_names]
     if missing:
@@ -86,11 +87,16 @@ def _read_table(path: str, key: str, columns: tuple[str, ...]) -> dict[str, np.n
         if col.null_count:
             raise ConfigError(f"{key} = {path!r}: column {c} has empty values; fill them in")
         try:
-            out[c] = col.to_numpy().astype(np.int64 if c == "client_id" else np.float64)
+            values = col.to_numpy().astype(np.float64)
         except (ValueError, TypeError, pa.ArrowException):
             raise ConfigError(f"{key} = {path!r}: column {c} must be numeric") from None
-        if c != "client_id" and not np.all(np.isfinite(out[c])):
+        if not np.all(np.isfinite(values)):
             raise ConfigError(f"{key} = {path!r}: column {c} has non-finite values")
+        if c == "client_id":
+            if not np.array_equal(values, np.round(values)):
+                raise ConfigError(f"{key} = {path!r}: client_id must hold whole numbers")
+            values = values.astype(np.int64)
+        out[c] = values
     return out
 
 

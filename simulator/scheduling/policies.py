@@ -19,11 +19,12 @@ Asynchronous mode (``simulator.async_driver``) uses ``EventQueue``: completions 
 from __future__ import annotations
 
 import heapq
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from simulator.config import overselect_cohort
 
 #: why a sampled client's update did not count, in the order of the rounds-table columns
 DROP_REASONS = ("offline", "dropout", "deadline", "overselect", "staleness")
@@ -31,7 +32,7 @@ DROP_REASONS = ("offline", "dropout", "deadline", "overselect", "staleness")
 
 def cohort_size(mode: str, per_round: int, overselect: float) -> int:
     """Clients sampled per round: ceil(overselect x per_round) in overselect mode, else per_round."""
-    return math.ceil(overselect * per_round - 1e-9) if mode == "overselect" else per_round
+    return overselect_cohort(per_round, overselect) if mode == "overselect" else per_round
 
 
 @dataclass(frozen=True)

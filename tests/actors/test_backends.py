@@ -58,6 +58,33 @@ def test_identical_metrics_inline_ray1_ray2(ray_session, tmp_path, algorithm, da
         pd.testing.assert_frame_equal(inline[name], ray2[name], check_exact=True)
 
 
+HETEROGENEOUS = ['devices.speed={dist="pareto", median=100.0, shape=1.0}', "devices.dropout=0.3",
+                 "devices.availability=0.7"]
+
+MODES = [
+    ("deadline", ["system.mode=\"deadline\"", "system.deadline_s=0.5"]),
+    ("overselect", ["system.mode=\"overselect\"", "system.overselect=1.5"]),
+    ("fedbuff", ["system.mode=\"async\"", "async.buffer_size=3", "system.max_concurrency=8",
+                 "system.max_staleness=3", "algorithm.name=\"fomaml\""]),
+    ("fedasync", ["system.mode=\"async\"", "async.rule=\"fedasync\"", "system.max_concurrency=5",
+                  "async.staleness=\"polynomial\"", "data.name=\"gaussian\"", "data.partition=\"dirichlet\"",
+                  "seed=1"]),
+]
+
+
+@pytest.mark.parametrize(("mode", "extra"), MODES, ids=[m for m, _ in MODES])
+def test_identical_metrics_in_every_mode(ray_session, tmp_path, mode, extra):
+    base = small_overrides(rounds=6) + HETEROGENEOUS + extra
+    inline = _run(tmp_path, "inline", base + ["system.backend=\"inline\""])
+    ray1 = _run(tmp_path, "ray1", base + ["system.backend=\"ray\"", "system.actors=1"])
+    ray2 = _run(tmp_path, "ray2", base + ["system.backend=\"ray\"", "system.actors=2"])
+    assert len(inline["rounds"]) == 6
+    assert inline["rounds"]["num_dropped"].sum() > 0  # the scenario exercises drops
+    for name in inline:
+        pd.testing.assert_frame_equal(inline[name], ray1[name], check_exact=True)
+        pd.testing.assert_frame_equal(inline[name], ray2[name], check_exact=True)
+
+
 class ShuffledBackend(InlineBackend):
     """Splits each cohort over 3 pretend workers and returns their results in reverse order."""
 

@@ -222,3 +222,211 @@ def test_missing_config_file(tmp_path):
 def test_directory_is_not_a_config_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path)
+
+
+# ---------------------------------------------------------------- devices, async and round-policy keys
+
+SYSTEM_TOML = """\
+[system]
+mode = "async"
+max_concurrency = 30
+max_staleness = 4
+
+[devices]
+uplink_ratio = 0.25
+availability = 0.9
+dropout = 0.1
+
+[devices.speed]
+dist = "pareto"
+median = 50.0
+shape = 1.2
+
+[devices.bandwidth]
+dist = "constant"
+median = 10
+
+[async]
+rule = "fedasync"
+staleness = "polynomial"
+mixing = 0.5
+"""
+
+
+def test_devices_and_async_sections_load_from_a_file(tmp_path):
+    from simulator.config import Distribution
+
+    path = tmp_path / "exp.toml"
+    path.write_text(SYSTEM_TOML, encoding="utf-8")
+    cfg = load_config(path)
+    assert cfg.system.mode == "async"
+    assert (cfg.system.max_concurrency, cfg.system.max_staleness) == (30, 4)
+    assert cfg.devices.speed == Distribution("pareto", 50.0, sigma=1.0, shape=1.2)
+    assert cfg.devices.bandwidth == Distribution("constant", 10.0, sigma=1.0, shape=1.5)
+    assert isinstance(cfg.devices.bandwidth.median, float)
+    assert (cfg.devices.uplink_ratio, cfg.devices.availability, cfg.devices.dropout) == (0.25, 0.9, 0.1)
+    assert (cfg.async_.rule, cfg.async_.staleness, cfg.async_.mixing) == ("fedasync", "polynomial", 0.5)
+    assert cfg.async_.buffer_size == ExperimentConfig().async_.buffer_size
+    # a three-part override merges into the file's sub-table
+    merged = load_config(path, ["devices.speed.sigma=2.0", "async.buffer_size=3"])
+    assert merged.devices.speed == Distribution("pareto", 50.0, sigma=2.0, shape=1.2)
+    assert merged.async_.buffer_size == 3
+
+
+def test_devices_and_async_overrides():
+    from simulator.config import Distribution
+
+    cfg = load_config(None, ['system.mode="deadline"', "system.deadline_s=30", "system.overselect=1.5",
+                             'devices.speed={dist="constant", median=50.0}', "devices.speed.sigma=2.0",
+                             "devices.bandwidth.median=5", 'devices.trace="/tmp/x.csv"', "devices.availability=0.5",
+                             "async.staleness=hinge", "async.staleness_b=2"])
+    assert cfg.system.mode == "deadline" and cfg.system.deadline_s == 30.0 and cfg.system.overselect == 1.5
+    assert cfg.devices.speed == Distribution("constant", 50.0, sigma=2.0)
+    assert cfg.devices.bandwidth.median == 5.0
+    assert cfg.devices.trace == "/tmp/x.csv" and cfg.devices.availability == 0.5
+    assert cfg.async_.staleness == "hinge" and cfg.async_.staleness_b == 2.0
+
+
+def test_devices_defaults():
+    cfg = load_config(None)
+    assert cfg.system.mode == "sync"
+    assert (cfg.devices.speed.dist, cfg.devices.speed.median) == ("lognormal", 100.0)
+    assert (cfg.devices.bandwidth.dist, cfg.devices.bandwidth.median) == ("lognormal", 20.0)
+    assert (cfg.devices.availability, cfg.devices.dropout, cfg.devices.trace) == (1.0, 0.0, "")
+    assert cfg.async_.rule == "fedbuff"
+
+
+def test_three_part_override_keeps_the_default_median():
+    cfg = load_config(None, ["devices.speed.sigma=2.0"])
+    assert cfg.devices.speed.sigma == 2.0
+    assert cfg.devices.speed.median == 100.0
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ['system.mode="overselect"', "system.overselect=1.25", 'devices.speed={dist="pareto", median=3.5, shape=0.8}',
+         'devices.bandwidth={dist="constant", median=1.0}', "devices.uplink_ratio=1.0", "devices.dropout=0.2"],
+        ['system.mode="async"', "system.max_concurrency=40", "system.max_staleness=3", "async.rule=fedasync",
+         "async.staleness=constant", "async.mixing=1", 'devices.availability_trace="/data/a \\"q\\".parquet"'],
+        ["data.name=gaussian", "data.partition=dirichlet", "data.dirichlet_alpha=0.1", "data.pool_size=5000",
+         "data.num_classes=4", "data.features=8", "data.separation=1.5"],
+    ],
+    ids=["overselect", "async", "gaussian"],
+)
+def test_toml_round_trip_with_nested_tables(tmp_path, overrides):
+    cfg = load_config(None, overrides)
+    data = to_dict(cfg)
+    assert "async" in data and "async_" not in data
+    assert data["devices"]["speed"] == {"dist": cfg.devices.speed.dist, "median": cfg.devices.speed.median,
+                                        "sigma": cfg.devices.speed.sigma, "shape": cfg.devices.speed.shape}
+    text = dumps_toml(data)
+    assert tomllib.loads(text) == data
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    assert load_config(path) == cfg
+
+
+def test_flatten_has_nested_and_async_keys():
+    flat = flatten(load_config(None, ["async.rule=fedasync", "devices.speed.median=7"]))
+    assert flat["devices.speed.median"] == 7.0
+    assert flat["devices.bandwidth.dist"] == "lognormal"
+    assert flat["async.rule"] == "fedasync"
+    assert flat["system.mode"] == "sync"
+    assert not any(k.startswith("async_") for k in flat)
+    assert not any(isinstance(v, dict) for v in flat.values())
+
+
+def test_pooled_keys_kept_only_for_pooled_datasets():
+    gauss = to_dict(load_config(None, ["data.name=gaussian", "data.pool_size=100"]))["data"]
+    assert gauss["pool_size"] == 100 and "partition" in gauss and "shots" not in gauss
+    digits = to_dict(load_config(None, ["data.name=digits"]))["data"]
+    assert "partition" in digits and "pool_size" not in digits
+    assert "partition" not in to_dict(load_config(None))["data"]
+
+
+def test_overselect_may_sample_the_whole_population():
+    # ceil(1.3 * 20) = 26 clients out of 26
+    cfg = load_config(None, ['system.mode="overselect"', "clients.per_round=20", "data.num_clients=26"])
+    assert cfg.system.overselect == 1.3
+
+
+def test_overselect_validation_agrees_with_cohort_size():
+    from simulator.scheduling import cohort_size
+
+    assert cohort_size("overselect", 50, 1.1) == 55
+    load_config(None, ['system.mode="overselect"', "system.overselect=1.1", "clients.per_round=50",
+                       "data.num_clients=55"])
+
+
+def test_nested_unknown_key_in_file(tmp_path):
+    path = tmp_path / "exp.toml"
+    path.write_text("[devices.speed]\nmedain = 3.0\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="devices.speed.medain.*did you mean 'devices.speed.median'"):
+        load_config(path)
+
+
+BAD_SYSTEM_OVERRIDES = [
+    # (overrides, substrings the message must contain)
+    (["system.mode=fifo"], ["system.mode", "fifo"]),
+    (['system.mode="deadline"'], ["system.deadline_s"]),
+    (['system.mode="deadline"', "system.deadline_s=0"], ["system.deadline_s", "> 0"]),
+    (["system.deadline_s=-1"], ["system.deadline_s"]),
+    (["system.overselect=0.9"], ["system.overselect", ">= 1"]),
+    (['system.mode="overselect"', "system.overselect=2.0", "data.num_clients=30", "clients.per_round=20"],
+     ["system.overselect", "40", "data.num_clients = 30"]),
+    (["system.max_concurrency=1001"], ["system.max_concurrency", "data.num_clients"]),
+    (["system.max_concurrency=-1"], ["system.max_concurrency"]),
+    (["system.max_staleness=-1"], ["system.max_staleness"]),
+    (["devices.availability=0"], ["devices.availability"]),
+    (["devices.availability=1.5"], ["devices.availability"]),
+    (["devices.dropout=1.0"], ["devices.dropout"]),
+    (["devices.dropout=-0.1"], ["devices.dropout"]),
+    (["devices.uplink_ratio=0"], ["devices.uplink_ratio"]),
+    (["devices.speed.median=0"], ["devices.speed.median"]),
+    (["devices.bandwidth.median=-2"], ["devices.bandwidth.median"]),
+    (["devices.speed.sigma=-1"], ["devices.speed.sigma"]),
+    (["devices.bandwidth.shape=0"], ["devices.bandwidth.shape"]),
+    (["devices.speed.dist=weibull"], ["devices.speed.dist", "weibull"]),
+    (['devices.bandwidth={dist="uniform"}'], ["devices.bandwidth.dist", "uniform"]),
+    (["devices.speed=3"], ["devices.speed", "table"]),
+    (["devices.speed.foo=1"], ["devices.speed.foo"]),
+    (["devices.speed={foo=1}"], ["devices.speed.foo"]),
+    (["devices.speed.median=fast"], ["devices.speed.median", "number"]),
+    (["devices.trace=3"], ["devices.trace", "string"]),
+    (["async.rule=sync"], ["async.rule", "sync"]),
+    (["async.staleness=exp"], ["async.staleness", "exp"]),
+    (["async.buffer_size=0"], ["async.buffer_size"]),
+    (["async.mixing=0"], ["async.mixing"]),
+    (["async.mixing=1.5"], ["async.mixing"]),
+    (["async.staleness_a=-1"], ["async.staleness_a"]),
+    (["async_.rule=fedbuff"], ["async_.rule", "did you mean 'async.rule'"]),
+    (['system.mode="async"', "async.rule=fedasync", "algorithm.server_optimizer=adam"],
+     ["async.rule", "algorithm.server_optimizer"]),
+    (['system.mode="async"', "async.rule=fedasync", "algorithm.server_momentum=0.9"],
+     ["async.rule", "algorithm.server_momentum"]),
+    (["data.name=gaussian", "data.partition=random"], ["data.partition", "random"]),
+    (["data.name=gaussian", "data.dirichlet_alpha=0"], ["data.dirichlet_alpha"]),
+    (["data.name=gaussian", "data.shards_per_client=0"], ["data.shards_per_client"]),
+    (["data.name=gaussian", "data.num_classes=1"], ["data.num_classes"]),
+    (["data.name=gaussian", "data.shots=5"], ["data.shots", "'sinusoid'", "'gaussian'"]),
+    (["data.name=digits", "data.pool_size=100"], ["data.pool_size", "'gaussian'", "'digits'"]),
+    (["data.partition=iid"], ["data.partition", "'sinusoid'"]),
+]
+
+
+@pytest.mark.parametrize(("overrides", "fragments"), BAD_SYSTEM_OVERRIDES,
+                         ids=[" ".join(o) for o, _ in BAD_SYSTEM_OVERRIDES])
+def test_bad_system_overrides_raise_config_error_naming_the_key(overrides, fragments):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_fedasync_with_adam_is_fine_outside_async_mode():
+    # the rule only matters in async mode; fedbuff accepts any server optimizer
+    assert load_config(None, ["async.rule=fedasync", "algorithm.server_optimizer=adam"]).async_.rule == "fedasync"
+    cfg = load_config(None, ['system.mode="async"', "algorithm.server_optimizer=adam"])
+    assert cfg.async_.rule == "fedbuff"
