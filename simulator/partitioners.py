@@ -16,6 +16,7 @@ Partitioners:
 
 from __future__ import annotations
 
+import heapq
 import operator
 from collections.abc import Callable
 
@@ -26,8 +27,8 @@ from simulator.rng import PURPOSES, generator
 #: the purpose id of ``partition``'s generator: SeedSequence([seed, 9, 0, 0])
 PARTITION_PURPOSE_ID = PURPOSES["partition"]
 
-#: how many whole partitions ``dirichlet`` draws before giving up on ``min_size``
-DIRICHLET_MAX_TRIES = 1000
+#: how many whole partitions ``dirichlet`` draws before repairing the last one to meet ``min_size``
+DIRICHLET_MAX_TRIES = 20
 
 Partitioner = Callable[..., list[np.ndarray]]
 
@@ -92,7 +93,10 @@ def dirichlet(
     alpha approaches IID label proportions (client sizes stay random).
 
     If some client gets fewer than ``min_size`` samples, the whole partition is redrawn, continuing
-    the same ``rng`` stream; after ``DIRICHLET_MAX_TRIES`` (1000) failed draws a ValueError is raised.
+    the same ``rng`` stream. After ``DIRICHLET_MAX_TRIES`` (20) failed draws (at 100,000 clients and
+    small alpha a valid draw practically never comes), the last draw is repaired deterministically:
+    each short client, in id order, takes the samples it lacks from the end of the currently
+    largest client (lowest id on ties), which keeps the skew of everyone else.
     """
     labels, num_clients, n = _check_common(labels, num_clients)
     alpha = float(alpha)
@@ -101,21 +105,42 @@ def dirichlet(
     min_size = _check_min_size(min_size, num_clients, n)
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     concentration = np.full(num_clients, alpha)
+    clients = np.arange(num_clients)
     for _ in range(DIRICHLET_MAX_TRIES):
-        buckets: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        owners, members = [], []
         for idx in by_class:
             idx = rng.permutation(idx)
             p = rng.dirichlet(concentration)
             cuts = (np.cumsum(p)[:-1] * len(idx)).astype(np.int64)
-            for k, piece in enumerate(np.split(idx, cuts)):
-                buckets[k].append(piece)
-        if min(sum(len(piece) for piece in b) for b in buckets) >= min_size:
-            return _finish([np.concatenate(b) for b in buckets])
-    raise ValueError(
-        f"dirichlet: no partition of {n} samples over {num_clients} clients with alpha={alpha} gave every client "
-        f"at least min_size={min_size} samples in {DIRICHLET_MAX_TRIES} tries; raise alpha or lower num_clients / "
-        f"min_size"
-    )
+            owners.append(np.repeat(clients, np.diff(cuts, prepend=0, append=len(idx))))
+            members.append(idx)
+        owner = np.concatenate(owners)
+        sizes = np.bincount(owner, minlength=num_clients)
+        parts = np.split(np.concatenate(members)[np.argsort(owner, kind="stable")], np.cumsum(sizes)[:-1])
+        if sizes.min() >= min_size:
+            return _finish(parts)
+    return _finish(_top_up(parts, min_size))
+
+
+def _top_up(parts: list[np.ndarray], min_size: int) -> list[np.ndarray]:
+    """Move samples from the largest clients to those with fewer than ``min_size`` (feasible: checked).
+
+    A heap of donors keeps this O((clients + moves) log clients), so 100,000 clients repair in a moment.
+    """
+    sizes = [len(p) for p in parts]
+    donors = [(-size, k) for k, size in enumerate(sizes) if size > min_size]
+    heapq.heapify(donors)
+    for k in [k for k, size in enumerate(sizes) if size < min_size]:
+        while sizes[k] < min_size:
+            _, donor = heapq.heappop(donors)
+            take = min(min_size - sizes[k], sizes[donor] - min_size)
+            parts[k] = np.concatenate([parts[k], parts[donor][sizes[donor] - take:]])
+            parts[donor] = parts[donor][:sizes[donor] - take]
+            sizes[k] += take
+            sizes[donor] -= take
+            if sizes[donor] > min_size:
+                heapq.heappush(donors, (-sizes[donor], donor))
+    return parts
 
 
 def shards(labels: np.ndarray, num_clients: int, rng: np.random.Generator, shards_per_client: int) -> list[np.ndarray]:

@@ -167,10 +167,16 @@ def test_dirichlet_min_size_is_enforced_by_redrawing():
     assert min(len(p) for p in parts) >= 20
 
 
-def test_dirichlet_gives_up_with_a_clear_error():
+def test_dirichlet_repairs_a_draw_that_never_meets_min_size():
     labels = np.repeat(np.arange(2), 10)  # 20 samples; 10 clients of >= 2 is all but impossible at alpha 0.01
-    with pytest.raises(ValueError, match=r"1000 tries.*raise alpha or lower num_clients / min_size"):
-        dirichlet(labels, 10, _gen(0), alpha=0.01, min_size=2)
+    parts = dirichlet(labels, 10, _gen(0), alpha=0.01, min_size=2)
+    _assert_valid(parts, 20, 10)
+    assert [len(p) for p in parts] == [2] * 10
+    # the repair is deterministic, and cheap at scale where a valid draw never comes
+    assert [p.tolist() for p in parts] == [p.tolist() for p in dirichlet(labels, 10, _gen(0), alpha=0.01, min_size=2)]
+    big = np.repeat(np.arange(10), 5000)
+    parts = dirichlet(big, 10_000, _gen(1), alpha=0.1, min_size=2)
+    assert min(len(p) for p in parts) >= 2 and sum(len(p) for p in parts) == 50_000
 
 
 @pytest.mark.parametrize(
