@@ -92,15 +92,15 @@ STYLE = {"sync": ("#000000", "-", "o"), "deadline": ("#E69F00", "--", "s"),
 
 PRESETS: dict[str, dict[str, Any]] = {
     # about 3 minutes on a 2-core machine with --jobs 2, about 5 with --jobs 1
-    "small": {"num_clients": 200, "eval_clients": 50, "per_round": 20, "sync_rounds": 20, "evals": 25},
+    "small": {"num_clients": 200, "eval_clients": 50, "per_round": 20, "sync_rounds": 20, "evals": 60},
     # about 5x the client updates of "small": roughly 15 minutes on 2 cores (not measured; see the plan it prints)
-    "full": {"num_clients": 1000, "eval_clients": 100, "per_round": 50, "sync_rounds": 30, "evals": 40},
+    "full": {"num_clients": 1000, "eval_clients": 100, "per_round": 50, "sync_rounds": 30, "evals": 100},
 }
 DEADLINE_QUANTILE = 0.7
 TARGET_FRACTION = 0.9
 
 
-def base_overrides(preset: dict[str, Any], algorithm: str, seed: int) -> list[str]:
+def base_overrides(preset: dict[str, Any], algorithm: str, seed: int, shape: float = 1.0) -> list[str]:
     """The shared workload: everything but the round policy."""
     return [
         f"name=\"stragglers-{algorithm}\"", f"seed={seed}",
@@ -109,7 +109,7 @@ def base_overrides(preset: dict[str, Any], algorithm: str, seed: int) -> list[st
         f"eval.clients={preset['eval_clients']}", "eval.adapt_steps=10", "eval.adapt_lr=0.1",
         f"algorithm.name=\"{algorithm}\"", "algorithm.local_steps=5", "algorithm.batch_size=10",
         "algorithm.local_lr=0.1", "algorithm.server_lr=1.0", f"clients.per_round={preset['per_round']}",
-        "devices.speed={dist=\"pareto\", median=100.0, shape=1.0}",
+        f"devices.speed={{dist=\"pareto\", median=100.0, shape={float(shape)!r}}}",
         "devices.bandwidth={dist=\"lognormal\", median=20.0, sigma=1.0}",
         "metrics.flush_every=1000",
     ]
@@ -201,8 +201,8 @@ class RunSpec:
     deadline_s: float
 
 
-def plan_runs(preset: dict[str, Any], algorithm: str, seed: int, backend: str) -> list[RunSpec]:
-    base = base_overrides(preset, algorithm, seed) + [f"system.backend=\"{backend}\""]
+def plan_runs(preset: dict[str, Any], algorithm: str, seed: int, backend: str, shape: float) -> list[RunSpec]:
+    base = base_overrides(preset, algorithm, seed, shape) + [f"system.backend=\"{backend}\""]
     sync_cfg = load_config(None, base + policy_overrides("sync", preset, 0.0))
     dur = per_client_durations(sync_cfg)
     deadline_s = float(np.quantile(dur, DEADLINE_QUANTILE))
@@ -269,14 +269,17 @@ def summarize(results: list[tuple[RunSpec, dict[str, Any], pd.DataFrame]]) -> tu
             "planned_end_s": spec.planned_end_s, "planned_updates": spec.planned_updates,
         })
     table, curve = pd.DataFrame(rows), pd.concat(curves, ignore_index=True)
+    for col in ("target_acc", "time_to_target_s", "updates_to_target", "speedup_vs_sync"):
+        table[col] = math.nan
     for algorithm, group in table.groupby("algorithm", sort=False):
         target = TARGET_FRACTION * group["final_acc"].max()
         table.loc[group.index, "target_acc"] = target
         for i in group.index:
             c = curve[(curve.algorithm == algorithm) & (curve.policy == table.at[i, "policy"])]
             hit = c[c["eval_metric_post"] >= target]
-            table.at[i, "time_to_target_s"] = float(hit["sim_time"].iloc[0]) if len(hit) else math.nan
-            table.at[i, "updates_to_target"] = float(hit["client_updates"].iloc[0]) if len(hit) else math.nan
+            if len(hit):
+                table.loc[i, "time_to_target_s"] = float(hit["sim_time"].iloc[0])
+                table.loc[i, "updates_to_target"] = float(hit["client_updates"].iloc[0])
         sync = table.loc[group.index][table.loc[group.index, "policy"] == "sync"]["time_to_target_s"]
         base = float(sync.iloc[0]) if len(sync) else math.nan
         table.loc[group.index, "speedup_vs_sync"] = base / table.loc[group.index, "time_to_target_s"]
@@ -326,17 +329,18 @@ def plot(table: pd.DataFrame, curve: pd.DataFrame, settings: dict[str, Any], pat
         if len(rows):
             target = float(rows["target_acc"].iloc[0])
             ax.axhline(target, color="#999999", lw=1, ls=(0, (1, 1)))
-            ax.text(0.99, target, f"target {target:.3f}", transform=ax.get_yaxis_transform(), ha="right",
+            ax.text(0.01, target, f"target {target:.3f}", transform=ax.get_yaxis_transform(), ha="left",
                     va="bottom", fontsize=8, color="#555555")
             ax.axvline(float(rows["horizon_s"].iloc[0]), color="#BBBBBB", lw=1)
         ax.set_xscale("log")
         ax.set_xlabel("simulated time (s, log scale)")
         ax.set_title(f"{algorithm}")
         ax.grid(True, which="both", alpha=0.25)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")
     np.atleast_1d(axes)[0].set_ylabel("held-out accuracy after adaptation")
     fig.suptitle(f"Stragglers: Gaussian mixture, Dirichlet(0.5), {settings['num_clients']} clients "
-                 f"({settings['per_round']} per round), Pareto(1.0) device speeds; vertical line = horizon",
+                 f"({settings['per_round']} per round), Pareto({settings['shape']:g}) device speeds; "
+                 "grey vertical line = horizon",
                  fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
@@ -351,6 +355,9 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=0,
                         help="runs at once in separate processes (inline only; 0 = min(2, CPUs))")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--speed-shape", type=float, default=1.0,
+                        help="Pareto tail index of device speeds (smaller = heavier tail; 1 = infinite-mean durations)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan (rounds, client updates) and stop")
     args = parser.parse_args()
     preset = PRESETS[args.preset]
     out = Path(args.out)
@@ -358,13 +365,16 @@ def main() -> None:
     jobs = 1 if args.backend == "ray" else (args.jobs or min(2, os.cpu_count() or 1))
     start = time.perf_counter()
 
-    specs = [s for a in ALGORITHM_NAMES for s in plan_runs(preset, a, args.seed, args.backend)]
+    specs = [s for a in ALGORITHM_NAMES for s in plan_runs(preset, a, args.seed, args.backend, args.speed_shape)]
     print(f"plan ({args.preset} preset, {args.backend} backend, {jobs} job(s)); horizon = simulated time of "
           f"{preset['sync_rounds']} sync rounds; deadline = {DEADLINE_QUANTILE} quantile of client durations")
     for s in specs:
         print(f"  {s.algorithm:8s} {s.policy:10s} horizon {s.horizon_s:8.1f} s  rounds {s.rounds:5d}  "
               f"eval.every {s.eval_every:3d}  planned client updates {s.planned_updates:6,d}"
               + (f"  deadline_s {s.deadline_s:.3f}" if s.policy == "deadline" else ""))
+    print(f"  total planned client updates {sum(s.planned_updates for s in specs):,}")
+    if args.dry_run:
+        return
 
     def run_dir(s: RunSpec) -> str:
         return str(out / "runs" / f"{s.algorithm}-{s.policy}")
@@ -406,12 +416,13 @@ def main() -> None:
                   "schedule differs from this script's plan")
     total = time.perf_counter() - start
     settings = {"preset": args.preset, **preset, "backend": args.backend, "jobs": jobs, "seed": args.seed,
+                "speed_shape": args.speed_shape,
                 "deadline_quantile": DEADLINE_QUANTILE, "target_fraction": TARGET_FRACTION,
                 "fedbuff_buffer_size": max(1, preset["per_round"] // 2), "fedbuff_concurrency": preset["per_round"],
                 "overselect": 1.3, "total_wall_s": total, "runs": [asdict(s) for s in specs]}
     table.to_csv(out / "stragglers.csv", index=False)
     curve.to_csv(out / "stragglers_curves.csv", index=False)
-    plot(table, curve, preset, out / "stragglers.png")
+    plot(table, curve, {**preset, "shape": args.speed_shape}, out / "stragglers.png")
     (out / "stragglers.json").write_text(json.dumps(
         {"settings": settings, "table": json.loads(table.to_json(orient="records"))}, indent=2) + "\n")
     print()

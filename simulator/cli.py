@@ -57,8 +57,10 @@ def _fmt(x: Any, digits: int = 4) -> str:
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     out = sys.stdout
-    print(f"\n{summary['status']}: {summary['rounds_completed']}/{summary['rounds_planned']} rounds of "
-          f"{summary['algorithm']} on {summary['dataset']}, {summary['client_updates']} client updates in "
+    unit = "server updates" if summary["mode"] == "async" else "rounds"
+    print(f"\n{summary['status']}: {summary['rounds_completed']}/{summary['rounds_planned']} {unit} of "
+          f"{summary['algorithm']} on {summary['dataset']} ({summary['mode']}), {summary['client_updates']} "
+          f"client updates in "
           f"{summary['wall_time_s']:.1f} s wall ({_fmt(summary['steady_updates_per_s'])} updates/s steady), "
           f"{summary['sim_time_s']:.0f} s simulated", file=out)
     first, final = summary["first_eval"], summary["final_eval"]
@@ -72,8 +74,11 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
             print(f"held-out accuracy: {_fmt(final['eval_metric_pre'], 3)} before -> "
                   f"{_fmt(final['eval_metric_post'], 3)} after adaptation "
                   f"(after round {first['round']}: {_fmt(first['eval_metric_post'], 3)})", file=out)
-    print(f"results: {run_dir}/ (config.toml, rounds.parquet, clients.parquet, evals.parquet, summary.json)",
-          file=out)
+    drops = {k: v for k, v in summary["dropped"].items() if v}
+    if drops:
+        print("dropped client updates: " + ", ".join(f"{v} {k}" for k, v in drops.items()), file=out)
+    files = sorted(p.name for p in run_dir.iterdir() if not p.name.startswith("."))
+    print(f"results: {run_dir}/ ({', '.join(files)})", file=out)
 
 
 def _progress(cfg: ExperimentConfig, enabled: bool):
@@ -90,7 +95,8 @@ def _progress(cfg: ExperimentConfig, enabled: bool):
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     progress = Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False)
-    task = progress.add_task(f"{cfg.name} rounds", total=cfg.rounds, info="")
+    unit = "server updates" if cfg.system.mode == "async" else "rounds"
+    task = progress.add_task(f"{cfg.name} {unit}", total=cfg.rounds, info="")
     state = {"eval": ""}
 
     def on_round(row: dict[str, Any]) -> None:

@@ -69,6 +69,11 @@ BAD = [
     (["--set", "model.factory=\"torch.nn:Identity\""], "no trainable parameters"),
     (["/nonexistent/config.toml"], "does not exist"),
     (["--address", "127.0.0.1:1"], "system.address"),
+    (["--set", "devices.trace=\"/nonexistent/trace.csv\""], "devices.trace"),
+    (["--set", "devices.availability_trace=\"/nonexistent/on_off.parquet\""], "devices.availability_trace"),
+    (["--set", "system.mode=\"deadline\""], "system.deadline_s"),
+    (["--set", "devices.speed.dist=\"weibull\""], "devices.speed.dist"),
+    (["--set", "data.name=\"digits\"", "--set", "data.num_clients=5000"], "data.num_clients"),
 ]
 
 
