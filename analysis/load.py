@@ -22,6 +22,7 @@ class Run:
     rounds: pd.DataFrame
     clients: pd.DataFrame
     evals: pd.DataFrame
+    label_histogram: pd.DataFrame | None = None  # client_id, label, count (pooled datasets only)
 
     @property
     def complete(self) -> bool:
@@ -39,11 +40,14 @@ def _table(path: Path, name: str) -> pd.DataFrame:
 
 
 def load_run(path: str | Path) -> Run:
-    """Read ``config.toml``, ``summary.json`` (if present) and the three metric tables of a run."""
+    """Read ``config.toml``, ``summary.json`` (if present), the three metric tables of a run, and the
+    label histogram of a partitioned pooled dataset."""
     p = Path(path)
     if not (p / "config.toml").is_file():
         raise FileNotFoundError(f"{p} is not a metafleet run directory (no config.toml)")
     config = tomllib.loads((p / "config.toml").read_text(encoding="utf-8"))
     summary_path = p / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
-    return Run(p, config, summary, _table(p, "rounds"), _table(p, "clients"), _table(p, "evals"))
+    hist_path = p / "label_histogram.parquet"
+    hist = pd.read_parquet(hist_path) if hist_path.is_file() else None
+    return Run(p, config, summary, _table(p, "rounds"), _table(p, "clients"), _table(p, "evals"), hist)

@@ -19,6 +19,7 @@ def test_load_finished_and_killed_runs(tmp_path):
     assert run.complete and run.config["rounds"] == 4
     assert run.rounds["round"].tolist() == [0, 1, 2, 3]
     assert len(run.clients) == 24 and len(run.evals) == 12
+    assert run.label_histogram is None  # sinusoid is not a partitioned pool
     # a killed run: no summary, the last part missing, a half-written temp file left behind
     killed = tmp_path / "killed"
     shutil.copytree(out, killed)
@@ -35,3 +36,13 @@ def test_load_finished_and_killed_runs(tmp_path):
 def test_load_rejects_a_directory_that_is_not_a_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a metafleet run"):
         load_run(tmp_path)
+
+
+def test_load_reads_the_label_histogram_of_a_pooled_run(tmp_path):
+    out = tmp_path / "run"
+    overrides = small_overrides(**{"system.backend": "inline", "data.name": "gaussian", "data.partition": "shards",
+                                   "rounds": 1})
+    assert main(["run", "--out", str(out), "--no-progress", *[a for o in overrides for a in ("--set", o)]]) == 0
+    hist = load_run(out).label_histogram
+    assert hist is not None and hist["client_id"].nunique() == 28
+    assert hist.groupby("client_id")["label"].nunique().max() <= 4  # 2 label-sorted shards: few classes

@@ -29,13 +29,14 @@ def _trace(tmp_path: Path) -> Path:
     return path
 
 
-def _scenario(tmp_path: Path, rule: str, rounds: int = 3):
+def _scenario(tmp_path: Path, rule: str, rounds: int = 3, algorithm: str = "reptile"):
     # 4 clients, all in flight (max_concurrency = 4): a freed slot can only be refilled by the client
     # that just finished. Each update processes 2 steps x 10 samples = 20 samples: compute 2, 1, 0.5, 0.25 s.
     cfg = load_config(None, small_overrides(**{
         "rounds": rounds, "data.num_clients": 4, "clients.per_round": 4, "system.mode": "async",
         "system.max_concurrency": 4, "async.buffer_size": 2, "async.rule": rule, "async.staleness": "sqrt",
-        "devices.trace": str(_trace(tmp_path)), "system.backend": "inline", "eval.every": 100}))
+        "devices.trace": str(_trace(tmp_path)), "system.backend": "inline", "eval.every": 100,
+        "algorithm.name": algorithm}))
     backend = InlineBackend(WorkerSpec.from_config(cfg), cfg.system)
     ctx = RunContext(cfg, backend, tmp_path / "run", None, None)
     theta0 = ctx.opt.params
@@ -53,8 +54,10 @@ def _update(cfg, theta: torch.Tensor, key: int, cid: int) -> torch.Tensor:
     return torch.from_numpy(worker.train(theta.numpy(), key, [cid]).vectors[0])
 
 
-def test_fedbuff_four_clients_hand_computed(tmp_path):
-    cfg, theta0, server, clients, rounds_df = _scenario(tmp_path, "fedbuff")
+@pytest.mark.parametrize(("algorithm", "scale"), [("reptile", 1.0), ("fedavg", 1.0), ("maml", 1.5)])
+def test_fedbuff_four_clients_hand_computed(tmp_path, algorithm, scale):
+    # reptile and fedavg process 2 x 10 samples; maml 2 x 10 support + 10 query = 30: times x 1.5
+    cfg, theta0, server, clients, rounds_df = _scenario(tmp_path, "fedbuff", algorithm=algorithm)
     # Timeline (c = one transfer, ~1e-7 s; refill group g = the key of the clients' batch streams):
     #   t=0      group 0 dispatches clients 0,1,2,3 on v0     (finish 2+2c, 1+2c, 0.5+2c, 0.25+2c)
     #   0.25+2c  client 3 (v0, tau 0) -> buffer; group 1 re-dispatches client 3 on v0   (finish 0.5+4c)
@@ -69,15 +72,16 @@ def test_fedbuff_four_clients_hand_computed(tmp_path):
     assert done["staleness"].tolist() == [0, 0, 1, 0, 2, 1]
     assert done["round"].tolist() == [0, 0, 1, 1, 2, 2]
     c = 2 * 7044 / (1e6 * 125_000)  # one round trip of the 1,761-parameter float32 model
-    np.testing.assert_allclose(done["sim_finish"], [0.25 + c, 0.5 + c, 0.5 + 2 * c, 0.75 + 3 * c, 1 + c, 1 + 2 * c],
-                               rtol=1e-12)
-    np.testing.assert_allclose(rounds_df["sim_time"], [0.5 + c, 0.75 + 3 * c, 1 + 2 * c], rtol=1e-12)
+    x = scale
+    np.testing.assert_allclose(done["sim_finish"], [0.25 * x + c, 0.5 * x + c, 0.5 * x + 2 * c, 0.75 * x + 3 * c,
+                                                    x + c, x + 2 * c], rtol=1e-12)
+    np.testing.assert_allclose(rounds_df["sim_time"], [0.5 * x + c, 0.75 * x + 3 * c, x + 2 * c], rtol=1e-12)
     assert rounds_df["model_version"].tolist() == [1, 2, 3]
     assert rounds_df["staleness_max"].tolist() == [0.0, 1.0, 2.0]
     assert rounds_df["staleness_mean"].tolist() == [0.0, 0.5, 1.5]
     np.testing.assert_allclose(done["staleness_weight"], [1, 1, 2 ** -0.5, 1, 3 ** -0.5, 2 ** -0.5], rtol=1e-15)
 
-    # the server model, replayed by hand from independently recomputed client updates
+    # the server model, replayed by hand from client updates recomputed against their (stale) start versions
     lr, s = cfg.algorithm.server_lr, lambda tau: float(staleness_weight("sqrt", tau))
 
     def step(theta, updates):
