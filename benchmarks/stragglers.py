@@ -75,11 +75,9 @@ import pandas as pd
 
 from simulator.algorithms import ALGORITHMS, planned_samples
 from simulator.config import ExperimentConfig, dumps_toml, load_config, to_dict
-from simulator.data import make_dataset
 from simulator.driver import prepare
 from simulator.scheduling import (
     DROP_REASONS,
-    Devices,
     Event,
     EventQueue,
     client_durations,
@@ -136,13 +134,13 @@ def policy_overrides(policy: str, preset: dict[str, Any], deadline_s: float) -> 
 def per_client_durations(cfg: ExperimentConfig) -> np.ndarray:
     """Simulated seconds of one update of every training client, as the driver computes them at
     dispatch (``RunContext.plan``): a pure function of the client id under this config."""
-    dataset = make_dataset(cfg.data, cfg.seed)
+    prepared = prepare(cfg)
     algo = ALGORITHMS[cfg.algorithm.name]
-    params = prepare(cfg)
-    nbytes = params.numel() * params.element_size()
+    nbytes = prepared.theta0.numel() * prepared.theta0.element_size()
     ids = np.arange(cfg.data.num_clients, dtype=np.int64)
-    samples = np.array([planned_samples(algo, cfg.algorithm, *dataset.split_sizes(int(c))) for c in ids], np.int64)
-    return client_durations(Devices(cfg.devices, cfg.seed).profiles(ids), samples, nbytes, nbytes)
+    samples = np.array([planned_samples(algo, cfg.algorithm, *prepared.dataset.split_sizes(int(c))) for c in ids],
+                       np.int64)
+    return client_durations(prepared.devices.profiles(ids), samples, nbytes, nbytes)
 
 
 def round_ends(cfg: ExperimentConfig, dur: np.ndarray, rounds: int | None = None,

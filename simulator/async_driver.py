@@ -35,7 +35,7 @@ import torch
 from simulator.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
 from simulator.algorithms import ServerState, client_weight, pseudo_gradient
 from simulator.driver import RunContext, client_rows
-from simulator.scheduling import DROP_REASONS, Event, EventQueue, Profiles, sample_clients
+from simulator.scheduling import Event, EventQueue, Profiles, drop_counts, sample_clients
 
 #: consecutive refills that dispatch nobody before a run is declared stalled
 MAX_EMPTY_REFILLS = 10_000
@@ -179,7 +179,7 @@ class AsyncServer:
         for f in flights:
             self._release(f.version)
         losses = np.array([f.result["loss_after"] for f in flights])
-        counts = {f"dropped_{r}": self.reasons.count(r) for r in DROP_REASONS}
+        counts = drop_counts(self.reasons)
         row = {"round": self.updates, "model_version": self.version, "sim_time": self.now,
                "round_sim_duration": self.now - self.window_start, "num_sampled": self.dispatched,
                "num_completed": len(flights), "num_dropped": sum(counts.values()), **counts,
@@ -210,7 +210,7 @@ class AsyncServer:
             "staleness_weight": staleness_w, "profile": f.profile, "actor_id": r.get("actor_id", -1),
             "samples_processed": f.samples if r else 0, "weight": weight,
             "loss_before": r.get("loss_before", math.nan), "loss_after": r.get("loss_after", math.nan),
-            "update_norm": float(np.linalg.norm(r["vector"].astype(np.float64))) if r else math.nan,
+            "update_norm": float(torch.linalg.vector_norm(torch.tensor(r["vector"]))) if r else math.nan,
             "compute_time_s": r.get("compute_time_s", math.nan)})
 
     def _write_clients(self) -> None:

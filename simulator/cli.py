@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.overrides)
         if args.address is not None:
             cfg = cfg.replace(**{"system.address": args.address})
-        theta0 = prepare(cfg)
+        prepared = prepare(cfg)
         run_dir = _run_dir(cfg, args.out)
         backend = make_backend(cfg)
     except ConfigError as exc:
@@ -139,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
         progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
         with progress:
-            summary = run(cfg, backend, run_dir, theta0, on_round)
+            summary = run(cfg, backend, run_dir, prepared, on_round)
     finally:
         backend.close()
     _print_summary(summary, run_dir)

@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +25,7 @@ import torch
 from simulator.aggregation import weighted_mean
 from simulator.algorithms import ALGORITHMS, ServerOptimizer, client_weight, planned_samples, pseudo_gradient
 from simulator.config import ExperimentConfig
-from simulator.data import make_dataset
+from simulator.data import FederatedDataset, make_dataset
 from simulator.evaluation import STATS, summarize
 from simulator.metrics import MetricsWriter, write_json
 from simulator.models import build_model, check_output_shape, flat_params
@@ -60,14 +61,24 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-def prepare(cfg: ExperimentConfig) -> torch.Tensor:
-    """The initial server parameters, built before any run directory exists: a bad model factory,
-    a model that does not fit the data, or unusable device traces raise ConfigError here."""
+@dataclass(frozen=True)
+class Prepared:
+    """What a run needs before it starts, built once: the initial parameters, the dataset (a pooled
+    dataset's partition is computed here), and the device model (traces are read here)."""
+
+    theta0: torch.Tensor
+    dataset: FederatedDataset
+    devices: Devices
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Build and check everything that can fail on bad input before any run directory exists: a bad
+    model factory, a model that does not fit the data, a pool too small for its clients, or unusable
+    device traces raise ConfigError here."""
     dataset = make_dataset(cfg.data, cfg.seed)
     model = build_model(cfg.model, dataset.input_dim, dataset.output_dim, cfg.seed)
     check_output_shape(model, dataset.input_dim, dataset.output_dim)
-    Devices(cfg.devices, cfg.seed)
-    return flat_params(model)
+    return Prepared(flat_params(model), dataset, Devices(cfg.devices, cfg.seed))
 
 
 def _ordered(chunks: list[Any], client_ids: np.ndarray) -> tuple[Callable[[str], np.ndarray], np.ndarray]:
@@ -104,13 +115,13 @@ RoundCallback = Callable[[dict[str, Any]], None]
 class RunContext:
     """What every mode shares: config, backend, server optimizer, devices, metrics and history."""
 
-    def __init__(self, cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Tensor | None,
+    def __init__(self, cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepared | None,
                  on_round: RoundCallback | None) -> None:
         self.cfg, self.backend, self.on_round = cfg, backend, on_round
         self.algo = ALGORITHMS[cfg.algorithm.name]
-        self.opt = ServerOptimizer(prepare(cfg) if theta0 is None else theta0, cfg.algorithm)
-        self.dataset = make_dataset(cfg.data, cfg.seed)
-        self.devices = Devices(cfg.devices, cfg.seed)
+        prepared = prepared or prepare(cfg)
+        self.opt = ServerOptimizer(prepared.theta0, cfg.algorithm)
+        self.dataset, self.devices = prepared.dataset, prepared.devices
         p = self.opt.params
         self.model_bytes = self.update_bytes = p.numel() * p.element_size()
         self.eval_ids = select_eval_clients(cfg.seed, cfg.data.num_clients, cfg.data.eval_clients, cfg.eval.clients)
@@ -223,7 +234,7 @@ def _take(p: Profiles, mask: np.ndarray) -> Profiles:
     return Profiles(p.client_ids[mask], p.compute_speed[mask], p.up_bw[mask], p.down_bw[mask])
 
 
-def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Tensor | None = None,
+def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepared | None = None,
         on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds (in async mode: server updates); write metrics, the label
     histogram of a partitioned dataset, and ``summary.json`` into ``run_dir``.
@@ -231,7 +242,7 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, theta0: torch.Te
     Ctrl-C (KeyboardInterrupt) stops after the current round's metrics are flushed; the
     summary then says ``"status": "interrupted"``.
     """
-    ctx = RunContext(cfg, backend, run_dir, theta0, on_round)
+    ctx = RunContext(cfg, backend, run_dir, prepared, on_round)
     _write_label_histogram(ctx, run_dir)
     status = "completed"
     try:

@@ -65,7 +65,7 @@ MODES = [
     ("deadline", ["system.mode=\"deadline\"", "system.deadline_s=0.5"]),
     ("overselect", ["system.mode=\"overselect\"", "system.overselect=1.5"]),
     ("fedbuff", ["system.mode=\"async\"", "async.buffer_size=3", "system.max_concurrency=8",
-                 "system.max_staleness=3", "algorithm.name=\"fomaml\""]),
+                 "system.max_staleness=3", "algorithm.name=\"fomaml\"", "algorithm.server_lr=0.1"]),
     ("fedasync", ["system.mode=\"async\"", "async.rule=\"fedasync\"", "system.max_concurrency=5",
                   "async.staleness=\"polynomial\"", "data.name=\"gaussian\"", "data.partition=\"dirichlet\"",
                   "seed=1"]),
