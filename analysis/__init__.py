@@ -1,5 +1,5 @@
-"""Analysis of run directories: load Parquet metrics into pandas frames."""
+"""Analysis of run directories: load Parquet metrics into pandas frames, plot them, report them."""
 
-from analysis.load import Run, load_run
+from analysis.load import Run, RunSet, load_run, load_runs, run_labels
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "RunSet", "load_run", "load_runs", "run_labels"]
