@@ -1,4 +1,5 @@
-"""``metafleet`` command line: ``metafleet run [CONFIG.toml] [--set key.sub=value ...] [--out DIR]``.
+"""``metafleet`` command line: ``metafleet run [CONFIG.toml] [--set key.sub=value ...] [--out DIR]``, and
+``metafleet plot | report | compare RUN_DIR...`` (``analysis.commands``).
 
 Bad input (config, flags, model factory, cluster address) is reported as one line naming the
 key and the fix, with exit code 2 and no traceback, before any run directory is created.
@@ -31,7 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory to create (default: runs/<name>-<timestamp>)")
     run.add_argument("--address", help="Ray address: '' starts a local Ray, 'auto' or HOST:PORT joins a cluster")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar (one line per eval instead)")
+    run.add_argument("--no-plots", action="store_true", help="do not write the standard figures at the end")
     run.add_argument("-v", "--verbose", action="store_true", help="log worker placement and Ray messages")
+    from analysis.commands import add_parsers
+
+    add_parsers(sub)
     return parser
 
 
@@ -142,15 +147,32 @@ def cmd_run(args: argparse.Namespace) -> int:
             summary = run(cfg, backend, run_dir, prepared, on_round)
     finally:
         backend.close()
+    if not args.no_plots and summary["rounds_completed"]:
+        _write_figures(run_dir)
     _print_summary(summary, run_dir)
     return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+def _write_figures(run_dir: Path) -> None:
+    from analysis.commands import figures_of_run
+
+    try:
+        paths = figures_of_run(run_dir)
+    except Exception as exc:  # a figure must never cost the user a finished run's exit status
+        logging.getLogger("metafleet.cli").warning("could not draw the figures (%s: %s); the metrics are intact, "
+                                                   "retry with `metafleet plot %s`", type(exc).__name__, exc, run_dir)
+        return
+    print(f"figures: {run_dir}/figures/ ({', '.join(p.name for p in paths)})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
-    return EXIT_BAD_INPUT  # argparse rejects unknown commands before this
+    from analysis import commands
+
+    return {"plot": commands.cmd_plot, "report": commands.cmd_report, "compare": commands.cmd_compare}[
+        args.command](args)
 
 
 if __name__ == "__main__":

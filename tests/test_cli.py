@@ -26,7 +26,10 @@ def test_run_writes_a_complete_run_directory(tmp_path, capsys):
     code = main(["run", "--out", str(out), "--no-progress", *_args(small_overrides() + INLINE)])
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"config.toml", "rounds.parquet", "clients.parquet",
-                                               "evals.parquet", "summary.json"}
+                                               "evals.parquet", "summary.json", "figures"}
+    figures = {p.name for p in (out / "figures").iterdir()}
+    assert {"loss_by_round.png", "loss_by_sim_time.png", "personalization_gain.png", "client_cdf.png"} <= figures
+    assert "accuracy_by_round.png" not in figures  # sinusoid is regression
     cfg = from_dict(tomllib.loads((out / "config.toml").read_text()))  # the resolved config reloads
     assert cfg.rounds == 4 and cfg.system.backend == "inline"
     rounds = pd.read_parquet(out / "rounds.parquet")
@@ -45,7 +48,7 @@ def test_quickstart_meta_learning_works(tmp_path):
     """A shortened quickstart (Reptile, sinusoid): adaptation helps, and more so after training."""
     out = tmp_path / "q"
     overrides = INLINE + ["rounds=60", "clients.per_round=10", "eval.clients=30", "eval.every=59"]
-    assert main(["run", "--out", str(out), "--no-progress", *_args(overrides)]) == 0
+    assert main(["run", "--out", str(out), "--no-progress", "--no-plots", *_args(overrides)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     first, final = summary["first_eval"], summary["final_eval"]
     assert final["round"] == 59 and first["round"] == 0

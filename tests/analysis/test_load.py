@@ -14,7 +14,7 @@ from simulator.cli import main
 def test_load_finished_and_killed_runs(tmp_path):
     out = tmp_path / "run"
     argv = [a for o in small_overrides(**{"system.backend": "inline"}) for a in ("--set", o)]
-    assert main(["run", "--out", str(out), "--no-progress", *argv]) == 0
+    assert main(["run", "--out", str(out), "--no-progress", "--no-plots", *argv]) == 0
     run = load_run(out)
     assert run.complete and run.config["rounds"] == 4
     assert run.rounds["round"].tolist() == [0, 1, 2, 3]
@@ -42,7 +42,8 @@ def test_load_reads_the_label_histogram_of_a_pooled_run(tmp_path):
     out = tmp_path / "run"
     overrides = small_overrides(**{"system.backend": "inline", "data.name": "gaussian", "data.partition": "shards",
                                    "rounds": 1})
-    assert main(["run", "--out", str(out), "--no-progress", *[a for o in overrides for a in ("--set", o)]]) == 0
+    argv = [a for o in overrides for a in ("--set", o)]
+    assert main(["run", "--out", str(out), "--no-progress", "--no-plots", *argv]) == 0
     hist = load_run(out).label_histogram
     assert hist is not None and hist["client_id"].nunique() == 28
     assert hist.groupby("client_id")["label"].nunique().max() <= 4  # 2 label-sorted shards: few classes
