@@ -11,13 +11,15 @@ from __future__ import annotations
 import glob
 import json
 import tomllib
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import pyarrow.dataset as ds
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from simulator.metrics import TABLES
 
@@ -38,11 +40,20 @@ class Run:
 
 
 def _table(path: Path, name: str) -> pd.DataFrame:
+    """A metrics table from its part files; a part that cannot be read (truncated by a copy or a full
+    disk: metafleet itself only ever renames complete parts into place) is skipped with a warning."""
     directory = path / f"{name}.parquet"
     files = sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []
-    if not files:
-        return TABLES[name].empty_table().to_pandas()
-    frame = ds.dataset([str(f) for f in files], schema=TABLES[name], format="parquet").to_table().to_pandas()
+    schema = TABLES[name]
+    tables = []
+    for f in files:
+        try:
+            tables.append(pq.read_table(f, schema=schema))
+        except (pa.ArrowException, OSError) as exc:
+            warnings.warn(f"{f}: unreadable part skipped ({exc})", stacklevel=3)
+    if not tables:
+        return schema.empty_table().to_pandas()
+    frame = pa.concat_tables(tables).to_pandas()
     keys = ["round"] + (["client_id"] if "client_id" in frame.columns else [])
     return frame.sort_values(keys, ignore_index=True)
 

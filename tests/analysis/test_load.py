@@ -47,3 +47,25 @@ def test_load_reads_the_label_histogram_of_a_pooled_run(tmp_path):
     hist = load_run(out).label_histogram
     assert hist is not None and hist["client_id"].nunique() == 28
     assert hist.groupby("client_id")["label"].nunique().max() <= 4  # 2 label-sorted shards: few classes
+
+
+def test_load_hand_made_tables_with_a_truncated_part(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from simulator.metrics import ROUNDS_SCHEMA
+
+    run_dir = tmp_path / "hand"
+    (run_dir / "rounds.parquet").mkdir(parents=True)
+    (run_dir / "config.toml").write_text('name = "hand"\nseed = 3\n\n[algorithm]\nname = "reptile"\n')
+    rows = {name: [0, 1] if field.type == pa.int64() else [0.5, 1.5] for name, field in
+            zip(ROUNDS_SCHEMA.names, ROUNDS_SCHEMA, strict=True)}
+    rows["round"] = [1, 0]  # out of order on disk: the loader sorts
+    pq.write_table(pa.table(rows, schema=ROUNDS_SCHEMA), run_dir / "rounds.parquet" / "part-00000.parquet")
+    whole = (run_dir / "rounds.parquet" / "part-00000.parquet").read_bytes()
+    (run_dir / "rounds.parquet" / "part-00001.parquet").write_bytes(whole[: len(whole) // 2])  # truncated copy
+    with pytest.warns(UserWarning, match="unreadable part skipped"):
+        run = load_run(run_dir)
+    assert run.rounds["round"].tolist() == [0, 1] and run.rounds["train_loss"].tolist() == [1.5, 0.5]
+    assert run.clients.empty and list(run.clients.columns)[:2] == ["round", "client_id"]
+    assert run.summary is None and not run.complete and run.config["seed"] == 3
