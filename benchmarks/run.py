@@ -1,7 +1,7 @@
 """Run the benchmark studies and leave figures and numbers under ``benchmarks/results/``.
 
-    python -m benchmarks.run                              # small preset, all four studies (~6-8 min on 2 cores)
-    python -m benchmarks.run --preset full                # larger populations and more rounds (~45-60 min, estimated)
+    python -m benchmarks.run                              # small preset, all four studies (~5-7 min on 2 cores)
+    python -m benchmarks.run --preset full                # more clients and rounds (~50-65 min, estimated, not run)
     python -m benchmarks.run --only algorithms,scale      # a subset
     python -m benchmarks.run --out /tmp/results           # elsewhere
 
