@@ -95,6 +95,9 @@ def test_plot_report_and_compare_commands(three_runs, tmp_path, capsys):
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
     assert "loss_by_round.svg" in names and "accuracy_by_sim_time.svg" in names
     assert all(n.endswith(".svg") for n in names)
+    # the report embeds every figure `plot` writes, each under its name
+    assert page.count("data:image/png;base64,") == len(names)
+    assert all(f'id="{n.removesuffix(".svg")}"' in page for n in names)
 
 
 def test_analysis_commands_reject_what_is_not_a_run(tmp_path, capsys):
