@@ -95,6 +95,7 @@ class SystemConfig:
     threads: int = 1
     ship_code: bool = False
     shard_cache: int = 4096
+    vectorize: bool = True     # train a cohort's clients together with torch.func.vmap where the model allows
     # round policy, in simulated time
     mode: str = "sync"
     deadline_s: float = 0.0

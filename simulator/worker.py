@@ -25,6 +25,7 @@ from simulator.data import ClientShard, make_dataset
 from simulator.evaluation import evaluate_client
 from simulator.models import build_model
 from simulator.rng import generator
+from simulator.vectorized import VectorizedCohort, unsupported_reason
 
 log = logging.getLogger("metafleet.worker")
 
@@ -40,11 +41,12 @@ class WorkerSpec:
     eval: EvalConfig
     threads: int
     shard_cache: int
+    vectorize: bool = True
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> WorkerSpec:
         return cls(cfg.seed, cfg.data, cfg.model, cfg.algorithm, cfg.eval, cfg.system.threads,
-                   cfg.system.shard_cache)
+                   cfg.system.shard_cache, cfg.system.vectorize)
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,13 @@ class ClientWorker:
         self.algorithm = ALGORITHMS[spec.algorithm.name]
         self.loss = loss_function(self.dataset.task)
         self._shards: OrderedDict[int, ClientShard] = OrderedDict()
+        self.vectorized: VectorizedCohort | None = None
+        if spec.vectorize:
+            reason = unsupported_reason(self.model)
+            if reason is None:
+                self.vectorized = VectorizedCohort(self.model, self.dataset.task)
+            else:
+                log.warning("system.vectorize: sequential client steps instead, because %s", reason)
         log.info("worker %d on %s (%d torch threads)", worker_id, self.describe()["device"], spec.threads)
 
     def describe(self) -> dict[str, object]:
@@ -124,15 +133,22 @@ class ClientWorker:
         configure_threads(self.spec.threads)
         params = self._theta(theta)
         per_client = [keys] * len(client_ids) if isinstance(keys, int | np.integer) else list(keys)
-        rows = []
-        for cid, key in zip(client_ids, per_client, strict=True):
+        shards = [self.shard(int(c)) for c in client_ids]
+        rngs = [generator(self.spec.seed, "batches", int(k), int(c)) for c, k in zip(client_ids, per_client,
+                                                                                      strict=True)]
+        if self.vectorized is not None and shards:
             start = time.perf_counter()
-            shard = self.shard(int(cid))
-            rng = generator(self.spec.seed, "batches", int(key), int(cid))
-            upd = self.algorithm.client_step(self.model, params, shard, self.spec.algorithm, rng, self.loss)
-            vec = upd.vector.to("cpu", torch.float32).numpy()
-            rows.append((vec, shard.num_samples, upd.samples_processed, upd.loss_before, upd.loss_after,
-                         time.perf_counter() - start))
+            updates = self.vectorized.run(self.algorithm, params, shards, rngs, self.spec.algorithm)
+            times = [(time.perf_counter() - start) / len(shards)] * len(shards)  # one batched computation
+        else:
+            updates, times = [], []
+            for shard, rng in zip(shards, rngs, strict=True):
+                start = time.perf_counter()
+                updates.append(self.algorithm.client_step(self.model, params, shard, self.spec.algorithm, rng,
+                                                          self.loss))
+                times.append(time.perf_counter() - start)
+        rows = [(u.vector.to("cpu", torch.float32).numpy(), sh.num_samples, u.samples_processed, u.loss_before,
+                 u.loss_after, t) for sh, u, t in zip(shards, updates, times, strict=True)]
         vectors = np.stack([r[0] for r in rows]) if rows else np.zeros((0, params.numel()), np.float32)
         return TrainResult(
             self.worker_id, np.asarray(client_ids, dtype=np.int64), vectors,

@@ -1,0 +1,83 @@
+"""The vectorized cohort path equals the sequential client steps, for every algorithm and data shape."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from conftest import small_overrides
+
+from simulator.config import load_config
+from simulator.models import flat_params
+from simulator.vectorized import unsupported_reason
+from simulator.worker import ClientWorker, WorkerSpec
+
+CASES = [
+    # (dataset overrides, why)
+    (["data.name=\"sinusoid\""], "equal sizes, mini-batches"),
+    (["data.name=\"sinusoid\"", "algorithm.batch_size=0"], "equal sizes, full batch"),
+    (["data.name=\"synthetic\""], "log-normal sizes: mini-batches over padded data"),
+    (["data.name=\"synthetic\"", "data.samples_per_client=8", "algorithm.batch_size=6"],
+     "batch >= some splits: full-batch groups by size beside mini-batch groups"),
+    (["data.name=\"gaussian\"", "data.partition=\"quantity\"", "algorithm.batch_size=0"],
+     "quantity skew, full batch: one group per size"),
+]
+
+
+def _workers(extra: list[str]) -> tuple[ClientWorker, ClientWorker]:
+    cfg = load_config(None, small_overrides() + extra)
+    seq = ClientWorker(WorkerSpec.from_config(cfg.replace(**{"system.vectorize": False})))
+    vec = ClientWorker(WorkerSpec.from_config(cfg))
+    assert seq.vectorized is None and vec.vectorized is not None
+    return seq, vec
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "reptile", "fomaml", "maml"])
+@pytest.mark.parametrize(("extra", "why"), CASES, ids=[c[1] for c in CASES])
+def test_vectorized_updates_equal_the_sequential_ones(algorithm, extra, why):
+    seq, vec = _workers(extra + [f"algorithm.name=\"{algorithm}\"", "algorithm.local_steps=3"])
+    theta = flat_params(seq.model).numpy()
+    clients = [0, 3, 5, 6, 11, 17, 20]
+    keys = [7, 7, 7, 8, 8, 9, 9]  # per-client stream keys (async refill groups) follow their clients
+    a = seq.train(theta, keys, clients)
+    b = vec.train(theta, keys, clients)
+    assert a.client_ids.tolist() == b.client_ids.tolist() == clients
+    np.testing.assert_array_equal(a.num_samples, b.num_samples)
+    np.testing.assert_array_equal(a.samples_processed, b.samples_processed)
+    np.testing.assert_allclose(b.vectors, a.vectors, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(b.loss_before, a.loss_before, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(b.loss_after, a.loss_after, rtol=1e-4, atol=1e-6)
+    assert np.abs(a.vectors).max() > 0
+
+
+def test_models_with_state_or_randomness_fall_back_with_a_logged_reason(tmp_path, monkeypatch, caplog):
+    (tmp_path / "bn_model.py").write_text(
+        "import torch.nn as nn\n"
+        "def batchnorm(input_dim, output_dim):\n"
+        "    return nn.Sequential(nn.Linear(input_dim, 8), nn.BatchNorm1d(8), nn.Linear(8, output_dim))\n"
+        "def dropout(input_dim, output_dim):\n"
+        "    return nn.Sequential(nn.Linear(input_dim, 8), nn.Dropout(0.1), nn.Linear(8, output_dim))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, needle in (("batchnorm", "buffers"), ("dropout", "dropout")):
+        cfg = load_config(None, small_overrides(**{"model.factory": f"bn_model:{name}"}))
+        with caplog.at_level(logging.WARNING, logger="metafleet.worker"):
+            worker = ClientWorker(WorkerSpec.from_config(cfg))
+        assert worker.vectorized is None
+        assert needle in unsupported_reason(worker.model)
+        assert "sequential client steps instead" in caplog.text
+
+
+@pytest.mark.parametrize("algorithm", ["reptile", "fomaml", "maml"])
+@pytest.mark.parametrize(("extra", "why"), CASES[:4], ids=[c[1] for c in CASES[:4]])
+def test_a_clients_vectorized_update_does_not_depend_on_its_call_mates(algorithm, extra, why):
+    # actor counts change how a cohort is chunked: each client's bits must not change with it
+    cfg = load_config(None, small_overrides(**{"algorithm.name": algorithm}) + extra)
+    worker = ClientWorker(WorkerSpec.from_config(cfg))
+    theta = flat_params(worker.model).numpy()
+    ids = list(range(0, 24, 2))
+    whole = worker.train(theta, 1, ids)
+    for k in (1, 2, 5):
+        parts = [worker.train(theta, 1, ids[i:i + k]) for i in range(0, len(ids), k)]
+        for field in ("vectors", "loss_before", "loss_after"):
+            np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(whole, field))
