@@ -5,7 +5,7 @@ Workload (shared/anchors.md): FedAvg on FedProx's Synthetic(1,1), 60 features, 1
 registered clients, 100 per round, 20 rounds. "Steady" = clients per round divided by the
 median round time from the second round on.
 
-    python -m benchmarks.throughput            # plain loop, metafleet inline, metafleet ray (2 actors)
+    python -m benchmarks.throughput            # plain loop; metafleet sequential and vectorized, inline and ray
     python -m benchmarks.throughput --rounds 5 # quicker
 
 Prints one markdown table (the one in benchmarks/README.md) and writes it, with the raw
@@ -72,11 +72,11 @@ def plain_loop(rounds: int, seed: int = 0) -> float:
     return steady_throughput([cfg.clients.per_round] * len(times), times)
 
 
-def metafleet(rounds: int, backend: str, actors: int, seed: int = 0) -> float:
+def metafleet(rounds: int, backend: str, actors: int, vectorize: bool, seed: int = 0) -> float:
     from actors import make_backend
 
     cfg = load_config(None, ANCHOR + [f"rounds={rounds}", f"seed={seed}", f"system.backend=\"{backend}\"",
-                                      f"system.actors={actors}"])
+                                      f"system.actors={actors}", f"system.vectorize={str(vectorize).lower()}"])
     pool = make_backend(cfg)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +94,10 @@ def main() -> None:
     args = parser.parse_args()
     systems = {
         "plain PyTorch loop (1 process, 1 thread)": lambda: plain_loop(args.rounds),
-        "metafleet inline (1 process, 1 thread)": lambda: metafleet(args.rounds, "inline", 1),
-        "metafleet ray, 2 actors": lambda: metafleet(args.rounds, "ray", 2),
+        "metafleet sequential, inline (1 process, 1 thread)": lambda: metafleet(args.rounds, "inline", 1, False),
+        "metafleet sequential, ray, 2 actors": lambda: metafleet(args.rounds, "ray", 2, False),
+        "metafleet vectorized, inline (1 process, 1 thread)": lambda: metafleet(args.rounds, "inline", 1, True),
+        "metafleet vectorized, ray, 2 actors": lambda: metafleet(args.rounds, "ray", 2, True),
     }
     results = {name: [fn() for _ in range(args.repeats)] for name, fn in systems.items()}
     base = float(np.median(next(iter(results.values()))))
