@@ -18,6 +18,7 @@ when a population has more clients than the trace).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,9 @@ from simulator.rng import generator
 
 #: bytes per second in one Mbit/s
 MBIT = 125_000.0
+
+#: drawn device profiles kept per run (LRU; 16 bytes of values each): bounded for 1M-client populations
+PROFILE_CACHE = 65_536
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,7 @@ class Devices:
         self.cfg, self.seed = cfg, seed
         self.trace = DeviceTrace(cfg.trace) if cfg.trace else None
         self.availability_trace = AvailabilityTrace(cfg.availability_trace) if cfg.availability_trace else None
+        self._cache: OrderedDict[int, tuple[float, float]] = OrderedDict()
 
     def profiles(self, client_ids: np.ndarray) -> Profiles:
         if self.trace is not None:
@@ -173,9 +178,15 @@ class Devices:
         ids = np.asarray(client_ids, np.int64)
         speed, down = np.empty(ids.size), np.empty(ids.size)
         for i, cid in enumerate(ids.tolist()):
-            rng = generator(self.seed, "device", 0, cid)
-            speed[i] = draw(self.cfg.speed, rng)
-            down[i] = draw(self.cfg.bandwidth, rng)
+            drawn = self._cache.get(cid)
+            if drawn is None:  # a seeded generator per client costs ~50 us: draw once, keep the recent ones
+                rng = generator(self.seed, "device", 0, cid)
+                drawn = self._cache[cid] = (draw(self.cfg.speed, rng), draw(self.cfg.bandwidth, rng))
+                if len(self._cache) > PROFILE_CACHE:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(cid)
+            speed[i], down[i] = drawn
         return Profiles(ids, speed, down * self.cfg.uplink_ratio, down)
 
     def online(self, client_ids: np.ndarray, time: float, key: int) -> np.ndarray:

@@ -320,3 +320,19 @@ def test_fractional_client_ids_are_rejected(tmp_path):
     path.write_text("client_id,compute_speed,up_bw,down_bw\n0.7,10,1,1\n1.2,20,1,1\n")
     with pytest.raises(ConfigError, match="devices.trace.*whole numbers"):
         DeviceTrace(str(path))
+
+
+def test_profile_cache_is_bounded_and_changes_nothing(monkeypatch):
+    import simulator.scheduling.devices as devices_module
+
+    monkeypatch.setattr(devices_module, "PROFILE_CACHE", 8)
+    cfg = load_config(None, ['devices.speed={dist="pareto", median=100.0, shape=1.0}'])
+    cached = Devices(cfg.devices, cfg.seed)
+    ids = np.arange(30)
+    first = cached.profiles(ids)
+    again = cached.profiles(ids[::-1])  # mostly evicted by now; some served from the cache
+    assert len(cached._cache) == 8
+    fresh = Devices(cfg.devices, cfg.seed).profiles(ids[::-1])
+    for name in ("compute_speed", "up_bw", "down_bw"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(fresh, name))
+        np.testing.assert_array_equal(getattr(first, name), getattr(fresh, name)[::-1])
