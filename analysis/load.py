@@ -21,6 +21,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from simulator.config import flatten_dict
 from simulator.metrics import TABLES
 
 
@@ -82,15 +83,9 @@ _NOT_A_SETTING = ("seed", "name", "rounds", "eval.every", "metrics.", "system.ba
 _PRIORITY = ("algorithm.name", "system.mode", "async.rule", "data.name", "data.partition", "data.dirichlet_alpha")
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = tuple(value) if isinstance(value, list) else value
-    return flat
+def _flatten(config: dict[str, Any]) -> dict[str, Any]:
+    """A run's config as flat columns; lists (model.hidden) become tuples so they can be compared."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in flatten_dict(config).items()}
 
 
 def _paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:

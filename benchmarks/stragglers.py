@@ -73,14 +73,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from simulator.algorithms import ALGORITHMS, planned_samples
+from simulator.algorithms import ALGORITHMS
 from simulator.config import ExperimentConfig, dumps_toml, load_config, to_dict
-from simulator.driver import prepare
+from simulator.driver import plan_clients, prepare
 from simulator.scheduling import (
     DROP_REASONS,
     Event,
     EventQueue,
-    client_durations,
     cohort_size,
     plan_round,
     sample_clients,
@@ -135,12 +134,9 @@ def per_client_durations(cfg: ExperimentConfig) -> np.ndarray:
     """Simulated seconds of one update of every training client, as the driver computes them at
     dispatch (``RunContext.plan``): a pure function of the client id under this config."""
     prepared = prepare(cfg)
-    algo = ALGORITHMS[cfg.algorithm.name]
     nbytes = prepared.theta0.numel() * prepared.theta0.element_size()
     ids = np.arange(cfg.data.num_clients, dtype=np.int64)
-    samples = np.array([planned_samples(algo, cfg.algorithm, *prepared.dataset.split_sizes(int(c))) for c in ids],
-                       np.int64)
-    return client_durations(prepared.devices.profiles(ids), samples, nbytes, nbytes)
+    return plan_clients(cfg, ALGORITHMS[cfg.algorithm.name], prepared.dataset, prepared.devices, ids, nbytes)[3]
 
 
 def round_ends(cfg: ExperimentConfig, dur: np.ndarray, rounds: int | None = None,

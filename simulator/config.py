@@ -222,18 +222,21 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return out
 
 
+def flatten_dict(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as ``{"data.name": ..., "devices.speed.median": ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten_dict(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
     """``{"data.name": ..., "devices.speed.median": ...}``: one column per key, for analysis frames."""
-
-    def walk(prefix: str, value: Any, flat: dict[str, Any]) -> dict[str, Any]:
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v, flat)
-        else:
-            flat[prefix] = value
-        return flat
-
-    return walk("", to_dict(cfg), {})
+    return flatten_dict(to_dict(cfg))
 
 
 def parse_value(text: str) -> Any:
@@ -514,5 +517,5 @@ def dumps_toml(data: dict[str, Any]) -> str:
 __all__ = [
     "AlgorithmConfig", "AsyncConfig", "ClientsConfig", "ConfigError", "DataConfig", "DevicesConfig",
     "Distribution", "EvalConfig", "ExperimentConfig", "MetricsConfig", "ModelConfig", "SystemConfig", "dumps_toml",
-    "flatten", "from_dict", "load_config", "parse_value", "section", "to_dict",
+    "flatten", "flatten_dict", "from_dict", "load_config", "parse_value", "section", "to_dict",
 ]

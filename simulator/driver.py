@@ -23,7 +23,14 @@ import numpy as np
 import torch
 
 from simulator.aggregation import weighted_mean
-from simulator.algorithms import ALGORITHMS, ServerOptimizer, client_weight, planned_samples, pseudo_gradient
+from simulator.algorithms import (
+    ALGORITHMS,
+    Algorithm,
+    ServerOptimizer,
+    client_weight,
+    planned_samples,
+    pseudo_gradient,
+)
 from simulator.config import ExperimentConfig
 from simulator.data import FederatedDataset, make_dataset
 from simulator.evaluation import STATS, summarize
@@ -81,6 +88,17 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     return Prepared(flat_params(model), dataset, Devices(cfg.devices, cfg.seed))
 
 
+def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDataset, devices: Devices,
+                 client_ids: np.ndarray, model_bytes: int) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
+    """Device profiles, local sizes, planned samples and simulated durations of some clients: what the
+    driver knows about a client's update at dispatch (updates are as large as the model)."""
+    sizes = [dataset.split_sizes(int(c)) for c in client_ids]
+    samples = np.array([planned_samples(algo, cfg.algorithm, s, q) for s, q in sizes], np.int64)
+    profiles = devices.profiles(client_ids)
+    durations = client_durations(profiles, samples, model_bytes, model_bytes)
+    return profiles, np.array([s + q for s, q in sizes], np.int64), samples, durations
+
+
 def _ordered(chunks: list[Any], client_ids: np.ndarray) -> tuple[Callable[[str], np.ndarray], np.ndarray]:
     """Put chunk results back into cohort order, whatever order they completed in.
 
@@ -130,12 +148,7 @@ class RunContext:
         self.history: list[dict[str, Any]] = []
 
     def plan(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
-        """Device profiles, local sizes, planned samples and simulated durations of some clients."""
-        sizes = [self.dataset.split_sizes(int(c)) for c in client_ids]
-        samples = np.array([planned_samples(self.algo, self.cfg.algorithm, s, q) for s, q in sizes], np.int64)
-        profiles = self.devices.profiles(client_ids)
-        durations = client_durations(profiles, samples, self.model_bytes, self.update_bytes)
-        return profiles, np.array([s + q for s, q in sizes], np.int64), samples, durations
+        return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes)
 
     def evaluate(self, theta: torch.Tensor, r: int) -> EvalResult | None:
         if not len(self.eval_ids):
