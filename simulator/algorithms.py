@@ -212,12 +212,24 @@ def adam_step(state: ServerState, g: torch.Tensor, lr: float, betas: tuple[float
     return ServerState(state.theta - lr * m_hat / (v_hat.sqrt() + eps), t, None, m, v)
 
 
+def initial_vector(cfg: AlgorithmConfig, model_vector: torch.Tensor) -> torch.Tensor:
+    """The server's initial vector: the model's flat parameters (plus, for algorithms that
+    meta-learn more than an initialization, their extra parameters)."""
+    return model_vector
+
+
 class ServerOptimizer:
-    """Applies the configured server step (SGD with optional momentum, or Adam: FedOpt) to a ``ServerState``."""
+    """The server side of an algorithm: client weighting and the server step (SGD with optional
+    momentum, or Adam: FedOpt) applied to a ``ServerState``; ``state.step`` is the model version."""
 
     def __init__(self, theta: torch.Tensor, cfg: AlgorithmConfig) -> None:
         self.cfg = cfg
+        self.algo = ALGORITHMS[cfg.name]
         self.state = ServerState(theta.detach().clone())
+
+    def client_weight(self, num_samples: int) -> float:
+        """Aggregation weight of a client update applied at the current model version."""
+        return client_weight(self.algo, num_samples)
 
     def step(self, g: torch.Tensor) -> torch.Tensor:
         g = g.to(self.state.theta.dtype)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from simulator.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
-from simulator.algorithms import ServerState, client_weight, pseudo_gradient
+from simulator.algorithms import ServerState, pseudo_gradient
 from simulator.driver import RunContext, client_rows
 from simulator.scheduling import Event, EventQueue, Profiles, drop_counts, sample_clients
 
@@ -158,7 +158,7 @@ class AsyncServer:
         algo, ctx = self.ctx.algo, self.ctx
         flights = [f for f, _ in self.buffer]
         s = torch.tensor([w for _, w in self.buffer], dtype=torch.float64)
-        c = torch.tensor([client_weight(algo, f.result["num_samples"]) for f in flights], dtype=torch.float64)
+        c = torch.tensor([ctx.opt.client_weight(f.result["num_samples"]) for f in flights], dtype=torch.float64)
         old = self.theta
         if self.acfg.rule == "fedbuff":
             vectors = torch.from_numpy(np.stack([f.result["vector"] for f in flights]))

@@ -47,6 +47,10 @@ class DataConfig:
     num_classes: int = 10
     features: int = 20
     separation: float = 0.6
+    # files: "leaf" (LEAF's JSON train/ and test/ directories) or "table" (Parquet/CSV, one row per sample)
+    path: str = ""
+    client_column: str = "client_id"
+    label_column: str = "label"
 
 
 _PARTITION_KEYS = {"partition", "dirichlet_alpha", "shards_per_client", "quantity_sigma", "test_fraction"}
@@ -57,6 +61,8 @@ DATASET_KEYS: dict[str, frozenset[str]] = {
     "synthetic": frozenset({"alpha", "beta", "samples_per_client", "iid", "test_fraction"}),
     "gaussian": frozenset(_PARTITION_KEYS | {"pool_size", "num_classes", "features", "separation"}),
     "digits": frozenset(_PARTITION_KEYS),
+    "leaf": frozenset({"path"}),
+    "table": frozenset({"path", "client_column", "label_column", "test_fraction"}),
 }
 _DATASET_ONLY = frozenset().union(*DATASET_KEYS.values())
 
@@ -77,6 +83,10 @@ class AlgorithmConfig:
     server_lr: float = 1.0
     server_optimizer: str = "sgd"
     server_momentum: float = 0.0
+    outer_lr: float = 0.0          # Per-FedAvg's beta (Fallah et al. 2020); 0 = local_lr
+    hf_delta: float = 0.001        # Per-FedAvg HF: finite-difference step of the Hessian-vector product
+    switch_round: int = 0          # pfedavg: first round of Reptile fine-tuning (0 = half of the rounds)
+    finetune_server_lr: float = 0.001  # pfedavg: the fine-tuning phase's server Adam learning rate
 
 
 @dataclass(frozen=True)
@@ -96,6 +106,7 @@ class SystemConfig:
     ship_code: bool = False
     shard_cache: int = 4096
     vectorize: bool = True     # train a cohort's clients together with torch.func.vmap where the model allows
+    max_failures: int = 3      # lost worker calls (actor or node death) retried per round before the run stops
     # round policy, in simulated time
     mode: str = "sync"
     deadline_s: float = 0.0
@@ -163,6 +174,7 @@ class ExperimentConfig:
     name: str = "quickstart"
     seed: int = 0
     rounds: int = 300
+    checkpoint_every: int = 10  # write the server state every N rounds (async: server updates); 0 = only on Ctrl-C
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -179,8 +191,9 @@ class ExperimentConfig:
 
 
 #: TOML section name -> its dataclass (the ``[async]`` section is the attribute ``async_``)
+TOP_KEYS = ("name", "seed", "rounds", "checkpoint_every")
 _SECTIONS: dict[str, type] = {name.rstrip("_"): t for name, t in typing.get_type_hints(ExperimentConfig).items()
-                              if name not in ("name", "seed", "rounds")}
+                              if name not in TOP_KEYS}
 
 
 def _attr(section: str) -> str:
@@ -192,10 +205,10 @@ def section(cfg: ExperimentConfig, name: str) -> Any:
     return getattr(cfg, _attr(name))
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.name": ("sinusoid", "synthetic", "gaussian", "digits"),
+    "data.name": ("sinusoid", "synthetic", "gaussian", "digits", "leaf", "table"),
     "data.partition": ("iid", "dirichlet", "shards", "quantity"),
-    "model.name": ("mlp",),
-    "algorithm.name": ("fedavg", "reptile", "fomaml", "maml"),
+    "model.name": ("mlp", "femnist_cnn", "shakespeare_lstm"),
+    "algorithm.name": ("fedavg", "reptile", "fomaml", "maml", "perfedavg_fo", "perfedavg_hf", "metasgd", "pfedavg"),
     "algorithm.server_optimizer": ("sgd", "adam"),
     "system.backend": ("ray", "inline"),
     "system.mode": ("sync", "deadline", "overselect", "async"),
@@ -214,7 +227,7 @@ def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
             return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
         return list(v) if isinstance(v, tuple) else v
 
-    out: dict[str, Any] = {"name": cfg.name, "seed": cfg.seed, "rounds": cfg.rounds}
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in TOP_KEYS}
     for name in _SECTIONS:
         out[name] = plain(section(cfg, name))
     own = DATASET_KEYS[cfg.data.name] if cfg.data.name in DATASET_KEYS else frozenset()
@@ -290,7 +303,7 @@ def _set_dotted(raw: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
 
 
 def _all_keys() -> list[str]:
-    keys = ["name", "seed", "rounds"]
+    keys = list(TOP_KEYS)
     for name, cls in _SECTIONS.items():
         for f in dataclasses.fields(cls):
             keys.append(f"{name}.{f.name}")
@@ -364,131 +377,24 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     for key, value in raw.items():
         if key in _SECTIONS:
             kwargs[_attr(key)] = _build_section(key, _SECTIONS[key], value)
-        elif key in ("name", "seed", "rounds"):
+        elif key in TOP_KEYS:
             kwargs[key] = _coerce(key, value, top_hints[key])
         else:
             raise ConfigError(f"unknown key {key!r}{_suggest(key, _all_keys())}")
     cfg = ExperimentConfig(**kwargs)
-    _validate(cfg, raw.get("data", {}) if isinstance(raw.get("data"), dict) else {})
+    if cfg.algorithm.name == "pfedavg" and cfg.algorithm.switch_round == 0:  # 0 = half of the rounds, written out
+        cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm,
+                                                                    switch_round=max(1, cfg.rounds // 2)))
+    from simulator.config_checks import validate
+
+    validate(cfg, raw.get("data", {}) if isinstance(raw.get("data"), dict) else {})
     return cfg
-
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise ConfigError(message)
-
-
-def _validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
-    for key, options in CHOICES.items():
-        first, *rest = key.split(".")
-        value: Any = section(cfg, first)
-        for attr in rest:
-            value = getattr(value, attr)
-        if key == "model.name" and cfg.model.factory:
-            continue
-        _require(value in options, f"{key} = {value!r} is not supported; choose one of {', '.join(options)}")
-    wrong = sorted((_DATASET_ONLY - DATASET_KEYS[cfg.data.name]) & raw_data.keys())
-    if wrong:
-        owners = [n for n, keys in DATASET_KEYS.items() if wrong[0] in keys]
-        raise ConfigError(f"data.{wrong[0]} applies to data.name = {' or '.join(map(repr, owners))}, "
-                          f"not {cfg.data.name!r}; remove it")
-    d, a, s, e = cfg.data, cfg.algorithm, cfg.system, cfg.eval
-    _require(bool(cfg.name.strip()) and "/" not in cfg.name, "name must be a non-empty string without '/'")
-    _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
-    _require(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
-    _require(d.num_clients >= 1, f"data.num_clients must be >= 1, got {d.num_clients}")
-    _require(d.eval_clients >= 0, f"data.eval_clients must be >= 0, got {d.eval_clients}")
-    _require(d.shots >= 1 and d.query >= 1, "data.shots and data.query must be >= 1")
-    _require(d.alpha >= 0 and d.beta >= 0, "data.alpha and data.beta must be >= 0 (they are variances)")
-    _require(d.samples_per_client >= 0, "data.samples_per_client must be >= 0 (0 = FedProx's log-normal sizes)")
-    _require(d.samples_per_client == 0 or d.samples_per_client >= 2,
-             "data.samples_per_client must be >= 2 so that each client has a train and a test sample")
-    _require(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
-    _require(cfg.model.name == "mlp" or bool(cfg.model.factory), "model.name must be 'mlp' or set model.factory")
-    _require(all(h >= 1 for h in cfg.model.hidden), f"model.hidden widths must be >= 1, got {list(cfg.model.hidden)}")
-    _require(not cfg.model.factory or ":" in cfg.model.factory,
-             f"model.factory = {cfg.model.factory!r} must look like 'package.module:function'")
-    _require(a.local_steps >= 1, f"algorithm.local_steps must be >= 1, got {a.local_steps}")
-    _require(a.local_lr > 0, f"algorithm.local_lr must be > 0, got {a.local_lr}")
-    _require(a.batch_size >= 0, f"algorithm.batch_size must be >= 0 (0 = full batch), got {a.batch_size}")
-    _require(a.server_lr > 0, f"algorithm.server_lr must be > 0, got {a.server_lr}")
-    _require(0 <= a.server_momentum < 1, f"algorithm.server_momentum must be in [0, 1), got {a.server_momentum}")
-    _require(cfg.clients.per_round >= 1, f"clients.per_round must be >= 1, got {cfg.clients.per_round}")
-    _require(cfg.clients.per_round <= d.num_clients,
-             f"clients.per_round = {cfg.clients.per_round} is larger than data.num_clients = {d.num_clients}; "
-             "lower clients.per_round or raise data.num_clients")
-    _require(s.actors >= 0, f"system.actors must be >= 0 (0 = size from the cluster), got {s.actors}")
-    _require(s.cpus_per_actor > 0, f"system.cpus_per_actor must be > 0, got {s.cpus_per_actor}")
-    _require(s.gpus_per_actor == 0 or 0 < s.gpus_per_actor <= 1,
-             f"system.gpus_per_actor must be a fraction in (0, 1] (or 0 for none), got {s.gpus_per_actor}")
-    _require(s.clients_per_actor >= 0, f"system.clients_per_actor must be >= 0, got {s.clients_per_actor}")
-    _require(s.threads >= 1, f"system.threads must be >= 1, got {s.threads}")
-    _require(s.shard_cache >= 1, f"system.shard_cache must be >= 1, got {s.shard_cache}")
-    _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
-    _require(e.clients >= 0, f"eval.clients must be >= 0, got {e.clients}")
-    _require(e.clients <= d.eval_clients,
-             f"eval.clients = {e.clients} is larger than data.eval_clients = {d.eval_clients}; "
-             "lower eval.clients or raise data.eval_clients")
-    _require(e.adapt_steps >= 0, f"eval.adapt_steps must be >= 0, got {e.adapt_steps}")
-    _require(e.adapt_lr > 0, f"eval.adapt_lr must be > 0, got {e.adapt_lr}")
-    _validate_pooled(d)
-    _validate_system(cfg)
-    _require(cfg.metrics.flush_every >= 1, f"metrics.flush_every must be >= 1, got {cfg.metrics.flush_every}")
-
-
-def _validate_pooled(d: DataConfig) -> None:
-    _require(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
-    _require(d.shards_per_client >= 1, f"data.shards_per_client must be >= 1, got {d.shards_per_client}")
-    _require(d.quantity_sigma >= 0, f"data.quantity_sigma must be >= 0, got {d.quantity_sigma}")
-    _require(d.pool_size >= 0, f"data.pool_size must be >= 0 (0 = 50 samples per client), got {d.pool_size}")
-    _require(d.num_classes >= 2, f"data.num_classes must be >= 2, got {d.num_classes}")
-    _require(d.features >= 1, f"data.features must be >= 1, got {d.features}")
-    _require(d.separation > 0, f"data.separation must be > 0, got {d.separation}")
-
-
-def _validate_distribution(key: str, dist: Distribution) -> None:
-    _require(dist.median > 0, f"{key}.median must be > 0, got {dist.median}")
-    _require(dist.sigma >= 0, f"{key}.sigma must be >= 0, got {dist.sigma}")
-    _require(dist.shape > 0, f"{key}.shape must be > 0 (the Pareto tail index), got {dist.shape}")
 
 
 def overselect_cohort(per_round: int, overselect: float) -> int:
     """Clients sampled per overselect round: ceil(overselect x per_round), ignoring float noise
     (1.1 x 50 is 55.00000000000001, and samples 55)."""
     return math.ceil(overselect * per_round - 1e-9)
-
-
-def _validate_system(cfg: ExperimentConfig) -> None:
-    s, dv, a = cfg.system, cfg.devices, cfg.async_
-    _validate_distribution("devices.speed", dv.speed)
-    _validate_distribution("devices.bandwidth", dv.bandwidth)
-    _require(dv.uplink_ratio > 0, f"devices.uplink_ratio must be > 0, got {dv.uplink_ratio}")
-    _require(0 < dv.availability <= 1,
-             f"devices.availability must be a probability in (0, 1], got {dv.availability}")
-    _require(0 <= dv.dropout < 1, f"devices.dropout must be a probability in [0, 1), got {dv.dropout}")
-    _require(s.mode != "deadline" or s.deadline_s > 0,
-             f"system.mode = \"deadline\" needs system.deadline_s > 0 (simulated seconds), got {s.deadline_s}")
-    _require(s.deadline_s >= 0, f"system.deadline_s must be >= 0, got {s.deadline_s}")
-    _require(s.overselect >= 1, f"system.overselect must be >= 1 (e.g. 1.3 samples 30% more), got {s.overselect}")
-    if s.mode == "overselect":
-        sampled = overselect_cohort(cfg.clients.per_round, s.overselect)
-        _require(sampled <= cfg.data.num_clients,
-                 f"system.overselect = {s.overselect} samples {sampled} clients, more than data.num_clients = "
-                 f"{cfg.data.num_clients}; lower system.overselect")
-    _require(s.max_concurrency >= 0, f"system.max_concurrency must be >= 0 (0 = clients.per_round), "
-                                     f"got {s.max_concurrency}")
-    _require(s.max_concurrency <= cfg.data.num_clients,
-             f"system.max_concurrency = {s.max_concurrency} is larger than data.num_clients = "
-             f"{cfg.data.num_clients}; lower it")
-    _require(s.max_staleness >= 0, f"system.max_staleness must be >= 0 (0 = no limit), got {s.max_staleness}")
-    _require(a.buffer_size >= 1, f"async.buffer_size must be >= 1, got {a.buffer_size}")
-    _require(a.staleness_a >= 0, f"async.staleness_a must be >= 0, got {a.staleness_a}")
-    _require(a.staleness_b >= 0, f"async.staleness_b must be >= 0, got {a.staleness_b}")
-    _require(0 < a.mixing <= 1, f"async.mixing must be in (0, 1], got {a.mixing}")
-    if s.mode == "async" and a.rule == "fedasync":
-        _require(cfg.algorithm.server_optimizer == "sgd" and cfg.algorithm.server_momentum == 0,
-                 "async.rule = \"fedasync\" mixes models directly (no server optimizer); set "
-                 "algorithm.server_optimizer = \"sgd\" and algorithm.server_momentum = 0, or use rule = \"fedbuff\"")
 
 
 def dumps_toml(data: dict[str, Any]) -> str:

@@ -27,7 +27,7 @@ from simulator.algorithms import (
     ALGORITHMS,
     Algorithm,
     ServerOptimizer,
-    client_weight,
+    initial_vector,
     planned_samples,
     pseudo_gradient,
 )
@@ -85,7 +85,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     dataset = make_dataset(cfg.data, cfg.seed)
     model = build_model(cfg.model, dataset.input_dim, dataset.output_dim, cfg.seed)
     check_output_shape(model, dataset.input_dim, dataset.output_dim)
-    return Prepared(flat_params(model), dataset, Devices(cfg.devices, cfg.seed))
+    return Prepared(initial_vector(cfg.algorithm, flat_params(model)), dataset, Devices(cfg.devices, cfg.seed))
 
 
 def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDataset, devices: Devices,
@@ -213,7 +213,7 @@ def _sync_rounds(ctx: RunContext) -> None:
             if not np.array_equal(col("samples_processed"), samples[plan.kept]):
                 raise RuntimeError("a worker processed a different number of samples than planned at dispatch")
             vectors = torch.from_numpy(col("vectors"))
-            weights = np.array([client_weight(ctx.algo, int(n)) for n in col("num_samples")])
+            weights = np.array([ctx.opt.client_weight(int(n)) for n in col("num_samples")])
             mean = weighted_mean(vectors.double(), torch.from_numpy(weights)).float()
             new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, mean))
             update_norm = float(torch.linalg.vector_norm(new_theta - theta))

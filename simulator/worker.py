@@ -30,6 +30,11 @@ from simulator.vectorized import VectorizedCohort, unsupported_reason
 log = logging.getLogger("metafleet.worker")
 
 
+class WorkerFailure(RuntimeError):
+    """A backend lost work it could not recover (workers died more than ``system.max_failures``
+    times in a round): the driver stops the run cleanly, resumable from its last checkpoint."""
+
+
 @dataclass(frozen=True)
 class WorkerSpec:
     """Everything a worker needs to rebuild data and model by itself (small, picklable)."""

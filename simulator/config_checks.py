@@ -1,0 +1,140 @@
+"""Validation of an ``ExperimentConfig``: value ranges and combinations of keys.
+
+Called once by ``config.from_dict``; every failure is a ``ConfigError`` naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from simulator.config import (
+    _DATASET_ONLY,
+    CHOICES,
+    DATASET_KEYS,
+    ConfigError,
+    DataConfig,
+    Distribution,
+    ExperimentConfig,
+    overselect_cohort,
+    section,
+)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
+    for key, options in CHOICES.items():
+        first, *rest = key.split(".")
+        value: Any = section(cfg, first)
+        for attr in rest:
+            value = getattr(value, attr)
+        if key == "model.name" and cfg.model.factory:
+            continue
+        _require(value in options, f"{key} = {value!r} is not supported; choose one of {', '.join(options)}")
+    wrong = sorted((_DATASET_ONLY - DATASET_KEYS[cfg.data.name]) & raw_data.keys())
+    if wrong:
+        owners = [n for n, keys in DATASET_KEYS.items() if wrong[0] in keys]
+        raise ConfigError(f"data.{wrong[0]} applies to data.name = {' or '.join(map(repr, owners))}, "
+                          f"not {cfg.data.name!r}; remove it")
+    d, a, s, e = cfg.data, cfg.algorithm, cfg.system, cfg.eval
+    _require(bool(cfg.name.strip()) and "/" not in cfg.name, "name must be a non-empty string without '/'")
+    _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
+    _require(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
+    _require(cfg.checkpoint_every >= 0,
+             f"checkpoint_every must be >= 0 (0 = only on Ctrl-C), got {cfg.checkpoint_every}")
+    _require(d.num_clients >= 1, f"data.num_clients must be >= 1, got {d.num_clients}")
+    _require(d.eval_clients >= 0, f"data.eval_clients must be >= 0, got {d.eval_clients}")
+    _require(d.shots >= 1 and d.query >= 1, "data.shots and data.query must be >= 1")
+    _require(d.alpha >= 0 and d.beta >= 0, "data.alpha and data.beta must be >= 0 (they are variances)")
+    _require(d.samples_per_client >= 0, "data.samples_per_client must be >= 0 (0 = FedProx's log-normal sizes)")
+    _require(d.samples_per_client == 0 or d.samples_per_client >= 2,
+             "data.samples_per_client must be >= 2 so that each client has a train and a test sample")
+    _require(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
+    _require(all(h >= 1 for h in cfg.model.hidden), f"model.hidden widths must be >= 1, got {list(cfg.model.hidden)}")
+    _require(not cfg.model.factory or ":" in cfg.model.factory,
+             f"model.factory = {cfg.model.factory!r} must look like 'package.module:function'")
+    _require(a.local_steps >= 1, f"algorithm.local_steps must be >= 1, got {a.local_steps}")
+    _require(a.local_lr > 0, f"algorithm.local_lr must be > 0, got {a.local_lr}")
+    _require(a.batch_size >= 0, f"algorithm.batch_size must be >= 0 (0 = full batch), got {a.batch_size}")
+    _require(a.server_lr > 0, f"algorithm.server_lr must be > 0, got {a.server_lr}")
+    _require(0 <= a.server_momentum < 1, f"algorithm.server_momentum must be in [0, 1), got {a.server_momentum}")
+    _require(a.outer_lr >= 0, f"algorithm.outer_lr must be >= 0 (0 = algorithm.local_lr), got {a.outer_lr}")
+    _require(a.hf_delta > 0, f"algorithm.hf_delta must be > 0, got {a.hf_delta}")
+    _require(a.switch_round >= 0, f"algorithm.switch_round must be >= 0 (0 = half of the rounds), got {a.switch_round}")
+    _require(a.finetune_server_lr > 0, f"algorithm.finetune_server_lr must be > 0, got {a.finetune_server_lr}")
+    _require(cfg.clients.per_round >= 1, f"clients.per_round must be >= 1, got {cfg.clients.per_round}")
+    _require(cfg.clients.per_round <= d.num_clients,
+             f"clients.per_round = {cfg.clients.per_round} is larger than data.num_clients = {d.num_clients}; "
+             "lower clients.per_round or raise data.num_clients")
+    _require(s.actors >= 0, f"system.actors must be >= 0 (0 = size from the cluster), got {s.actors}")
+    _require(s.cpus_per_actor > 0, f"system.cpus_per_actor must be > 0, got {s.cpus_per_actor}")
+    _require(s.gpus_per_actor == 0 or 0 < s.gpus_per_actor <= 1,
+             f"system.gpus_per_actor must be a fraction in (0, 1] (or 0 for none), got {s.gpus_per_actor}")
+    _require(s.clients_per_actor >= 0, f"system.clients_per_actor must be >= 0, got {s.clients_per_actor}")
+    _require(s.threads >= 1, f"system.threads must be >= 1, got {s.threads}")
+    _require(s.shard_cache >= 1, f"system.shard_cache must be >= 1, got {s.shard_cache}")
+    _require(s.max_failures >= 0, f"system.max_failures must be >= 0, got {s.max_failures}")
+    _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
+    _require(e.clients >= 0, f"eval.clients must be >= 0, got {e.clients}")
+    _require(e.clients <= d.eval_clients,
+             f"eval.clients = {e.clients} is larger than data.eval_clients = {d.eval_clients}; "
+             "lower eval.clients or raise data.eval_clients")
+    _require(e.adapt_steps >= 0, f"eval.adapt_steps must be >= 0, got {e.adapt_steps}")
+    _require(e.adapt_lr > 0, f"eval.adapt_lr must be > 0, got {e.adapt_lr}")
+    _require(d.name not in ("leaf", "table") or bool(d.path.strip()),
+             f"data.name = {d.name!r} needs data.path (the dataset's directory or file)")
+    _validate_pooled(d)
+    _validate_system(cfg)
+    _require(cfg.metrics.flush_every >= 1, f"metrics.flush_every must be >= 1, got {cfg.metrics.flush_every}")
+
+
+def _validate_pooled(d: DataConfig) -> None:
+    _require(d.dirichlet_alpha > 0, f"data.dirichlet_alpha must be > 0, got {d.dirichlet_alpha}")
+    _require(d.shards_per_client >= 1, f"data.shards_per_client must be >= 1, got {d.shards_per_client}")
+    _require(d.quantity_sigma >= 0, f"data.quantity_sigma must be >= 0, got {d.quantity_sigma}")
+    _require(d.pool_size >= 0, f"data.pool_size must be >= 0 (0 = 50 samples per client), got {d.pool_size}")
+    _require(d.num_classes >= 2, f"data.num_classes must be >= 2, got {d.num_classes}")
+    _require(d.features >= 1, f"data.features must be >= 1, got {d.features}")
+    _require(d.separation > 0, f"data.separation must be > 0, got {d.separation}")
+
+
+def _validate_distribution(key: str, dist: Distribution) -> None:
+    _require(dist.median > 0, f"{key}.median must be > 0, got {dist.median}")
+    _require(dist.sigma >= 0, f"{key}.sigma must be >= 0, got {dist.sigma}")
+    _require(dist.shape > 0, f"{key}.shape must be > 0 (the Pareto tail index), got {dist.shape}")
+
+
+def _validate_system(cfg: ExperimentConfig) -> None:
+    s, dv, a = cfg.system, cfg.devices, cfg.async_
+    _validate_distribution("devices.speed", dv.speed)
+    _validate_distribution("devices.bandwidth", dv.bandwidth)
+    _require(dv.uplink_ratio > 0, f"devices.uplink_ratio must be > 0, got {dv.uplink_ratio}")
+    _require(0 < dv.availability <= 1,
+             f"devices.availability must be a probability in (0, 1], got {dv.availability}")
+    _require(0 <= dv.dropout < 1, f"devices.dropout must be a probability in [0, 1), got {dv.dropout}")
+    _require(s.mode != "deadline" or s.deadline_s > 0,
+             f"system.mode = \"deadline\" needs system.deadline_s > 0 (simulated seconds), got {s.deadline_s}")
+    _require(s.deadline_s >= 0, f"system.deadline_s must be >= 0, got {s.deadline_s}")
+    _require(s.overselect >= 1, f"system.overselect must be >= 1 (e.g. 1.3 samples 30% more), got {s.overselect}")
+    if s.mode == "overselect":
+        sampled = overselect_cohort(cfg.clients.per_round, s.overselect)
+        _require(sampled <= cfg.data.num_clients,
+                 f"system.overselect = {s.overselect} samples {sampled} clients, more than data.num_clients = "
+                 f"{cfg.data.num_clients}; lower system.overselect")
+    _require(s.max_concurrency >= 0, f"system.max_concurrency must be >= 0 (0 = clients.per_round), "
+                                     f"got {s.max_concurrency}")
+    _require(s.max_concurrency <= cfg.data.num_clients,
+             f"system.max_concurrency = {s.max_concurrency} is larger than data.num_clients = "
+             f"{cfg.data.num_clients}; lower it")
+    _require(s.max_staleness >= 0, f"system.max_staleness must be >= 0 (0 = no limit), got {s.max_staleness}")
+    _require(a.buffer_size >= 1, f"async.buffer_size must be >= 1, got {a.buffer_size}")
+    _require(a.staleness_a >= 0, f"async.staleness_a must be >= 0, got {a.staleness_a}")
+    _require(a.staleness_b >= 0, f"async.staleness_b must be >= 0, got {a.staleness_b}")
+    _require(0 < a.mixing <= 1, f"async.mixing must be in (0, 1], got {a.mixing}")
+    if s.mode == "async" and a.rule == "fedasync":
+        _require(cfg.algorithm.server_optimizer == "sgd" and cfg.algorithm.server_momentum == 0,
+                 "async.rule = \"fedasync\" mixes models directly (no server optimizer); set "
+                 "algorithm.server_optimizer = \"sgd\" and algorithm.server_momentum = 0, or use rule = \"fedbuff\"")
