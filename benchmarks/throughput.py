@@ -28,7 +28,8 @@ import torch.nn.functional as F
 
 from simulator.config import load_config
 from simulator.data import make_dataset
-from simulator.driver import run, steady_throughput
+from simulator.driver import run
+from simulator.summary import steady_throughput
 from simulator.models import build_model
 from simulator.scheduling import sample_cohort
 

@@ -25,7 +25,9 @@ K = per_round = max_concurrency and identical devices, FedBuff reproduces sync r
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +36,12 @@ import torch
 
 from simulator.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
 from simulator.algorithms import ServerState, pseudo_gradient
-from simulator.driver import RunContext, client_rows
+from simulator.checkpoint import plain
+from simulator.driver import RunContext, client_rows, finite_updates
 from simulator.scheduling import Event, EventQueue, Profiles, drop_counts, sample_clients
+from simulator.worker import WorkerFailure
+
+log = logging.getLogger("metafleet.async")
 
 #: consecutive refills that dispatch nobody before a run is declared stalled
 MAX_EMPTY_REFILLS = 10_000
@@ -68,11 +74,15 @@ class AsyncServer:
         self.cfg, self.acfg = cfg, cfg.async_
         self.concurrency = cfg.system.max_concurrency or cfg.clients.per_round
         self.theta, self.version, self.now, self.updates = ctx.opt.params, 0, 0.0, 0
-        self.bases: dict[int, torch.Tensor] = {0: self.theta} if self.acfg.rule == "fedasync" else {}
+        # the model of every version some in-flight client started from: FedAsync mixes against it,
+        # and a lost or resumed client's work is re-run from it
+        self.bases: dict[int, torch.Tensor] = {0: self.theta}
         self.base_refs: dict[int, int] = {}
         self.queue, self.held, self.group, self.seq = EventQueue(), [], 0, 0
         self.buffer: list[tuple[Flight, float]] = []
         self._reset_window()
+        if ctx.resumed:
+            self._restore(ctx.resumed)
 
     def _reset_window(self) -> None:
         """Accumulators of what happened since the last server update (one rounds row)."""
@@ -112,20 +122,37 @@ class AsyncServer:
 
     def flush_held(self) -> None:
         """Submit the dispatched-but-unsubmitted clients (all on the current model) as one cohort."""
-        if not self.held:
-            return
-        by_id = {f.client_id: f for f in self.held}
+        if self.held:
+            self._submit(self.held, self.theta)
+        self.held = []
+
+    def _submit(self, flights: list[Flight], theta: torch.Tensor) -> None:
+        by_id = {f.client_id: f for f in flights}
         ids = np.array(sorted(by_id), np.int64)
         keys = np.array([by_id[c].key for c in ids.tolist()], np.int64)
-        for pending in self.ctx.backend.submit("train", self.theta.numpy(), keys, ids):
+        for pending in self.ctx.backend.submit("train", theta.numpy(), keys, ids):
             for cid in pending.client_ids:
                 by_id[int(cid)].pending = pending
-        self.held = []
 
     def fetch(self, f: Flight) -> dict[str, Any]:
         if f.pending is None:
             self.flush_held()
-        res = self.ctx.backend.result(f.pending)
+        limit = self.cfg.system.max_failures
+        for attempt in range(limit + 1):
+            try:
+                res = self.ctx.backend.result(f.pending)
+                break
+            except WorkerFailure:
+                raise
+            except Exception as exc:  # the client's work raised: re-run it (a pure function of its inputs)
+                error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+                log.warning("training client %d failed (attempt %d of %d): %s", f.client_id, attempt + 1,
+                            limit + 1, error)
+                self._submit([f], self.bases[f.version])
+        else:
+            raise WorkerFailure(f"training client {f.client_id} failed {limit + 1} times, last with {error}; fix "
+                                "the cause (data, model, memory), raise system.max_failures, then continue with "
+                                "`metafleet run --resume RUN_DIR`")
         i = int(np.flatnonzero(res.client_ids == f.client_id)[0])
         if int(res.samples_processed[i]) != f.samples:
             raise RuntimeError("a worker processed a different number of samples than planned at dispatch")
@@ -144,6 +171,10 @@ class AsyncServer:
         f.result = self.fetch(f)
         self.bytes_up += self.ctx.update_bytes
         tau = self.version - f.version
+        if not finite_updates(f.result["vector"][None], np.array([f.result["loss_after"]]))[0]:
+            self._release(f.version)
+            self._record(f, "nonfinite")
+            return
         if self.cfg.system.max_staleness and tau > self.cfg.system.max_staleness:
             self._release(f.version)
             self._record(f, "staleness")
@@ -174,8 +205,9 @@ class AsyncServer:
         for (f, w), ci in zip(self.buffer, c.tolist(), strict=True):
             self._record(f, "", weight=ci, staleness_w=w)
         self.version += 1
-        if self.acfg.rule == "fedasync":
-            self.bases[self.version] = self.theta
+        self.bases[self.version] = self.theta
+        if not self.base_refs.get(self.version - 1):
+            self.bases.pop(self.version - 1, None)
         for f in flights:
             self._release(f.version)
         losses = np.array([f.result["loss_after"] for f in flights])
@@ -230,8 +262,9 @@ class AsyncServer:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> None:
-        empty = 0
-        self.refill()
+        empty, done = 0, self.updates
+        if not self.ctx.resumed:
+            self.refill()
         while self.updates < self.cfg.rounds:
             if not len(self.queue):
                 nxt = self.ctx.devices.next_online_time(self.now)
@@ -245,6 +278,48 @@ class AsyncServer:
             self.process(self.queue.pop())
             if self.queue.peek_time() != self.now:
                 self.refill()
+            if self.updates != done:  # a server update completed: a consistent state to resume from
+                done = self.updates
+                self.ctx.completed(done, self.snapshot())
+
+
+    # ------------------------------------------------------------------ checkpoint
+    def snapshot(self) -> Callable[[], dict[str, Any]]:
+        """The state between two events, right after a server update (the buffer is empty): cheap
+        copies now, encoded for ``simulator.checkpoint`` only when a checkpoint is written."""
+        events, bases, refs = self.queue.events(), dict(self.bases), dict(self.base_refs)
+        scalars = {"version": self.version, "now": self.now, "group": self.group, "seq": self.seq}
+        window = {"window_start": self.window_start, "dispatched": self.dispatched, "bytes_up": self.bytes_up,
+                  "bytes_down": self.bytes_down, "reasons": list(self.reasons), "rows": list(self.rows)}
+        flights = [(e.seq, e.info) for e in events]
+
+        def encode() -> dict[str, Any]:
+            return plain({**scalars, "bases": bases, "base_refs": refs, "window": window,
+                          "flights": [{**{k: getattr(f, k) for k in FLIGHT_FIELDS}, "seq": seq} for seq, f in flights]})
+
+        return encode
+
+    def _restore(self, st: dict[str, Any]) -> None:
+        """Continue from a checkpoint: the in-flight clients' work is submitted again from their start models."""
+        self.version, self.now, self.group, self.seq = st["version"], st["now"], st["group"], st["seq"]
+        self.updates = st["next_round"]
+        self.bases, self.base_refs = dict(st["bases"]), dict(st["base_refs"])
+        for name, value in st["window"].items():
+            setattr(self, name, list(value) if isinstance(value, list) else value)
+        self.rows = [{**r, "profile": tuple(r["profile"])} for r in self.rows]
+        stale: dict[int, list[Flight]] = {}
+        for fd in st["flights"]:
+            f = Flight(**{k: fd[k] for k in FLIGHT_FIELDS})
+            f.profile = tuple(f.profile)
+            self.queue.push(Event(f.finish, f.client_id, fd["seq"], f))
+            if not f.dropout:
+                stale.setdefault(f.version, []).append(f)
+        self.held = stale.pop(self.version, [])
+        for version, flights in sorted(stale.items()):
+            self._submit(flights, self.bases[version])
+
+
+FLIGHT_FIELDS = ("client_id", "key", "start", "finish", "version", "dropout", "num_samples", "samples", "profile")
 
 
 def async_rounds(ctx: RunContext) -> None:

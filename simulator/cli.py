@@ -1,5 +1,5 @@
 """``metafleet`` command line: ``metafleet run [CONFIG.toml] [--set key.sub=value ...] [--out DIR]``, and
-``metafleet plot | report | compare RUN_DIR...`` (``analysis.commands``).
+``metafleet run --resume RUN_DIR``, and ``metafleet plot | report | compare | data`` (``analysis.commands``).
 
 Bad input (config, flags, model factory, cluster address) is reported as one line naming the
 key and the fix, with exit code 2 and no traceback, before any run directory is created.
@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulator.config import ConfigError, ExperimentConfig, dumps_toml, load_config, to_dict
+from simulator.config import ConfigError, ExperimentConfig, dumps_toml, from_dict, load_config, to_dict
 from simulator.metrics import atomic_write_bytes
 
 EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key with a TOML value, e.g. --set model.hidden=[64] (repeatable)")
     run.add_argument("--out", help="run directory to create (default: runs/<name>-<timestamp>)")
+    run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint "
+                     "(its own config.toml; --set may change rounds and execution keys such as system.actors)")
     run.add_argument("--address", help="Ray address: '' starts a local Ray, 'auto' or HOST:PORT joins a cluster")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar (one line per eval instead)")
     run.add_argument("--no-plots", action="store_true", help="do not write the standard figures at the end")
@@ -122,11 +125,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        cfg = load_config(args.config, args.overrides)
+        if args.resume:
+            cfg, run_dir = _resume_config(args)
+        else:
+            cfg = load_config(args.config, args.overrides)
         if args.address is not None:
             cfg = cfg.replace(**{"system.address": args.address})
         prepared = prepare(cfg)
-        run_dir = _run_dir(cfg, args.out)
+        if not args.resume:
+            run_dir = _run_dir(cfg, args.out)
         backend = make_backend(cfg)
     except ConfigError as exc:
         print(f"metafleet: error: {exc}", file=sys.stderr)
@@ -144,13 +151,39 @@ def cmd_run(args: argparse.Namespace) -> int:
               f"{', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
         progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
         with progress:
-            summary = run(cfg, backend, run_dir, prepared, on_round)
+            summary = run(cfg, backend, run_dir, prepared, on_round, resume=bool(args.resume))
     finally:
         backend.close()
     if not args.no_plots and summary["rounds_completed"]:
         _write_figures(run_dir)
     _print_summary(summary, run_dir)
+    if summary["status"] == "failed":
+        print(f"metafleet: error: {summary['error']}", file=sys.stderr)
+        return EXIT_FAILED
     return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+
+
+def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
+    """The config of the run to resume (its config.toml plus --set), checked against its checkpoint."""
+    from simulator import checkpoint
+
+    run_dir = Path(args.resume)
+    if args.config or args.out:
+        raise ConfigError("--resume continues a run with its own config.toml; drop the CONFIG argument and --out "
+                          "(change rounds or execution keys with --set)")
+    if not (run_dir / "config.toml").is_file():
+        raise ConfigError(f"--resume {args.resume!r} is not a metafleet run directory (no config.toml); pass a "
+                          "directory written by `metafleet run`")
+    started = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", args.overrides)
+    checkpoint.check_compatible(started, cfg, run_dir)
+    state = checkpoint.load(run_dir)
+    if state is not None:
+        checkpoint.check_compatible(from_dict(state["config"]), cfg, run_dir)
+        if state["next_round"] >= cfg.rounds:
+            raise ConfigError(f"--resume {args.resume!r}: the run already has all {state['next_round']} of "
+                              f"{cfg.rounds} rounds; continue it further with --set rounds=N (N > {cfg.rounds})")
+    return cfg, run_dir
 
 
 def _write_figures(run_dir: Path) -> None:
@@ -171,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_run(args)
     from analysis import commands
 
-    return {"plot": commands.cmd_plot, "report": commands.cmd_report, "compare": commands.cmd_compare}[
-        args.command](args)
+    return {"plot": commands.cmd_plot, "report": commands.cmd_report, "compare": commands.cmd_compare,
+            "data": commands.cmd_data}[args.command](args)
 
 
 if __name__ == "__main__":

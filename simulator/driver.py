@@ -22,22 +22,23 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from simulator import checkpoint
 from simulator.aggregation import weighted_mean
 from simulator.algorithms import (
     ALGORITHMS,
     Algorithm,
     ServerOptimizer,
+    ServerState,
     initial_vector,
     planned_samples,
     pseudo_gradient,
 )
-from simulator.config import ExperimentConfig
+from simulator.config import ExperimentConfig, from_dict, to_dict
 from simulator.data import FederatedDataset, make_dataset
 from simulator.evaluation import STATS, summarize
 from simulator.metrics import MetricsWriter, write_json
 from simulator.models import build_model, check_output_shape, flat_params
 from simulator.scheduling import (
-    DROP_REASONS,
     Devices,
     Profiles,
     VirtualClock,
@@ -48,7 +49,8 @@ from simulator.scheduling import (
     sample_cohort,
     select_eval_clients,
 )
-from simulator.worker import EvalResult, TrainResult
+from simulator.summary import build_summary
+from simulator.worker import EvalResult, TrainResult, WorkerFailure
 
 log = logging.getLogger("metafleet.driver")
 
@@ -84,7 +86,7 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
     device traces raise ConfigError here."""
     dataset = make_dataset(cfg.data, cfg.seed)
     model = build_model(cfg.model, dataset.input_dim, dataset.output_dim, cfg.seed)
-    check_output_shape(model, dataset.input_dim, dataset.output_dim)
+    check_output_shape(model, dataset.input_dim, dataset.output_dim, getattr(dataset, "input_dtype", torch.float32))
     return Prepared(initial_vector(cfg.algorithm, flat_params(model)), dataset, Devices(cfg.devices, cfg.seed))
 
 
@@ -128,14 +130,26 @@ def _eval_columns(ev: EvalResult | None) -> dict[str, float]:
 
 
 RoundCallback = Callable[[dict[str, Any]], None]
+StateFn = dict[str, Any] | Callable[[], dict[str, Any]]
+
+
+def _ids_text(ids: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(c)) for c in ids[:limit])
+    return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)})"
+
+
+def finite_updates(vectors: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Rows whose update vector and loss are all finite (a NaN/inf update never touches the model)."""
+    return np.isfinite(vectors).all(axis=1) & np.isfinite(losses)
 
 
 class RunContext:
-    """What every mode shares: config, backend, server optimizer, devices, metrics and history."""
+    """What every mode shares: config, backend, server optimizer, devices, metrics, history and the
+    checkpoint of the last completed round (``resumed`` holds the one a resumed run starts from)."""
 
     def __init__(self, cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepared | None,
-                 on_round: RoundCallback | None) -> None:
-        self.cfg, self.backend, self.on_round = cfg, backend, on_round
+                 on_round: RoundCallback | None, resume: bool = False) -> None:
+        self.cfg, self.backend, self.on_round, self.run_dir = cfg, backend, on_round, run_dir
         self.algo = ALGORITHMS[cfg.algorithm.name]
         prepared = prepared or prepare(cfg)
         self.opt = ServerOptimizer(prepared.theta0, cfg.algorithm)
@@ -143,9 +157,60 @@ class RunContext:
         p = self.opt.params
         self.model_bytes = self.update_bytes = p.numel() * p.element_size()
         self.eval_ids = select_eval_clients(cfg.seed, cfg.data.num_clients, cfg.data.eval_clients, cfg.eval.clients)
+        self.resumed = checkpoint.load(run_dir) if resume else None
+        if self.resumed:
+            checkpoint.check_compatible(from_dict(self.resumed["config"]), cfg, run_dir)
+        if resume:  # rows written after the checkpoint are recomputed
+            checkpoint.truncate_metrics(run_dir, self.resumed["next_round"] if self.resumed else 0)
+            (run_dir / "summary.json").unlink(missing_ok=True)
+        self.history: list[dict[str, Any]] = checkpoint.history(run_dir) if resume else []
         self.writer = MetricsWriter(run_dir, cfg.metrics.flush_every)
-        self.start = time.perf_counter()
-        self.history: list[dict[str, Any]] = []
+        self.start = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
+        if self.resumed:
+            self.opt.state = ServerState(**self.resumed["opt"])
+        self.snapshot: tuple[int, dict[str, Any], StateFn] | None = None
+        if self.resumed:  # until the first round completes, Ctrl-C keeps the checkpoint it started from
+            self.snapshot = (self.resumed["next_round"], self.resumed["opt"], dict(self.resumed))
+        self.saved_round = self.resumed["next_round"] if self.resumed else 0
+
+    def completed(self, next_round: int, state: StateFn) -> None:
+        """Round ``next_round - 1`` is complete and its rows committed: remember the state to resume
+        from (a dict, or a function building it only when a checkpoint is written), and write the
+        checkpoint when one is due."""
+        self.snapshot = (next_round, checkpoint.dataclass_state(self.opt.state), state)
+        every = self.cfg.checkpoint_every
+        if every and next_round % every == 0 and next_round > self.saved_round:
+            self.save_checkpoint()
+        if self.on_round is not None:
+            self.on_round(self.history[-1])
+
+    def save_checkpoint(self) -> None:
+        """Flush the committed metrics, then write the last completed round's state (in that order:
+        a checkpoint never refers to rows that are not on disk)."""
+        self.writer.flush()
+        if self.snapshot is None:
+            return
+        next_round, opt, state = self.snapshot
+        state = state() if callable(state) else state
+        checkpoint.save(self.run_dir, {**state, "config": to_dict(self.cfg), "next_round": next_round, "opt": opt})
+        self.saved_round = next_round
+
+    def work(self, method: str, theta: torch.Tensor, keys: int | np.ndarray, client_ids: np.ndarray) -> list[Any]:
+        """All chunks of one call; a call whose client work raised is re-run up to ``system.max_failures``
+        times (it is a pure function of its inputs), then the run stops with ``WorkerFailure``."""
+        limit = self.cfg.system.max_failures
+        for attempt in range(limit + 1):
+            try:
+                return list(self.backend.map(method, theta.numpy(), keys, client_ids))
+            except WorkerFailure:
+                raise
+            except Exception as exc:  # an error inside the client's work (worker or Ray task)
+                error = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                log.warning("%s of clients %s failed (attempt %d of %d): %s", method,
+                            _ids_text(client_ids), attempt + 1, limit + 1, error)
+        raise WorkerFailure(f"{method} of clients {_ids_text(client_ids)} failed {limit + 1} times, last with "
+                            f"{error}; fix the cause (data, model, memory), raise system.max_failures, then "
+                            "continue with `metafleet run --resume RUN_DIR`")
 
     def plan(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
         return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes)
@@ -153,7 +218,7 @@ class RunContext:
     def evaluate(self, theta: torch.Tensor, r: int) -> EvalResult | None:
         if not len(self.eval_ids):
             return None
-        chunks = list(self.backend.map("evaluate", theta.numpy(), r, self.eval_ids))
+        chunks = self.work("evaluate", theta, r, self.eval_ids)
         col, workers = _ordered(chunks, self.eval_ids)
         ev = EvalResult(-1, self.eval_ids, col("loss_pre"), col("loss_post"), col("metric_pre"), col("metric_post"))
         self.writer.tables["evals"].extend({
@@ -173,8 +238,6 @@ class RunContext:
         self.writer.tables["rounds"].append(row)
         self.writer.end_round(r)
         self.history.append(row)
-        if self.on_round is not None:
-            self.on_round(row)
 
 
 def client_rows(r: int, ids: np.ndarray, profiles: Profiles, n_samples: np.ndarray, start: np.ndarray,
@@ -183,9 +246,7 @@ def client_rows(r: int, ids: np.ndarray, profiles: Profiles, n_samples: np.ndarr
     """Columns of clients.parquet for some clients; training columns are NaN / -1 / 0 for clients
     that were not trained (``trained`` holds actor_id, samples_processed, weight, losses, norms, time)."""
     k = len(ids)
-    nan = np.full(k, np.nan)
-    t = trained or {"actor_id": np.full(k, -1), "samples_processed": np.zeros(k, np.int64), "weight": nan,
-                    "loss_before": nan, "loss_after": nan, "update_norm": nan, "compute_time_s": nan}
+    t = trained or _nan_columns(k)
     return {"round": np.full(k, r), "client_id": ids, "num_samples": n_samples, **t, "sim_start": start,
             "sim_duration_s": finish - start, "sim_finish": finish, "start_version": start_version,
             "staleness": staleness, "staleness_weight": staleness_weight, "dropped": reasons != "",
@@ -194,10 +255,12 @@ def client_rows(r: int, ids: np.ndarray, profiles: Profiles, n_samples: np.ndarr
 
 
 def _sync_rounds(ctx: RunContext) -> None:
-    """``cfg.rounds`` rounds of the sync, deadline or overselect policy."""
+    """``cfg.rounds`` rounds of the sync, deadline or overselect policy (from the checkpoint when resumed)."""
     cfg, s = ctx.cfg, ctx.cfg.system
-    theta, version, clock = ctx.opt.params, 0, VirtualClock()
-    for r in range(cfg.rounds):
+    theta, version, clock, first = ctx.opt.params, 0, VirtualClock(), 0
+    if ctx.resumed:
+        version, clock, first = ctx.resumed["version"], VirtualClock(ctx.resumed["clock"]), ctx.resumed["next_round"]
+    for r in range(first, cfg.rounds):
         t0 = clock.now
         ids = sample_cohort(cfg.seed, r, cfg.data.num_clients, cohort_size(s.mode, cfg.clients.per_round,
                                                                              s.overselect))
@@ -205,42 +268,60 @@ def _sync_rounds(ctx: RunContext) -> None:
         online = ctx.devices.online(ids, t0, r)
         plan = plan_round(s.mode, t0, ids, durations, online, ctx.devices.dropout_fraction(ids, r),
                           cfg.clients.per_round, s.deadline_s)
-        kept, base = ids[plan.kept], version
-        trained: dict[str, np.ndarray] | None = None
+        reason, base = plan.reason.copy(), version
+        trained = _nan_columns(ids.size)
         update_norm, losses, losses_before = math.nan, np.zeros(0), np.zeros(0)
-        if kept.size:
-            col, workers = _ordered(list(ctx.backend.map("train", theta.numpy(), r, kept)), kept)
+        if plan.kept.any():
+            kept = ids[plan.kept]
+            col, workers = _ordered(ctx.work("train", theta, r, kept), kept)
             if not np.array_equal(col("samples_processed"), samples[plan.kept]):
                 raise RuntimeError("a worker processed a different number of samples than planned at dispatch")
-            vectors = torch.from_numpy(col("vectors"))
-            weights = np.array([ctx.opt.client_weight(int(n)) for n in col("num_samples")])
-            mean = weighted_mean(vectors.double(), torch.from_numpy(weights)).float()
-            new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, mean))
-            update_norm = float(torch.linalg.vector_norm(new_theta - theta))
-            theta, version = new_theta, version + 1
-            losses, losses_before = col("loss_after"), col("loss_before")
-            trained = {"actor_id": workers, "samples_processed": col("samples_processed"), "weight": weights,
-                       "loss_before": losses_before, "loss_after": losses,
-                       "update_norm": torch.linalg.vector_norm(vectors, dim=1).double().numpy(),
-                       "compute_time_s": col("compute_time_s")}
+            vectors, after = col("vectors"), col("loss_after")
+            ok = finite_updates(vectors, after)
+            weights = np.array([ctx.opt.client_weight(int(n)) if good else math.nan
+                                for n, good in zip(col("num_samples"), ok, strict=True)])
+            cols = {"actor_id": workers, "samples_processed": col("samples_processed"), "weight": weights,
+                    "loss_before": col("loss_before"), "loss_after": after,
+                    "update_norm": torch.linalg.vector_norm(torch.from_numpy(vectors), dim=1).double().numpy(),
+                    "compute_time_s": col("compute_time_s")}
+            for name, values in cols.items():
+                trained[name][plan.kept] = values
+            reason[np.flatnonzero(plan.kept)[~ok]] = "nonfinite"
+            if ok.any():
+                good = torch.from_numpy(vectors[ok])
+                mean = weighted_mean(good.double(), torch.from_numpy(weights[ok])).float()
+                new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, mean))
+                update_norm = float(torch.linalg.vector_norm(new_theta - theta))
+                theta, version = new_theta, version + 1
+                losses, losses_before = after[ok], col("loss_before")[ok]
+        counted = reason == ""
         end = plan.end if online.any() else (ctx.devices.next_online_time(t0) or t0)
         clock = clock.advance_to(end)
-        for part, rows in ((plan.kept, trained), (~plan.kept, None)):
+        for part in (plan.kept, ~plan.kept):  # trained clients first, then the others
             if part.any():
                 k = int(part.sum())
                 ctx.writer.tables["clients"].extend(client_rows(
                     r, ids[part], _take(profiles, part), n_samples[part], np.full(k, t0), plan.finish[part],
-                    plan.reason[part], np.full(k, base), np.zeros(k, np.int64),
-                    np.full(k, 1.0 if rows is not None else np.nan), rows))
-        drops = drop_counts(plan.reason)
+                    reason[part], np.full(k, base), np.zeros(k, np.int64), np.where(counted[part], 1.0, np.nan),
+                    {name: values[part] for name, values in trained.items()}))
+        drops = drop_counts(reason)
         ctx.record_round({
             "round": r, "model_version": version, "sim_time": clock.now, "round_sim_duration": clock.now - t0,
-            "num_sampled": ids.size, "num_completed": kept.size, "num_dropped": sum(drops.values()), **drops,
-            "staleness_mean": 0.0 if kept.size else math.nan, "staleness_max": 0.0 if kept.size else math.nan,
-            "bytes_up": ctx.update_bytes * kept.size, "bytes_down": ctx.model_bytes * int(online.sum()),
+            "num_sampled": ids.size, "num_completed": int(counted.sum()), "num_dropped": sum(drops.values()),
+            **drops, "staleness_mean": 0.0 if counted.any() else math.nan,
+            "staleness_max": 0.0 if counted.any() else math.nan,
+            "bytes_up": ctx.update_bytes * int(plan.kept.sum()), "bytes_down": ctx.model_bytes * int(online.sum()),
             "train_loss": float(np.mean(losses)) if losses.size else math.nan,
             "train_loss_before": float(np.mean(losses_before)) if losses.size else math.nan,
             "update_norm": update_norm}, theta)
+        ctx.completed(r + 1, {"version": version, "clock": clock.now})
+
+
+def _nan_columns(k: int) -> dict[str, np.ndarray]:
+    """clients.parquet's training columns for clients that were not trained (NaN / -1 / 0)."""
+    return {"actor_id": np.full(k, -1, np.int64), "samples_processed": np.zeros(k, np.int64),
+            "weight": np.full(k, np.nan), "loss_before": np.full(k, np.nan), "loss_after": np.full(k, np.nan),
+            "update_norm": np.full(k, np.nan), "compute_time_s": np.full(k, np.nan)}
 
 
 def _take(p: Profiles, mask: np.ndarray) -> Profiles:
@@ -248,16 +329,18 @@ def _take(p: Profiles, mask: np.ndarray) -> Profiles:
 
 
 def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepared | None = None,
-        on_round: RoundCallback | None = None) -> dict[str, Any]:
+        on_round: RoundCallback | None = None, resume: bool = False) -> dict[str, Any]:
     """Run ``cfg.rounds`` rounds (in async mode: server updates); write metrics, the label
-    histogram of a partitioned dataset, and ``summary.json`` into ``run_dir``.
+    histogram of a partitioned dataset, checkpoints and ``summary.json`` into ``run_dir``.
 
-    Ctrl-C (KeyboardInterrupt) stops after the current round's metrics are flushed; the
-    summary then says ``"status": "interrupted"``.
+    ``resume``: continue the run in ``run_dir`` from its checkpoint (``simulator.checkpoint``); the
+    finished run is identical to one never interrupted. Ctrl-C (KeyboardInterrupt) and workers
+    failing beyond ``system.max_failures`` stop after the last completed round: its metrics are
+    flushed, a checkpoint is written, and the summary's status is "interrupted" or "failed".
     """
-    ctx = RunContext(cfg, backend, run_dir, prepared, on_round)
+    ctx = RunContext(cfg, backend, run_dir, prepared, on_round, resume)
     _write_label_histogram(ctx, run_dir)
-    status = "completed"
+    status, error = "completed", None
     try:
         if cfg.system.mode == "async":
             from simulator.async_driver import Stalled, async_rounds
@@ -271,9 +354,13 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepar
             _sync_rounds(ctx)
     except KeyboardInterrupt:
         status = "interrupted"
+    except WorkerFailure as exc:
+        status, error = "failed", str(exc)
+        log.error("run stopped: %s", exc)
     finally:
-        ctx.writer.flush()
-    summary = build_summary(cfg, ctx.history, status, time.perf_counter() - ctx.start, backend)
+        ctx.writer.rollback()  # rows of a round that did not complete
+        ctx.save_checkpoint()
+    summary = build_summary(cfg, ctx.history, status, time.perf_counter() - ctx.start, backend.describe(), error)
     write_json(run_dir / "summary.json", summary)
     return summary
 
@@ -294,47 +381,3 @@ def _write_label_histogram(ctx: RunContext, run_dir: Path) -> None:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     atomic_write_bytes(run_dir / "label_histogram.parquet", sink.getvalue().to_pybytes())
-
-
-def steady_throughput(clients: list[int] | np.ndarray, durations: list[float] | np.ndarray) -> float | None:
-    """Client updates per second in steady state: median clients per round / median round time,
-    from the second round on (the first pays for warm-up and shard building). The anchor
-    benchmark's definition, used for metafleet's summaries and for the plain-loop baseline."""
-    if len(durations) < 2:
-        return None
-    return float(np.median(clients[1:]) / np.median(durations[1:]))
-
-
-def steady_updates_per_s(history: list[dict[str, Any]]) -> float | None:
-    """``steady_throughput`` of a run's rounds (``wall_time`` is cumulative)."""
-    return steady_throughput([h["num_completed"] for h in history],
-                             np.diff([0.0] + [h["wall_time"] for h in history]))
-
-
-def build_summary(cfg: ExperimentConfig, history: list[dict[str, Any]], status: str, wall: float,
-                  backend: Backend) -> dict[str, Any]:
-    evals = [h for h in history if not math.isnan(h["eval_loss_post"])]
-    keys = ("eval_loss_pre", "eval_loss_post", "eval_metric_pre", "eval_metric_post")
-    updates = sum(h["num_completed"] for h in history)
-    return {
-        "status": status,
-        "name": cfg.name,
-        "algorithm": cfg.algorithm.name,
-        "dataset": cfg.data.name,
-        "mode": cfg.system.mode,
-        "rounds_completed": len(history),
-        "rounds_planned": cfg.rounds,
-        "client_updates": updates,
-        "dropped": {reason: sum(h[f"dropped_{reason}"] for h in history) for reason in DROP_REASONS},
-        "final_train_loss": history[-1]["train_loss"] if history else None,
-        "first_eval": {"round": evals[0]["round"], **{k: evals[0][k] for k in keys}} if evals else None,
-        "final_eval": {"round": evals[-1]["round"], **{k: evals[-1][k] for k in keys}} if evals else None,
-        "best_eval_loss_post": min(h["eval_loss_post"] for h in evals) if evals else None,
-        "eval_clients": cfg.eval.clients,
-        "adapt_steps": cfg.eval.adapt_steps,
-        "sim_time_s": history[-1]["sim_time"] if history else 0.0,
-        "wall_time_s": wall,
-        "updates_per_s": updates / wall if wall > 0 else None,
-        "steady_updates_per_s": steady_updates_per_s(history),
-        "workers": backend.describe(),
-    }

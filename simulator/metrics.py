@@ -75,6 +75,7 @@ class PartitionedTable:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         self._parts = len(list(directory.glob("part-*.parquet")))
+        self._committed = 0
 
     def append(self, row: dict[str, Any]) -> None:
         missing = self.schema.names - row.keys()
@@ -98,7 +99,16 @@ class PartitionedTable:
         atomic_write_bytes(self.directory / f"part-{self._parts:05d}.parquet", sink.getvalue().to_pybytes())
         self._parts += 1
         self._columns = {name: [] for name in self.schema.names}
+        self._committed = 0
 
+    def commit(self) -> None:
+        """Mark the buffered rows as belonging to completed rounds."""
+        self._committed = len(self._columns[self.schema.names[0]])
+
+    def rollback(self) -> None:
+        """Drop rows appended since the last ``commit`` (a round that did not complete)."""
+        for rows in self._columns.values():
+            del rows[self._committed:]
 
     def _array(self, name: str) -> pa.Array:
         kind = self.schema.field(name).type
@@ -113,8 +123,16 @@ class MetricsWriter:
         self.tables = {name: PartitionedTable(run_dir / f"{name}.parquet", schema) for name, schema in TABLES.items()}
 
     def end_round(self, round_idx: int) -> None:
+        """The round's rows are complete: commit them, and flush every ``flush_every`` rounds."""
+        for table in self.tables.values():
+            table.commit()
         if (round_idx + 1) % self.flush_every == 0:
             self.flush()
+
+    def rollback(self) -> None:
+        """Forget the rows of a round that did not complete (Ctrl-C or a worker failure mid-round)."""
+        for table in self.tables.values():
+            table.rollback()
 
     def flush(self) -> None:
         for table in self.tables.values():

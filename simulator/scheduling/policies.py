@@ -27,7 +27,7 @@ import numpy as np
 from simulator.config import overselect_cohort
 
 #: why a sampled client's update did not count, in the order of the rounds-table columns
-DROP_REASONS = ("offline", "dropout", "deadline", "overselect", "staleness")
+DROP_REASONS = ("offline", "dropout", "deadline", "overselect", "staleness", "nonfinite")
 
 
 def cohort_size(mode: str, per_round: int, overselect: float) -> int:
@@ -126,3 +126,7 @@ class EventQueue:
 
     def client_ids(self) -> set[int]:
         return {e.client_id for e in self._heap}
+
+    def events(self) -> list[Event]:
+        """The queued events (in heap order: push them again to rebuild the queue)."""
+        return list(self._heap)

@@ -11,7 +11,8 @@ from conftest import small_overrides
 
 from actors.inline import InlineBackend
 from simulator.config import load_config
-from simulator.driver import _ordered, run, steady_throughput, steady_updates_per_s
+from simulator.driver import _ordered, run
+from simulator.summary import steady_throughput, steady_updates_per_s
 from simulator.worker import EvalResult, WorkerSpec
 
 

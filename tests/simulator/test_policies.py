@@ -131,14 +131,15 @@ def test_cohort_size():
 
 
 def test_drop_counts():
-    reasons = ["", "offline", "dropout", "dropout", "deadline", "overselect", "staleness", "", "staleness"]
+    reasons = ["", "offline", "dropout", "dropout", "deadline", "overselect", "staleness", "", "staleness",
+               "nonfinite"]
     assert drop_counts(reasons) == {"dropped_offline": 1, "dropped_dropout": 2, "dropped_deadline": 1,
-                                    "dropped_overselect": 1, "dropped_staleness": 2}
+                                    "dropped_overselect": 1, "dropped_staleness": 2, "dropped_nonfinite": 1}
     assert drop_counts([]) == {f"dropped_{r}": 0 for r in DROP_REASONS}
-    assert len(DROP_REASONS) == 5
+    assert len(DROP_REASONS) == 6
     p = plan("deadline", durations=[1.0, 9.0, 1.0], online=[True, True, False], deadline_s=2.0)
     assert drop_counts(p.reason) == {"dropped_offline": 1, "dropped_dropout": 0, "dropped_deadline": 1,
-                                     "dropped_overselect": 0, "dropped_staleness": 0}
+                                     "dropped_overselect": 0, "dropped_staleness": 0, "dropped_nonfinite": 0}
 
 
 # ---------------------------------------------------------------- clock and events
