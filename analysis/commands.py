@@ -1,7 +1,9 @@
-"""``metafleet plot``, ``metafleet report`` and ``metafleet compare``, and the figures of a finished run.
+"""``metafleet plot``, ``metafleet report`` and ``metafleet compare``, the figures of a finished run, and
+``metafleet data`` (a configured dataset's clients and labels, before any run; ``analysis.datasets``).
 
-Every command takes run directories (or glob patterns), finished, in progress or killed. A path
-that is not a run directory is bad input: one line naming it, exit code 2, nothing written.
+Every run command takes run directories (or glob patterns), finished, in progress or killed. A path
+that is not a run directory (or, for ``data``, a bad config or dataset) is bad input: one line naming
+it, exit code 2, nothing written.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                                       "./report.html for several)")
     compare = sub.add_parser("compare", help="print the summary table of one or several runs")
     compare.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories or glob patterns")
+    data = sub.add_parser("data", help="describe a config's dataset: clients, sizes, label skew, and a figure")
+    data.add_argument("config", nargs="?", help="experiment TOML file (default: the quickstart)")
+    data.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config key with a TOML value, e.g. --set data.num_clients=500 (repeatable)")
+    data.add_argument("--out", help="figure file (default: ./data-<config name>.png)")
 
 
 def _load(paths: list[str]) -> RunSet | None:
@@ -94,6 +101,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not console.is_terminal:  # piped or captured: do not fold cells to 80 columns
         console = Console(width=250)
     console.print(table)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from analysis.datasets import summarize_dataset, summary_lines, write_figure
+    from simulator.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        summary = summarize_dataset(cfg)
+    except ConfigError as exc:
+        print(f"metafleet: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for line in summary_lines(summary):
+        print(line)
+    path = write_figure(summary, args.out or f"data-{cfg.name}.png")
+    print(f"figure: {path}")
     return 0
 
 

@@ -53,7 +53,8 @@ def load(run_dir: Path) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a checkpoint is written by rename: unreadable means corrupted by hand
-        raise ConfigError(f"--resume {str(run_dir)!r}: {FILE} cannot be read ({type(exc).__name__}: {exc}); "
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"--resume {str(run_dir)!r}: {FILE} cannot be read ({type(exc).__name__}: {first}); "
                           f"delete it to restart the run from round 0") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ConfigError(f"--resume {str(run_dir)!r}: {FILE} is not a metafleet checkpoint of format {FORMAT}; "

@@ -382,6 +382,10 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         else:
             raise ConfigError(f"unknown key {key!r}{_suggest(key, _all_keys())}")
     cfg = ExperimentConfig(**kwargs)
+    if cfg.data.path and not Path(cfg.data.path).expanduser().is_absolute():
+        # actors (on other nodes too) read the data themselves: give them a path independent of their cwd
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                path=str(Path(cfg.data.path).expanduser().resolve())))
     if cfg.algorithm.name == "pfedavg" and cfg.algorithm.switch_round == 0:  # 0 = half of the rounds, written out
         cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm,
                                                                     switch_round=max(1, cfg.rounds // 2)))

@@ -59,6 +59,7 @@ class FederatedDataset(Protocol):
     task: str          # "regression" | "classification"
     input_dim: int
     output_dim: int
+    input_dtype: torch.dtype  # of x: torch.float32, or torch.int64 for token ids (LEAF's Shakespeare)
 
     def shard(self, client_id: int) -> ClientShard: ...
 
@@ -70,7 +71,8 @@ class FederatedDataset(Protocol):
         ...
 
     def label_histogram(self) -> np.ndarray | None:
-        """Per-client label counts (clients x classes) of a partitioned pooled dataset, else None."""
+        """Per-client label counts (clients x classes, training and held-out clients) of a classification
+        dataset that knows them (pooled, LEAF, tables), else None."""
         ...
 
 
@@ -85,6 +87,7 @@ class Sinusoid:
     task = "regression"
     input_dim = 1
     output_dim = 1
+    input_dtype = torch.float32
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         self.shots, self.query, self.seed = cfg.shots, cfg.query, seed
@@ -121,6 +124,7 @@ class Synthetic:
     task = "classification"
     input_dim = 60
     output_dim = 10
+    input_dtype = torch.float32
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
@@ -172,6 +176,14 @@ def make_dataset(cfg: DataConfig, seed: int) -> FederatedDataset:
         from simulator.pooled import make_pooled
 
         return make_pooled(cfg, seed)
+    if cfg.name == "leaf":
+        from simulator.leaf import LeafDataset
+
+        return LeafDataset(cfg, seed)
+    if cfg.name == "table":
+        from simulator.tables import TableDataset
+
+        return TableDataset(cfg, seed)
     raise ValueError(f"unknown dataset {cfg.name!r}")  # config validation rejects this earlier
 
 

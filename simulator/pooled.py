@@ -42,6 +42,7 @@ class PooledDataset:
     task = "classification"
     input_dim: int
     output_dim: int
+    input_dtype = torch.float32
     name: str
 
     def __init__(self, cfg: DataConfig, seed: int, labels: np.ndarray, num_classes: int, input_dim: int) -> None:

@@ -22,6 +22,9 @@ PURPOSES: dict[str, int] = {
     "device": 10,       # a client's device profile (compute speed, bandwidth)
     "availability": 11,  # whether a sampled client is online
     "dropout": 12,      # whether (and when) a client drops out mid-update
+    "leaf_users": 13,   # the order of a LEAF dataset's users (which are training, which held out)
+    "table_split": 14,  # a table client's rows split into support and query
+    "table_clients": 15,  # the order of a table's clients
 }
 
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 import tomllib
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -13,6 +17,7 @@ from conftest import small_overrides
 
 from simulator.cli import main
 from simulator.config import from_dict
+from simulator.metrics import WALL_CLOCK_COLUMNS
 
 INLINE = ["system.backend=\"inline\""]
 
@@ -77,11 +82,43 @@ BAD = [
     (["--set", "system.mode=\"deadline\""], "system.deadline_s"),
     (["--set", "devices.speed.dist=\"weibull\""], "devices.speed.dist"),
     (["--set", "data.name=\"digits\"", "--set", "data.num_clients=5000"], "data.num_clients"),
+    # files made by the test ({tmp}: see FILES)
+    (["{tmp}/bad.toml"], "not valid TOML"),
+    (["{tmp}/unknown_key.toml"], "did you mean 'algorithm.local_lr'"),
+    (["--set", "roundz=3"], "did you mean 'rounds'"),
+    (["--set", "system.vectorize=\"yes\""], "system.vectorize must be true or false"),
+    (["--set", "devices.dropout=1.5"], "devices.dropout"),
+    (["--set", "async.mixing=0"], "async.mixing"),
+    (["--set", "devices.availability=0"], "devices.availability"),
+    (["--set", "checkpoint_every=-1"], "checkpoint_every"),
+    (["--set", "system.max_failures=-2"], "system.max_failures"),
+    (["--set", "eval.clients=500"], "eval.clients"),
+    (["--set", "data.name=\"synthetic\"", "--set", "data.shots=5"], "data.shots"),
+    (["--set", "data.name=\"table\""], "data.path"),
+    (["--set", "data.name=\"table\"", "--set", "data.path=\"/nonexistent/clients.csv\""], "data.path"),
+    (["--set", "data.name=\"table\"", "--set", "data.path=\"{tmp}/corrupt.parquet\""], "data.path"),
+    (["--set", "data.name=\"table\"", "--set", "data.path=\"{tmp}/no_label.csv\""], "data.label_column"),
+    (["--set", "data.name=\"leaf\"", "--set", "data.path=\"{tmp}/empty_leaf\""], "data.path"),
+    (["--set", "devices.trace=\"{tmp}/corrupt_trace.csv\""], "devices.trace"),
+    (["--set", "model.name=\"femnist_cnn\""], "model.name"),
 ]
+
+FILES = {
+    "bad.toml": "rounds = = 3\n",
+    "unknown_key.toml": "[algorithm]\nlocal_lrr = 0.1\n",
+    "corrupt.parquet": "this is not parquet\n",
+    "no_label.csv": "client_id,x0,x1\na,0.5,1.0\na,0.1,0.2\nb,0.3,0.4\nb,0.7,0.8\n",
+    "corrupt_trace.csv": "client,speed\n1,fast\n",
+}
 
 
 @pytest.mark.parametrize(("argv", "needle"), BAD, ids=[b[1] for b in BAD])
-def test_bad_input_exits_2_with_one_message(tmp_path, capsys, argv, needle):
+def test_bad_input_exits_2_with_one_message(tmp_path, capsys, monkeypatch, argv, needle):
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "empty_leaf").mkdir()
+    monkeypatch.chdir(tmp_path)  # a default run directory would appear under ./runs
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     out = tmp_path / "never"
     code = main(["run", "--out", str(out), "--no-progress", *argv])
     err = capsys.readouterr().err
@@ -89,7 +126,7 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys, argv, needle):
     assert needle in err
     assert err.startswith("metafleet: error:") and err.count("\n") == 1
     assert "Traceback" not in err
-    assert not out.exists()
+    assert not out.exists() and not (tmp_path / "runs").exists()
 
 
 def test_malformed_toml_and_existing_out_dir(tmp_path, capsys):
@@ -111,3 +148,74 @@ def test_console_script_bad_flag_and_bad_key_no_traceback(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------- --resume
+
+RESUME = small_overrides(**{"rounds": 6, "checkpoint_every": 2, "system.backend": "inline"})
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("resume") / "run"
+    assert main(["run", "--out", str(out), "--no-progress", "--no-plots", *_args(RESUME)]) == 0
+    return out
+
+
+def _listing(run_dir: Path) -> dict[str, int]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for p in sorted(run_dir.rglob("*"))}
+
+
+RESUME_BAD = [
+    (["--resume", "{tmp}"], "is not a metafleet run directory"),
+    (["--resume", "{run}", "--set", "algorithm.local_lr=0.5"], "algorithm.local_lr was 0.02 when the run started"),
+    (["--resume", "{run}", "--set", "data.num_clients=30"], "data.num_clients was 24"),
+    (["--resume", "{run}", "{tmp}/other.toml"], "drop the CONFIG argument"),
+    (["--resume", "{run}"], "already has all 6 of 6 rounds"),
+    (["--resume", "{corrupt}", "--set", "rounds=8"], "checkpoint.pt cannot be read"),
+]
+
+
+@pytest.mark.parametrize(("argv", "needle"), RESUME_BAD, ids=[b[1] for b in RESUME_BAD])
+def test_bad_resume_exits_2_and_leaves_the_run_untouched(tmp_path, capsys, finished_run, argv, needle):
+    (tmp_path / "other.toml").write_text("rounds = 3\n")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(finished_run, corrupt)
+    (corrupt / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    before = _listing(finished_run), _listing(corrupt)
+    argv = [a.format(tmp=tmp_path, run=finished_run, corrupt=corrupt) for a in argv]
+    assert main(["run", "--no-progress", *argv]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("metafleet: error:") and err.count("\n") == 1
+    assert (_listing(finished_run), _listing(corrupt)) == before
+
+
+def test_resume_extends_a_finished_run(tmp_path, finished_run):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    assert main(["run", "--resume", str(run_dir), "--set", "rounds=8", "--no-progress", "--no-plots"]) == 0
+    assert pd.read_parquet(run_dir / "rounds.parquet")["round"].tolist() == list(range(8))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 8
+    assert "rounds = 8" in (run_dir / "config.toml").read_text()
+
+
+def test_sigkilled_metafleet_run_resumes_to_the_uninterrupted_result(tmp_path):
+    overrides = small_overrides(**{"rounds": 40, "checkpoint_every": 3, "metrics.flush_every": 4,
+                                   "system.backend": "inline", "eval.every": 10})
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    assert main(["run", "--out", str(ref), "--no-progress", "--no-plots", *_args(overrides)]) == 0
+    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", "--out", str(killed), "--no-progress",
+                             "--no-plots", *_args(overrides)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+    assert main(["run", "--resume", str(killed), "--no-progress", "--no-plots"]) == 0
+    for table in ("rounds", "clients", "evals"):
+        a, b = (pd.read_parquet(d / f"{table}.parquet").drop(columns=list(WALL_CLOCK_COLUMNS[table]))
+                for d in (ref, killed))
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=table)
