@@ -30,7 +30,7 @@ def test_run_writes_a_complete_run_directory(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["run", "--out", str(out), "--no-progress", *_args(small_overrides() + INLINE)])
     assert code == 0
-    assert {p.name for p in out.iterdir()} == {"config.toml", "rounds.parquet", "clients.parquet",
+    assert {p.name for p in out.iterdir()} == {"config.toml", "rounds.parquet", "clients.parquet", "checkpoint.pt",
                                                "evals.parquet", "summary.json", "figures"}
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"loss_by_round.png", "loss_by_sim_time.png", "personalization_gain.png", "client_cdf.png"} <= figures
