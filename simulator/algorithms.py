@@ -1,4 +1,4 @@
-"""Client steps and server steps of FedAvg, Reptile, first-order MAML and MAML.
+"""Client steps and server steps of FedAvg, Reptile, first-order MAML, MAML and Personalized FedAvg.
 
 Every algorithm is a pair of pure functions: a *client step* maps (global parameters theta,
 one client's shard, its batch plan) to an update vector, and the *server step* turns the
@@ -9,6 +9,11 @@ Data use. FedAvg and Reptile train on all of a training client's local data (sup
 query splits together); FOMAML and MAML adapt on the support split and take the meta-gradient
 on the query split, as in FedMeta (Chen et al. 2018, Alg. 1). Held-out clients only ever
 adapt on support and are scored on query (``simulator.evaluation``).
+
+The rest of the meta-learning family (Per-FedAvg, Meta-SGD) lives in ``simulator.meta_algorithms``,
+which registers itself in ``ALGORITHMS`` when this module is imported. Personalized FedAvg (Jiang
+et al. 2019) needs no client step of its own: its two phases are a server-side switch in
+``ServerOptimizer``.
 """
 
 from __future__ import annotations
@@ -54,14 +59,21 @@ def take(split: Split, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return split.x[idx], split.y[idx]
 
 
-def sgd_steps(model: nn.Module, data: Split, plan: Sequence[Batch], lr: float, loss: LossFn) -> None:
-    """Plain SGD in place on the model's parameters: p <- p - lr * grad L_batch(p), one step per batch."""
+def sgd_steps(model: nn.Module, data: Split, plan: Sequence[Batch], lr: float | Sequence[torch.Tensor],
+              loss: LossFn) -> None:
+    """Plain SGD in place on the model's parameters: p <- p - lr * grad L_batch(p), one step per batch.
+
+    ``lr`` is one rate, or one tensor per parameter (shaped like it) for Meta-SGD's elementwise
+    learned rates p <- p - alpha o grad L (Li et al. 2017, Eq. 1)."""
     params = list(model.parameters())
     for batch in plan:
         x, y = take(data, batch)
         grads = torch.autograd.grad(loss(model(x), y), params)
         with torch.no_grad():
-            torch._foreach_add_(params, grads, alpha=-lr)
+            if isinstance(lr, int | float):
+                torch._foreach_add_(params, grads, alpha=-lr)
+            else:
+                torch._foreach_sub_(params, torch._foreach_mul(grads, list(lr)))
 
 
 def full_loss(model: nn.Module, data: Split, loss: LossFn) -> float:
@@ -142,14 +154,23 @@ ClientStep = Callable[[nn.Module, torch.Tensor, ClientShard, AlgorithmConfig, np
                       ClientUpdate]
 
 
+SamplesFn = Callable[[AlgorithmConfig, int, int], int]
+
+
 @dataclass(frozen=True)
 class Algorithm:
-    """``weighting``: "samples" (n_i) or "uniform"; ``update``: "delta" (g = -mean) or "gradient" (g = mean)."""
+    """``weighting``: "samples" (n_i) or "uniform"; ``update``: "delta" (g = -mean) or "gradient" (g = mean).
+
+    ``samples(cfg, n_support, n_query)``: the samples a client step processes (None: the rule of
+    FedAvg/Reptile or of (FO)MAML, see ``planned_samples``). ``learns_lr``: the server vector is
+    [theta ; alpha], alpha a learned per-parameter inner learning rate (Meta-SGD)."""
 
     name: str
     client_step: ClientStep
     weighting: str
     update: str
+    samples: SamplesFn | None = None
+    learns_lr: bool = False
 
 
 ALGORITHMS: dict[str, Algorithm] = {
@@ -157,19 +178,25 @@ ALGORITHMS: dict[str, Algorithm] = {
     "reptile": Algorithm("reptile", local_sgd_update, "uniform", "delta"),
     "fomaml": Algorithm("fomaml", partial(maml_update, second_order=False), "uniform", "gradient"),
     "maml": Algorithm("maml", partial(maml_update, second_order=True), "uniform", "gradient"),
+    # Personalized FedAvg (Jiang et al. 2019): FedAvg until switch_round, then Reptile (ServerOptimizer)
+    "pfedavg": Algorithm("pfedavg", local_sgd_update, "samples", "delta"),
 }
+
+
+def batch_samples(cfg: AlgorithmConfig, n: int, count: int) -> int:
+    """Samples in ``count`` batches drawn by ``batch_plan`` from a split of n samples."""
+    return count * (n if cfg.batch_size <= 0 or cfg.batch_size >= n else cfg.batch_size)
 
 
 def planned_samples(algorithm: Algorithm, cfg: AlgorithmConfig, n_support: int, n_query: int) -> int:
     """Samples a client step will process (forward/backward), known before it runs: the driver
     turns it into simulated compute time at dispatch. Equals ``ClientUpdate.samples_processed``."""
 
-    def steps(n: int, count: int) -> int:
-        return count * (n if cfg.batch_size <= 0 or cfg.batch_size >= n else cfg.batch_size)
-
+    if algorithm.samples is not None:
+        return algorithm.samples(cfg, n_support, n_query)
     if algorithm.client_step is local_sgd_update:
-        return steps(n_support + n_query, cfg.local_steps)
-    return steps(n_support, cfg.local_steps) + steps(n_query, 1)
+        return batch_samples(cfg, n_support + n_query, cfg.local_steps)
+    return batch_samples(cfg, n_support, cfg.local_steps) + batch_samples(cfg, n_query, 1)
 
 
 def client_weight(algorithm: Algorithm, num_samples: int) -> float:
@@ -214,26 +241,66 @@ def adam_step(state: ServerState, g: torch.Tensor, lr: float, betas: tuple[float
 
 def initial_vector(cfg: AlgorithmConfig, model_vector: torch.Tensor) -> torch.Tensor:
     """The server's initial vector: the model's flat parameters (plus, for algorithms that
-    meta-learn more than an initialization, their extra parameters)."""
+    meta-learn more than an initialization, their extra parameters).
+
+    Meta-SGD (Li et al. 2017, Sec. 3): [theta ; alpha], alpha = ``local_lr`` for every parameter."""
+    if ALGORITHMS[cfg.name].learns_lr:
+        return torch.cat([model_vector, torch.full_like(model_vector, cfg.local_lr)])
     return model_vector
+
+
+def vector_size(algorithm: Algorithm, num_params: int) -> int:
+    """Length of the vector the server keeps and sends for a model of ``num_params`` parameters."""
+    return 2 * num_params if algorithm.learns_lr else num_params
+
+
+def split_vector(algorithm: Algorithm, vector: torch.Tensor, num_params: int) -> tuple[torch.Tensor,
+                                                                                       torch.Tensor | None]:
+    """(model parameters theta, learned rates alpha or None) of a server vector; checks its length."""
+    expected = vector_size(algorithm, num_params)
+    if vector.numel() != expected:
+        raise ValueError(f"{algorithm.name}: the vector has {vector.numel()} values, expected {expected} "
+                         f"for a model of {num_params} parameters")
+    if algorithm.learns_lr:
+        return vector[:num_params], vector[num_params:]
+    return vector, None
 
 
 class ServerOptimizer:
     """The server side of an algorithm: client weighting and the server step (SGD with optional
-    momentum, or Adam: FedOpt) applied to a ``ServerState``; ``state.step`` is the model version."""
+    momentum, or Adam: FedOpt) applied to a ``ServerState``; ``state.step`` is the model version.
+
+    Personalized FedAvg (Jiang, Konecny, Rush, Kannan 2019, Sec. 3 / Alg. 1) switches algorithm
+    at model version ``switch_round``: before it, FedAvg with server momentum SGD (weights n_i,
+    ``server_lr``, ``server_momentum``); from it on, Reptile fine-tuning (uniform weights) with
+    server Adam at ``finetune_server_lr`` whose moments and bias-correction count start afresh
+    (Adam's t = version - switch_round + 1). The phase is a function of ``state.step`` alone, so a
+    state replaced from outside (FedAsync, a resumed checkpoint) keeps it."""
 
     def __init__(self, theta: torch.Tensor, cfg: AlgorithmConfig) -> None:
         self.cfg = cfg
         self.algo = ALGORITHMS[cfg.name]
         self.state = ServerState(theta.detach().clone())
 
+    @property
+    def finetuning(self) -> bool:
+        """pfedavg: the current model version is in the Reptile fine-tuning phase."""
+        return self.algo.name == "pfedavg" and self.state.step >= self.cfg.switch_round
+
     def client_weight(self, num_samples: int) -> float:
         """Aggregation weight of a client update applied at the current model version."""
-        return client_weight(self.algo, num_samples)
+        return 1.0 if self.finetuning else client_weight(self.algo, num_samples)
 
     def step(self, g: torch.Tensor) -> torch.Tensor:
         g = g.to(self.state.theta.dtype)
-        if self.cfg.server_optimizer == "adam":
+        if self.finetuning:
+            st = self.state
+            fresh = st.step == self.cfg.switch_round  # the first fine-tuning step: Adam starts afresh
+            phase = ServerState(st.theta, st.step - self.cfg.switch_round, None,
+                                None if fresh else st.exp_avg, None if fresh else st.exp_avg_sq)
+            new = adam_step(phase, g, self.cfg.finetune_server_lr)
+            self.state = ServerState(new.theta, st.step + 1, None, new.exp_avg, new.exp_avg_sq)
+        elif self.cfg.server_optimizer == "adam":
             self.state = adam_step(self.state, g, self.cfg.server_lr)
         else:
             self.state = sgd_step(self.state, g, self.cfg.server_lr, self.cfg.server_momentum)
@@ -242,3 +309,7 @@ class ServerOptimizer:
     @property
     def params(self) -> torch.Tensor:
         return self.state.theta.clone()
+
+
+# the meta-learning family builds on the primitives above and registers itself in ALGORITHMS
+import simulator.meta_algorithms  # noqa: E402, F401

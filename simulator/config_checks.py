@@ -65,6 +65,16 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     _require(a.hf_delta > 0, f"algorithm.hf_delta must be > 0, got {a.hf_delta}")
     _require(a.switch_round >= 0, f"algorithm.switch_round must be >= 0 (0 = half of the rounds), got {a.switch_round}")
     _require(a.finetune_server_lr > 0, f"algorithm.finetune_server_lr must be > 0, got {a.finetune_server_lr}")
+    if a.name == "pfedavg":
+        _require(a.server_optimizer == "sgd",
+                 "algorithm.name = \"pfedavg\" runs FedAvg with server SGD (set algorithm.server_momentum, e.g. 0.9) "
+                 "and then Adam fine-tuning at algorithm.finetune_server_lr; set algorithm.server_optimizer = \"sgd\"")
+        _require(a.switch_round < cfg.rounds,
+                 f"algorithm.switch_round = {a.switch_round} is not before rounds = {cfg.rounds}, so pfedavg would "
+                 "never fine-tune; lower algorithm.switch_round (0 = half of the rounds)")
+        _require(not (cfg.system.mode == "async" and cfg.async_.rule == "fedasync"),
+                 "algorithm.name = \"pfedavg\" needs a server optimizer to switch phases, which async.rule = "
+                 "\"fedasync\" does not have; use async.rule = \"fedbuff\"")
     _require(cfg.clients.per_round >= 1, f"clients.per_round must be >= 1, got {cfg.clients.per_round}")
     _require(cfg.clients.per_round <= d.num_clients,
              f"clients.per_round = {cfg.clients.per_round} is larger than data.num_clients = {d.num_clients}; "

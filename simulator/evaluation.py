@@ -4,6 +4,10 @@ For each held-out client: the loss (and accuracy, for classification) of the glo
 the client's query split before adaptation, then after ``adapt_steps`` SGD steps with
 ``adapt_lr`` on its support split (the test-time protocol of Finn et al. 2017, Sec. 5, and of
 FedMeta, Chen et al. 2018). Summaries report mean, p10, p50 and p90 across clients.
+
+A Meta-SGD model (Li et al. 2017) is the vector [theta ; alpha]: its held-out clients adapt with the
+learned per-parameter rates, theta <- theta - alpha o grad L_support(theta) (Li et al. 2017, Eq. 1),
+instead of ``adapt_lr``; ``adapt_steps`` still counts the steps.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from simulator.algorithms import LossFn, batch_plan, sgd_steps
+from simulator.algorithms import ALGORITHMS, LossFn, batch_plan, sgd_steps, split_vector
 from simulator.config import AlgorithmConfig, EvalConfig
 from simulator.data import ClientShard, Split
-from simulator.models import load_flat
+from simulator.models import load_flat, num_parameters
 
 
 @dataclass(frozen=True)
@@ -36,12 +40,23 @@ def _score(model: nn.Module, data: Split, loss: LossFn, task: str) -> tuple[floa
         return float(loss(out, data.y)), acc
 
 
+def adaptation_rates(model: nn.Module, alpha: torch.Tensor) -> list[torch.Tensor]:
+    """A flat vector of per-parameter learning rates as one tensor per parameter, shaped like it."""
+    out, start = [], 0
+    for p in model.parameters():
+        out.append(alpha[start:start + p.numel()].reshape(p.shape).to(p.device, p.dtype))
+        start += p.numel()
+    return out
+
+
 def evaluate_client(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: EvalConfig,
                     algo: AlgorithmConfig, rng: np.random.Generator, loss: LossFn, task: str) -> ClientEval:
-    load_flat(model, theta)
+    """Score the server vector ``theta`` on the client's query split before and after adapting on its support."""
+    params, alpha = split_vector(ALGORITHMS[algo.name], theta, num_parameters(model))
+    load_flat(model, params)
     loss_pre, metric_pre = _score(model, shard.query, loss, task)
     plan = batch_plan(rng, len(shard.support), algo.batch_size, cfg.adapt_steps)
-    sgd_steps(model, shard.support, plan, cfg.adapt_lr, loss)
+    sgd_steps(model, shard.support, plan, cfg.adapt_lr if alpha is None else adaptation_rates(model, alpha), loss)
     loss_post, metric_post = _score(model, shard.query, loss, task)
     return ClientEval(loss_pre, loss_post, metric_pre, metric_post)
 

@@ -1,4 +1,9 @@
-"""Models: the built-in MLP, users' own ``torch.nn.Module`` factories, and flat parameter vectors.
+"""Models: the built-in MLP, LEAF's FEMNIST CNN and Shakespeare LSTM, users' own ``torch.nn.Module``
+factories, and flat parameter vectors.
+
+``model.name`` picks the architecture (a ``model.factory`` takes precedence): ``"mlp"`` (ReLU layers
+of ``model.hidden``), ``"femnist_cnn"`` and ``"shakespeare_lstm"``, the two neural baselines of LEAF
+(Caldas et al. 2018, "LEAF: A Benchmark for Federated Settings", Sec. 4 and its reference code).
 
 The server model travels as one flat float32 vector (``flat_params``); a worker writes it into
 its local copy of the module (``load_flat``). Initial weights come from a seeded torch
@@ -28,6 +33,47 @@ def mlp(input_dim: int, output_dim: int, hidden: tuple[int, ...]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+#: LEAF's FEMNIST images are 28 x 28 grey levels, flattened
+FEMNIST_SIDE = 28
+#: LEAF's Shakespeare character vocabulary (its ``ALL_LETTERS`` has 80 characters)
+SHAKESPEARE_VOCAB = 80
+
+
+def femnist_cnn(input_dim: int, output_dim: int) -> nn.Module:
+    """LEAF's FEMNIST CNN (Caldas et al. 2018): flat (batch, 784) inputs seen as (batch, 1, 28, 28);
+    conv 5x5, 32 channels ("same" padding 2), ReLU, max-pool 2; conv 5x5, 64 channels, ReLU, max-pool 2;
+    dense 2048, ReLU; dense ``output_dim`` logits. 6,603,710 parameters for FEMNIST's 62 classes."""
+    if input_dim != FEMNIST_SIDE * FEMNIST_SIDE:
+        raise ConfigError(f"model.name = \"femnist_cnn\" takes 28x28 images (input_dim {FEMNIST_SIDE ** 2}), "
+                          f"but the data has input_dim {input_dim}; use model.name = \"mlp\" for this dataset")
+    return nn.Sequential(
+        nn.Unflatten(1, (1, FEMNIST_SIDE, FEMNIST_SIDE)),
+        nn.Conv2d(1, 32, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * (FEMNIST_SIDE // 4) ** 2, 2048), nn.ReLU(),
+        nn.Linear(2048, output_dim),
+    )
+
+
+class ShakespeareLSTM(nn.Module):
+    """LEAF's Shakespeare next-character model (Caldas et al. 2018): int64 character ids
+    (batch, seq_len) -> embedding(80, 8) -> two stacked LSTM layers of 256 units (batch_first) ->
+    dense ``output_dim`` logits from the last time step. PyTorch's LSTM keeps two bias vectors per
+    layer (TensorFlow's one), so it has 819,920 parameters for 80 outputs (LEAF's TF model 817,872)."""
+
+    def __init__(self, output_dim: int, vocab: int = SHAKESPEARE_VOCAB, embed: int = 8, hidden: int = 256,
+                 layers: int = 2) -> None:
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, embed)
+        self.lstm = nn.LSTM(embed, hidden, num_layers=layers, batch_first=True)
+        self.out = nn.Linear(hidden, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.embedding(x))
+        return self.out(h[:, -1])
+
+
 def _load_factory(path: str) -> Callable[..., nn.Module]:
     module_name, _, attr = path.partition(":")
     try:
@@ -44,7 +90,8 @@ def _load_factory(path: str) -> Callable[..., nn.Module]:
 def build_model(cfg: ModelConfig, input_dim: int, output_dim: int, seed: int) -> nn.Module:
     """Build the model with weights drawn from the run seed (purpose "init").
 
-    A factory is called as ``factory(input_dim=..., output_dim=...)`` when it takes those
+    ``cfg.factory`` when set, else the architecture ``cfg.name`` ("mlp", "femnist_cnn",
+    "shakespeare_lstm"). A factory is called as ``factory(input_dim=..., output_dim=...)`` when it takes those
     arguments, else with none; it must return a ``torch.nn.Module``.
     """
     with torch.random.fork_rng(devices=[]):
@@ -63,19 +110,28 @@ def build_model(cfg: ModelConfig, input_dim: int, output_dim: int, seed: int) ->
             if not isinstance(model, nn.Module):
                 raise ConfigError(f"model.factory = {cfg.factory!r} returned {type(model).__name__}, "
                                   "not a torch.nn.Module; return the module instance")
+        elif cfg.name == "femnist_cnn":
+            model = femnist_cnn(input_dim, output_dim)
+        elif cfg.name == "shakespeare_lstm":
+            model = ShakespeareLSTM(output_dim)
         else:
             model = mlp(input_dim, output_dim, cfg.hidden)
     return model
 
 
-def check_output_shape(model: nn.Module, input_dim: int, output_dim: int) -> None:
-    """Reject a model whose output does not fit the data, before any run directory is written."""
+def check_output_shape(model: nn.Module, input_dim: int, output_dim: int,
+                       input_dtype: torch.dtype = torch.float32) -> None:
+    """Reject a model whose output does not fit the data, before any run directory is written.
+
+    The probe is a batch of 2 zero inputs of the data's ``input_dtype`` (int64 character ids for
+    Shakespeare, float32 features otherwise)."""
     try:
         with torch.no_grad():
-            out = model(torch.zeros(2, input_dim))
+            out = model(torch.zeros(2, input_dim, dtype=input_dtype))
     except Exception as exc:
-        raise ConfigError(f"the model cannot take inputs of shape (batch, {input_dim}) from the data: "
-                          f"{type(exc).__name__}: {exc}; fix model.hidden or model.factory") from None
+        dtype = str(input_dtype).removeprefix("torch.")
+        raise ConfigError(f"the model cannot take {dtype} inputs of shape (batch, {input_dim}) from the data: "
+                          f"{type(exc).__name__}: {exc}; fix model.name, model.hidden or model.factory") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, output_dim):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ConfigError(f"the model outputs {shape} for a batch of 2, the data needs (2, {output_dim}); "
@@ -87,6 +143,11 @@ def check_output_shape(model: nn.Module, input_dim: int, output_dim: int) -> Non
 def flat_params(model: nn.Module) -> torch.Tensor:
     """All trainable parameters as one detached, contiguous float32 CPU vector."""
     return torch.nn.utils.parameters_to_vector(model.parameters()).detach().to("cpu", torch.float32).clone()
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Number of trainable values: the length of ``flat_params(model)``."""
+    return sum(p.numel() for p in model.parameters())
 
 
 def load_flat(model: nn.Module, theta: torch.Tensor) -> None:

@@ -8,26 +8,31 @@ every backend, because the thread count changes floating-point results.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch import nn
 
-from simulator.algorithms import ALGORITHMS, loss_function
+from simulator.algorithms import ALGORITHMS, loss_function, vector_size
 from simulator.config import AlgorithmConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig
 from simulator.data import ClientShard, make_dataset
 from simulator.evaluation import evaluate_client
-from simulator.models import build_model
+from simulator.models import build_model, num_parameters
 from simulator.rng import generator
 from simulator.vectorized import VectorizedCohort, unsupported_reason
 
 log = logging.getLogger("metafleet.worker")
+
+#: algorithms that differentiate through their inner gradient steps (double backward)
+SECOND_ORDER = frozenset({"maml", "metasgd"})
 
 
 class WorkerFailure(RuntimeError):
@@ -98,11 +103,13 @@ class ClientWorker:
         self.model = build_model(spec.model, self.dataset.input_dim, self.dataset.output_dim, spec.seed)
         self.model.to(self.device)
         self.algorithm = ALGORITHMS[spec.algorithm.name]
+        #: the server vector's length: the model's parameters (Meta-SGD: and their learned rates)
+        self.vector_size = vector_size(self.algorithm, num_parameters(self.model))
         self.loss = loss_function(self.dataset.task)
         self._shards: OrderedDict[int, ClientShard] = OrderedDict()
         self.vectorized: VectorizedCohort | None = None
         if spec.vectorize:
-            reason = unsupported_reason(self.model)
+            reason = unsupported_reason(self.model, self.algorithm, self.device)
             if reason is None:
                 self.vectorized = VectorizedCohort(self.model, self.dataset.task)
             else:
@@ -126,10 +133,31 @@ class ClientWorker:
         return shard
 
     def _theta(self, theta: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """The server vector on this worker's device: the model's flat parameters, followed (Meta-SGD)
+        by their learned rates; client steps and evaluation load only the parameter part into the module."""
         if isinstance(theta, torch.Tensor):
-            return theta.detach().to(self.device, torch.float32, copy=True)
-        # arrays from Ray's object store are read-only: copy into a writable array first
-        return torch.from_numpy(np.array(theta, dtype=np.float32)).to(self.device)
+            out = theta.detach().to(self.device, torch.float32, copy=True)
+        else:  # arrays from Ray's object store are read-only: copy into a writable array first
+            out = torch.from_numpy(np.array(theta, dtype=np.float32)).to(self.device)
+        if out.numel() != self.vector_size:
+            raise ValueError(f"the server vector has {out.numel()} values, {self.spec.algorithm.name} on this model "
+                             f"needs {self.vector_size}")
+        return out
+
+    @contextlib.contextmanager
+    def _kernels(self) -> Iterator[None]:
+        """cuDNN's fused RNN kernels have no double backward: second-order steps of an RNN on a GPU use
+        the native kernels (same maths); only ``cudnn.enabled`` is switched, and restored after."""
+        if not (self.device.type == "cuda" and self.spec.algorithm.name in SECOND_ORDER
+                and any(isinstance(m, nn.RNNBase) for m in self.model.modules())):
+            yield
+            return
+        enabled = torch.backends.cudnn.enabled
+        torch.backends.cudnn.enabled = False
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.enabled = enabled
 
     def train(self, theta: np.ndarray | torch.Tensor, keys: int | Sequence[int], client_ids: list[int]) -> TrainResult:
         """Update every client of ``client_ids`` from ``theta``; client i's batches are drawn from
@@ -149,8 +177,9 @@ class ClientWorker:
             updates, times = [], []
             for shard, rng in zip(shards, rngs, strict=True):
                 start = time.perf_counter()
-                updates.append(self.algorithm.client_step(self.model, params, shard, self.spec.algorithm, rng,
-                                                          self.loss))
+                with self._kernels():
+                    updates.append(self.algorithm.client_step(self.model, params, shard, self.spec.algorithm, rng,
+                                                              self.loss))
                 times.append(time.perf_counter() - start)
         rows = [(u.vector.to("cpu", torch.float32).numpy(), sh.num_samples, u.samples_processed, u.loss_before,
                  u.loss_after, t) for sh, u, t in zip(shards, updates, times, strict=True)]

@@ -101,6 +101,9 @@ BAD = [
     (["--set", "data.name=\"leaf\"", "--set", "data.path=\"{tmp}/empty_leaf\""], "data.path"),
     (["--set", "devices.trace=\"{tmp}/corrupt_trace.csv\""], "devices.trace"),
     (["--set", "model.name=\"femnist_cnn\""], "model.name"),
+    (["--set", "algorithm.name=\"pfedavg\"", "--set", "algorithm.server_optimizer=\"adam\""],
+     "algorithm.server_optimizer = \"sgd\""),
+    (["--set", "algorithm.name=\"pfedavg\"", "--set", "algorithm.switch_round=400"], "algorithm.switch_round"),
 ]
 
 FILES = {

@@ -237,9 +237,10 @@ def test_maml_update_mini_batches_follow_the_plan():
 
 
 def test_algorithm_table():
-    assert set(ALGORITHMS) == {"fedavg", "reptile", "fomaml", "maml"}
+    assert set(ALGORITHMS) == {"fedavg", "reptile", "fomaml", "maml", "pfedavg", "perfedavg_fo", "perfedavg_hf",
+                               "metasgd"}
     assert client_weight(ALGORITHMS["fedavg"], 7) == 7.0
-    for name in ("reptile", "fomaml", "maml"):
+    for name in ("reptile", "fomaml", "maml", "perfedavg_fo", "perfedavg_hf", "metasgd"):
         assert client_weight(ALGORITHMS[name], 7) == 1.0
 
 
