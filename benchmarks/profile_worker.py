@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks.throughput import ANCHOR
+from simulator.algorithms import initial_vector
 from simulator.config import load_config
 from simulator.models import flat_params
 from simulator.worker import ClientWorker, WorkerSpec
@@ -24,8 +25,9 @@ def main() -> None:
         from pyinstrument import Profiler
     except ImportError:
         parser.exit(2, "profile_worker: needs pyinstrument; run `pip install pyinstrument`\n")
-    worker = ClientWorker(WorkerSpec.from_config(load_config(None, ANCHOR)))
-    theta = flat_params(worker.model).numpy()
+    cfg = load_config(None, ANCHOR)
+    worker = ClientWorker(WorkerSpec.from_config(cfg))
+    theta = initial_vector(cfg.algorithm, flat_params(worker.model)).numpy()
     clients = list(range(100))
     worker.train(theta, 0, clients)  # builds and caches the shards
     profiler = Profiler(interval=0.0002)
