@@ -44,12 +44,12 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def overrides(system: str, per_round: int, rounds: int, seed: int = 0) -> tuple[str, ...]:
-    """The anchor workload with this execution, clients per round and length."""
+def overrides(system: str, per_round: int, rounds: int, seed: int = 0, population: int = 1000) -> tuple[str, ...]:
+    """The anchor workload with this execution, clients per round, length and registered population."""
     backend, actors = SYSTEMS[system]
     return tuple(ANCHOR + [f"name=\"scale-{system}-k{per_round}\"", f"seed={seed}", f"rounds={rounds}",
                            f"clients.per_round={per_round}", f"system.backend=\"{backend}\"",
-                           f"system.actors={actors}", "system.threads=1"])
+                           f"system.actors={actors}", "system.threads=1", f"data.num_clients={population}"])
 
 
 def _block(system: str, rep: int, p: dict[str, Any], out: Path) -> list[dict[str, Any]]:
@@ -57,7 +57,8 @@ def _block(system: str, rep: int, p: dict[str, Any], out: Path) -> list[dict[str
     from actors import make_backend
     from simulator.driver import run
 
-    cfgs = [load_config(None, list(overrides(system, k, p["rounds"]))) for k in sorted(p["per_round"])]
+    cfgs = [load_config(None, list(overrides(system, k, p["rounds"], population=p.get("population", 1000))))
+            for k in sorted(p["per_round"])]
     spec = WorkerSpec.from_config(cfgs[0])
     backend = make_backend(cfgs[-1])
     rows = []
@@ -83,11 +84,12 @@ def _block(system: str, rep: int, p: dict[str, Any], out: Path) -> list[dict[str
     return rows
 
 
-def scale_study(preset: str, out: Path) -> dict[str, Any]:
-    """Run study 4 in this process (one shared local Ray); write figure, table and runs under ``out``."""
+def scale_study(preset: str | dict[str, Any], out: Path) -> dict[str, Any]:
+    """Run study 4 in this process (one shared local Ray); write figure, table and runs under ``out``.
+    ``preset`` is a name of ``SCALE_PRESETS`` or such a dict (``main``'s command-line sweep)."""
     import ray
 
-    p = SCALE_PRESETS[preset]
+    p = SCALE_PRESETS[preset] if isinstance(preset, str) else preset
     runs = p["repeats"] * len(p["per_round"]) * len(p["systems"])
     print(f"scale: {runs} runs ({len(p['per_round'])} cohort sizes x {len(p['systems'])} executions x "
           f"{p['repeats']} repeat(s)), {p['rounds']} rounds each, anchor workload", flush=True)
@@ -127,7 +129,8 @@ def scale_study(preset: str, out: Path) -> dict[str, Any]:
     agg = f"median of {p['repeats']} (min-max)" if p["repeats"] > 1 else "1 run"
     text = markdown(cells, ["clients per round", "execution", f"steady updates/s ({agg})", "vs inline",
                             "vs Ray 1 actor", "wall s/run"])
-    settings = {"preset": preset, **p, "workload": list(ANCHOR), "machine": platform.machine(),
+    settings = {"preset": preset if isinstance(preset, str) else "custom", **p, "workload": list(ANCHOR),
+                "machine": platform.machine(),
                 "processor": platform.processor(), "cpus": os.cpu_count(), "study_wall_s": elapsed()}
     write_outputs(out, "scale", table, text, settings)
     figure(table, p).savefig(out / "scale.png", dpi=150, metadata={"Software": None})
@@ -182,7 +185,35 @@ def figure(table: pd.DataFrame, p: dict[str, Any]) -> Any:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small", loc="lower right")
     reps = f"median of {p['repeats']} runs, bars min-max" if p["repeats"] > 1 else "1 run per point"
-    fig.suptitle(f"Scale: anchor workload (FedAvg on Synthetic(1,1), MLP 60-64-10, 5 local steps of batch 10), "
+    fig.suptitle(f"Scale: anchor workload (FedAvg on Synthetic(1,1), MLP 60-64-10, 5 local steps of batch 10, "
+                 f"{p.get('population', 1000):,} registered clients), "
                  f"{p['rounds']} rounds per run;\nsteady = median clients per round / median round time from the "
                  f"second round on; {reps}; {os.cpu_count()}-CPU machine", fontsize="medium")
     return fig
+
+
+def main() -> None:
+    """``python -m benchmarks.scale --per-round 10 100 1000 10000 --population 10000``: one sweep of clients
+    per round (the ``benchmarks.run`` presets stop at 300 / 1,000)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--per-round", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--population", type=int, default=10000, help="registered clients (>= the largest cohort)")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--systems", nargs="+", choices=tuple(SYSTEMS), default=["inline", "ray-2"])
+    parser.add_argument("--out", default="benchmarks/results/scale-sweep")
+    args = parser.parse_args()
+    if args.population < max(args.per_round):
+        parser.error(f"--population {args.population} is smaller than the largest cohort {max(args.per_round)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = scale_study({"per_round": tuple(sorted(args.per_round)), "rounds": args.rounds, "repeats": args.repeats,
+                          "systems": tuple(args.systems), "population": args.population}, out)
+    print(result["markdown"])
+    print("\n".join(result["shapes"]))
+
+
+if __name__ == "__main__":
+    main()
