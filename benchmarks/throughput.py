@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from simulator.config import load_config
 from simulator.data import make_dataset
 from simulator.driver import run
-from simulator.summary import steady_throughput
 from simulator.models import build_model
 from simulator.scheduling import sample_cohort
+from simulator.summary import steady_throughput
 
 ANCHOR = [
     "name=\"throughput\"", "data.name=\"synthetic\"", "data.alpha=1.0", "data.beta=1.0",
