@@ -5,6 +5,22 @@ fraction lets several actors share one GPU), wraps a ``ClientWorker`` that build
 clients' shards locally, and trains a whole chunk of the cohort per call. The model travels
 once per round: the driver ``ray.put``s the flat parameter vector and every call receives the
 same object reference.
+
+Failures. An actor that dies mid-call (its process killed, out of memory, its node removed)
+loses that call; because every client's work is a pure function of (model version, client id,
+seed), the pool simply runs the same (method, model ref, keys, client ids) again, on a
+replacement actor with the same worker id, and the run's metrics are identical to a run
+without the fault. When the cluster no longer has room for a replacement (a node is gone), the
+lost chunk goes to a surviving actor and the pool shrinks. Each dispatch (one ``map`` call, or
+one ``submit`` batch) tolerates ``system.max_failures`` lost calls; the next one raises
+``WorkerFailure``. The pool does this itself instead of Ray's ``max_restarts`` /
+``max_task_retries``: those count per actor lifetime rather than per round, hide failures from
+the run's logs, and a restart that no node can host waits forever.
+
+Fault injection, for tests only: ``METAFLEET_FAULT_INJECT="die_on_call:N"`` (read in the driver
+when the pool starts) makes every actor of the pool, replacements included, SIGKILL itself at
+the start of its N-th ``train``/``evaluate`` call; ``"die_on_call:N:W"`` only actor W;
+``die_once_on_call`` instead of ``die_on_call`` spares the replacements.
 """
 
 from __future__ import annotations
@@ -12,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,39 +36,90 @@ from typing import Any
 
 import numpy as np
 import ray
+from ray.exceptions import (
+    GetTimeoutError,
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+    WorkerCrashedError,
+)
 
 from simulator.config import ConfigError, SystemConfig
 from simulator.scheduling import split_work
-from simulator.worker import ClientWorker, EvalResult, TrainResult, WorkerSpec
+from simulator.worker import ClientWorker, EvalResult, TrainResult, WorkerFailure, WorkerSpec
 
 log = logging.getLogger("metafleet.pool")
 
-
-@dataclass
-class RayPending:
-    """A submitted chunk: its clients and the object reference of its result (None once fetched)."""
-
-    client_ids: list[int]
-    ref: Any
-    value: Any = field(default=None)
+#: Ray errors after which a call is run again: its actor or node died, or its result was lost
+LOST = (RayActorError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError)
+#: test-only fault injection (see the module docstring)
+FAULT_ENV = "METAFLEET_FAULT_INJECT"
+#: seconds a replacement actor may take to start before the pool gives up on it and shrinks
+REPLACE_TIMEOUT_S = 60.0
 
 
 @ray.remote
 class ClientActor:
     """A Ray actor serving many clients: ``train`` and ``evaluate`` take a list of client ids."""
 
-    def __init__(self, spec: WorkerSpec, worker_id: int, log_level: int = logging.WARNING) -> None:
+    def __init__(self, spec: WorkerSpec, worker_id: int, log_level: int = logging.WARNING, fault: str = "") -> None:
         logging.basicConfig(level=log_level, format="%(name)s: %(message)s")
         self.worker = ClientWorker(spec, worker_id)
+        self.calls, self.die_on_call = 0, 0
+        if fault:
+            n, _, only = fault.partition(":")[2].partition(":")
+            self.die_on_call = int(n) if not only or int(only) == worker_id else 0
 
     def describe(self) -> dict[str, object]:
-        return self.worker.describe()
+        return {**self.worker.describe(), "node": ray.get_runtime_context().get_node_id()}
+
+    def _call(self) -> None:
+        self.calls += 1
+        if self.calls == self.die_on_call:
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def train(self, theta: np.ndarray, keys: int | list[int], client_ids: list[int]) -> TrainResult:
+        self._call()
         return self.worker.train(theta, keys, client_ids)
 
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: list[int]) -> EvalResult:
+        self._call()
         return self.worker.evaluate(theta, round_idx, client_ids)
+
+
+@dataclass(eq=False)
+class _Slot:
+    """One place in the pool: its worker id, its current actor and what that actor said about itself."""
+
+    worker_id: int
+    actor: Any
+    info: dict[str, object]
+    restarts: int = 0
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One dispatch (a ``map`` call or a ``submit`` batch): what a lost call needs to run again,
+    and how many calls it has lost. Its model reference is released with the last chunk fetched."""
+
+    method: str
+    model_ref: Any
+    failures: int = 0
+
+
+@dataclass
+class RayPending:
+    """A submitted chunk: its clients and keys, the object reference of its result (None once
+    fetched), and the slot, actor and batch needed to submit it again if its actor dies."""
+
+    client_ids: list[int]
+    ref: Any
+    value: Any = field(default=None)
+    keys: int | list[int] = 0
+    slot: _Slot | None = field(default=None, repr=False)
+    actor: Any = field(default=None, repr=False)
+    batch: _Batch | None = field(default=None, repr=False)
 
 
 def _level() -> int:
@@ -94,15 +162,21 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
                           "with `ray start --head`, fix --address, or use --address '' for a local Ray") from None
 
 
+def actors_that_fit(system: SystemConfig, cpus: float, gpus: float) -> int:
+    """How many actors of ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs the resources hold."""
+    fit = math.floor(cpus / system.cpus_per_actor + 1e-9)
+    if system.gpus_per_actor > 0:
+        fit = min(fit, math.floor(gpus / system.gpus_per_actor + 1e-9))
+    return fit
+
+
 def pool_size(system: SystemConfig, per_round: int, cpus: float, gpus: float) -> int:
     """Actors to start: ``system.actors`` if set, else as many as the resources hold, no more than
     one per ``clients_per_actor`` clients of a round (and never more than the round's clients)."""
     if system.gpus_per_actor > 0 and gpus <= 0:
         raise ConfigError(f"system.gpus_per_actor = {system.gpus_per_actor} but the Ray cluster has no GPU; "
                           "set system.gpus_per_actor = 0")
-    fit = math.floor(cpus / system.cpus_per_actor + 1e-9)
-    if system.gpus_per_actor > 0:
-        fit = min(fit, math.floor(gpus / system.gpus_per_actor + 1e-9))
+    fit = actors_that_fit(system, cpus, gpus)
     if system.actors:
         if system.actors > fit:
             raise ConfigError(
@@ -118,56 +192,155 @@ def pool_size(system: SystemConfig, per_round: int, cpus: float, gpus: float) ->
     return max(1, min(fit, per_round))
 
 
+def _first_line(exc: BaseException) -> str:
+    """``ErrorType: first line`` of a Ray error, plus the line that says why an actor died."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
+    why = next((ln.strip() for ln in lines[1:] if not ln.startswith((" ", "\t"))), "")  # after the attributes
+    return f"{text} {why.split('. ')[0].rstrip('.')}." if why else text
+
+
+FIX = ("check memory and node health (`ray status`, the Ray logs), raise system.max_failures, "
+       "and resume with `metafleet run --resume RUN_DIR`")
+
+
 class RayPool:
-    """A fixed pool of ``ClientActor``s with the backend interface the driver uses."""
+    """A pool of ``ClientActor``s with the backend interface the driver uses; it replaces actors
+    that die and runs their lost calls again (see the module docstring)."""
 
     def __init__(self, spec: WorkerSpec, system: SystemConfig, per_round: int) -> None:
-        self.system = system
+        self.spec, self.system = spec, system
+        self.replace_timeout_s = REPLACE_TIMEOUT_S
+        self._fault = os.environ.get(FAULT_ENV, "")
+        self._opts = {"num_cpus": system.cpus_per_actor, "num_gpus": system.gpus_per_actor, "max_restarts": 0}
+        self._slots: list[_Slot] = []
+        self._next = 0  # round-robin over survivors for chunks whose actor could not be replaced
         self._owns_ray = connect(system)
+        actors: list[Any] = []
         try:
             res = ray.cluster_resources()
             n = pool_size(system, per_round, res.get("CPU", 0.0), res.get("GPU", 0.0))
-            opts = {"num_cpus": system.cpus_per_actor, "num_gpus": system.gpus_per_actor}
-            self.actors = [ClientActor.options(**opts).remote(spec, i, _level()) for i in range(n)]
-            self._describe = ray.get([a.describe.remote() for a in self.actors])
+            actors.extend(self._start(i, self._fault) for i in range(n))
+            infos = ray.get([a.describe.remote() for a in actors])
         except BaseException:
+            for a in actors:
+                ray.kill(a)
             self.close()
             raise
-        self.num_workers = n
-        for d in self._describe:
+        self._slots = [_Slot(i, a, d) for i, (a, d) in enumerate(zip(actors, infos, strict=True))]
+        for d in infos:
             log.info("actor %s: %s (%s), %s torch threads, pid %s on %s", d["worker_id"], d["device"],
                      d["device_name"], d["threads"], d["pid"], d["host"])
 
+    @property
+    def num_workers(self) -> int:
+        return len(self._slots)
+
+    @property
+    def actors(self) -> list[Any]:
+        """The live actor handles, in worker order."""
+        return [s.actor for s in self._slots]
+
     def describe(self) -> list[dict[str, object]]:
-        return list(self._describe)
+        """Each live actor's device, pid, host and Ray node, and how often its slot was replaced."""
+        return [{**s.info, "restarts": s.restarts} for s in self._slots]
+
+    def _start(self, worker_id: int, fault: str = "") -> Any:
+        return ClientActor.options(**self._opts).remote(self.spec, worker_id, _level(), fault)
 
     def submit(self, method: str, theta: np.ndarray, keys: int | np.ndarray,
                client_ids: np.ndarray) -> list[RayPending]:
         """Dispatch the clients as one call per chunk; the model is put in the object store once."""
-        model_ref = ray.put(theta)
-        pending = [RayPending(ids, getattr(self.actors[w], method).remote(model_ref, k, ids))
-                   for w, ids, k in split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor)]
-        del model_ref  # the pending calls hold it; it is freed when the last one finishes
+        batch = _Batch(method, ray.put(theta))
+        pending = []
+        for w, ids, k in split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor):
+            slot = self._slots[w]
+            pending.append(RayPending(ids, getattr(slot.actor, method).remote(batch.model_ref, k, ids), keys=k,
+                                      slot=slot, actor=slot.actor, batch=batch))
         return pending
 
     def result(self, pending: RayPending) -> TrainResult | EvalResult:
-        """Block until this chunk is done (the others keep running); its reference is then released."""
-        if pending.ref is not None:
-            pending.value, pending.ref = ray.get(pending.ref), None
+        """Block until this chunk is done (the others keep running), running it again if its actor
+        died; its references (result, and the model once no chunk of its batch needs it) are released."""
+        while pending.ref is not None:
+            self._fetch(pending)
         return pending.value
 
     def map(self, method: str, theta: np.ndarray, keys: int | np.ndarray,
             client_ids: np.ndarray) -> Iterator[TrainResult | EvalResult]:
         """Dispatch every chunk at once; yield results as they complete (``ray.wait``)."""
-        pending = {p.ref: p for p in self.submit(method, theta, keys, client_ids)}
-        refs = list(pending)
-        while refs:
-            done, refs = ray.wait(refs, num_returns=1)
-            yield self.result(pending.pop(done[0]))
+        waiting = {p.ref: p for p in self.submit(method, theta, keys, client_ids)}
+        while waiting:
+            done, _ = ray.wait(list(waiting), num_returns=1)
+            p = waiting.pop(done[0])
+            if self._fetch(p):
+                yield p.value
+            else:
+                waiting[p.ref] = p
+
+    def _fetch(self, p: RayPending) -> bool:
+        """Get a chunk's result; if its call was lost, submit it again and return False."""
+        try:
+            p.value = ray.get(p.ref)
+        except LOST as exc:
+            self._recover(p, exc)
+            return False
+        p.ref = p.slot = p.actor = p.batch = None
+        return True
+
+    def _recover(self, p: RayPending, exc: BaseException) -> None:
+        """Count the lost call against its batch, replace its actor (once per death), resubmit it."""
+        batch, slot = p.batch, p.slot
+        assert batch is not None and slot is not None
+        batch.failures += 1
+        reason = _first_line(exc)
+        if batch.failures > self.system.max_failures:
+            raise WorkerFailure(
+                f"actor {slot.worker_id} (pid {slot.info.get('pid')} on {slot.info.get('host')}) lost its "
+                f"'{batch.method}' call of {len(p.client_ids)} clients; {batch.failures} calls were lost in this "
+                f"round, more than system.max_failures = {self.system.max_failures}; last Ray error: {reason}; "
+                f"{FIX}")
+        if slot.actor is p.actor and slot in self._slots and not isinstance(exc, ObjectLostError):
+            self._replace(slot, reason)
+        if slot not in self._slots:  # no room for a replacement: a survivor runs the chunk
+            if not self._slots:
+                raise WorkerFailure(f"every actor of the pool was lost and the cluster has no room for a new one "
+                                    f"(last Ray error: {reason}); {FIX}")
+            slot, self._next = self._slots[self._next % len(self._slots)], self._next + 1
+        log.warning("resubmitting %d clients of a lost '%s' call to actor %d (lost call %d of the %d tolerated "
+                    "per round)", len(p.client_ids), batch.method, slot.worker_id, batch.failures,
+                    self.system.max_failures)
+        p.slot, p.actor = slot, slot.actor
+        p.ref = getattr(slot.actor, batch.method).remote(batch.model_ref, p.keys, p.client_ids)
+
+    def _replace(self, slot: _Slot, reason: str) -> None:
+        """Start a new actor with the slot's worker id, or drop the slot when the cluster lost the room."""
+        old_pid = slot.info.get("pid")
+        ray.kill(slot.actor, no_restart=True)  # usually dead already; never leave a half-alive one behind
+        res = ray.cluster_resources()
+        cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)
+        if actors_that_fit(self.system, cpus, gpus) < len(self._slots):
+            self._drop(slot, f"{reason}; the cluster now holds {cpus:g} CPU, {gpus:g} GPU")
+            return
+        actor = self._start(slot.worker_id, "" if self._fault.startswith("die_once") else self._fault)
+        try:
+            info = ray.get(actor.describe.remote(), timeout=self.replace_timeout_s)
+        except (GetTimeoutError, *LOST) as exc:
+            ray.kill(actor)
+            self._drop(slot, f"{reason}; its replacement did not start ({_first_line(exc)})")
+            return
+        slot.actor, slot.info, slot.restarts = actor, info, slot.restarts + 1
+        log.warning("actor %d (pid %s) died (%s); replaced by pid %s on %s", slot.worker_id, old_pid, reason,
+                    info.get("pid"), info.get("host"))
+
+    def _drop(self, slot: _Slot, reason: str) -> None:
+        self._slots.remove(slot)
+        log.warning("actor %d (pid %s) died (%s); not replaced, continuing with %d actor(s)", slot.worker_id,
+                    slot.info.get("pid"), reason, len(self._slots))
 
     def close(self) -> None:
-        for actor in getattr(self, "actors", []):
-            ray.kill(actor)
-        self.actors = []
+        for slot in self._slots:
+            ray.kill(slot.actor)
+        self._slots = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()

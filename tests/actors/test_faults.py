@@ -1,0 +1,160 @@
+"""Fault tolerance of the Ray pool: actors killed mid-run (SIGKILL, ``ray.kill``, a death inside a
+call) and a node removed mid-run cost nothing but time; too many lost calls stop the run with
+``WorkerFailure`` naming the fix. Metrics are compared with a fault-free inline run, every column
+but the wall-clock ones (``WALL_CLOCK_COLUMNS``: wall_time, compute_time_s, actor_id)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import small_overrides
+
+from actors import make_backend
+from actors.pool import FAULT_ENV
+from simulator.config import load_config
+from simulator.driver import run
+from simulator.metrics import WALL_CLOCK_COLUMNS
+from simulator.models import flat_params
+from simulator.worker import ClientWorker, WorkerFailure, WorkerSpec
+
+HERE = Path(__file__).resolve().parent
+SYNC = small_overrides(rounds=4)
+FEDBUFF = ["system.mode=\"async\"", "async.buffer_size=3", "system.max_concurrency=8", "algorithm.name=\"fomaml\"",
+           "algorithm.server_lr=0.1", 'devices.speed={dist="pareto", median=100.0, shape=1.0}']
+
+
+def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
+    out = {}
+    for name, wall in WALL_CLOCK_COLUMNS.items():
+        df = pd.read_parquet(run_dir / f"{name}.parquet").drop(columns=list(wall))
+        out[name] = df.sort_values(["round", "client_id"] if name != "rounds" else ["round"], ignore_index=True)
+    return out
+
+
+def _inline(tmp_path: Path, overrides: list[str]) -> dict[str, pd.DataFrame]:
+    cfg = load_config(None, overrides + ["system.backend=\"inline\""])
+    backend = make_backend(cfg)
+    try:
+        assert run(cfg, backend, tmp_path / "inline")["status"] == "completed"
+    finally:
+        backend.close()
+    return _tables(tmp_path / "inline")
+
+
+def _assert_same(expected: dict[str, pd.DataFrame], run_dir: Path) -> None:
+    got = _tables(run_dir)
+    for name in expected:
+        pd.testing.assert_frame_equal(expected[name], got[name], check_exact=True)
+
+
+@pytest.fixture(scope="module")
+def sync_expected(tmp_path_factory) -> dict[str, pd.DataFrame]:
+    """The fault-free inline run of ``SYNC`` (shared by the actor-kill and the node-removal tests)."""
+    return _inline(tmp_path_factory.mktemp("sync"), SYNC)
+
+
+def _faulty_run(tmp_path: Path, overrides: list[str], kills: dict[int, str]) -> list[dict[str, object]]:
+    """A Ray run with 2 actors; after round r, ``kills[r]`` kills an actor: "sigkill" (actor 0's pid, from
+    a thread, so it lands while the next round runs) or "ray.kill" (the last actor). Returns the pool's
+    description at the end."""
+    cfg = load_config(None, overrides + ["system.backend=\"ray\"", "system.actors=2"])
+    pool = make_backend(cfg)
+    threads: list[threading.Thread] = []
+
+    def on_round(row: dict[str, object]) -> None:
+        how = kills.get(int(row["round"]))
+        if how == "sigkill":
+            pid = int(pool.describe()[0]["pid"])
+            threads.append(threading.Thread(target=os.kill, args=(pid, signal.SIGKILL)))
+            threads[-1].start()
+        elif how == "ray.kill":
+            import ray
+
+            ray.kill(pool.actors[-1], no_restart=False)
+
+    try:
+        assert run(cfg, pool, tmp_path / "ray", on_round=on_round)["status"] == "completed"
+        for t in threads:
+            t.join()
+        return pool.describe()
+    finally:
+        pool.close()
+
+
+def test_sync_run_survives_actor_kills(ray_session, sync_expected, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(FAULT_ENV, "die_once_on_call:3:1")  # actor 1 dies inside its 3rd call (round 1's train)
+    with caplog.at_level(logging.WARNING, logger="metafleet.pool"):
+        info = _faulty_run(tmp_path, SYNC, {1: "sigkill"})
+    _assert_same(sync_expected, tmp_path / "ray")
+    assert [d["worker_id"] for d in info] == [0, 1]
+    assert [d["restarts"] for d in info] == [1, 1]  # every death was replaced
+    assert "replaced by pid" in caplog.text and "ActorDiedError" in caplog.text
+
+
+def test_async_fedbuff_run_survives_actor_kills(ray_session, tmp_path):
+    base = small_overrides(rounds=5) + FEDBUFF
+    expected = _inline(tmp_path, base)
+    info = _faulty_run(tmp_path, base, {1: "ray.kill"})
+    _assert_same(expected, tmp_path / "ray")
+    assert [d["restarts"] for d in info] == [0, 1]
+
+
+def _theta(overrides: list[str]) -> np.ndarray:
+    cfg = load_config(None, overrides)
+    return flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
+
+
+def test_failures_beyond_max_failures_raise_worker_failure(ray_session, monkeypatch):
+    overrides = small_overrides(**{"system.actors": 1, "system.max_failures": 1})
+    monkeypatch.setenv(FAULT_ENV, "die_on_call:1")  # every actor, replacements too, dies in its first call
+    pool = make_backend(load_config(None, overrides))
+    try:
+        with pytest.raises(WorkerFailure) as err:
+            list(pool.map("train", _theta(overrides), 0, np.arange(6)))
+    finally:
+        pool.close()
+    msg = str(err.value)
+    assert "\n" not in msg
+    for part in ("actor ", "2 calls were lost", "system.max_failures = 1", "ActorDiedError",
+                 "raise system.max_failures", "metafleet run --resume RUN_DIR"):
+        assert part in msg, part
+
+
+def test_submit_result_with_no_failures_tolerated(ray_session, monkeypatch):
+    overrides = small_overrides(**{"system.actors": 1, "system.max_failures": 0, "system.clients_per_actor": 3})
+    monkeypatch.setenv(FAULT_ENV, "die_on_call:2")  # the second chunk's call
+    pool = make_backend(load_config(None, overrides))
+    try:
+        pending = pool.submit("train", _theta(overrides), np.arange(6) % 2, np.arange(6))
+        assert len(pending) == 2
+        with pytest.raises(WorkerFailure, match="system.max_failures = 0"):
+            for p in pending:
+                pool.result(p)
+    finally:
+        pool.close()
+
+
+def test_node_removal_mid_run(sync_expected, tmp_path):
+    """A 2-node cluster on this machine (in a subprocess: the session's Ray is already up); the node of
+    one actor is removed after round 1, the run finishes on the other with identical metrics."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop(FAULT_ENV, None)
+    proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), str(tmp_path / "ray"), json.dumps(SYNC)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["status"] == "completed" and out["removed_after"] == [1]
+    assert out["worker_node"] in out["nodes_before"] and len(set(out["nodes_before"])) == 2  # one actor per node
+    assert [d["node"] for d in out["after"]] == [n for n in out["nodes_before"] if n != out["worker_node"]]
+    assert "not replaced, continuing with 1 actor(s)" in proc.stderr
+    _assert_same(sync_expected, tmp_path / "ray")
