@@ -124,7 +124,8 @@ def scale_study(preset: str | dict[str, Any], out: Path) -> dict[str, Any]:
     for r in table.itertuples():
         spread = f" ({r.steady_min:,.0f}-{r.steady_max:,.0f})" if r.repeats > 1 else ""
         cells.append([f"{r.per_round:,}", SYSTEM_NAMES[r.system], f"{r.steady_median:,.0f}{spread}",
-                      f"{r.vs_inline:.2f}x", "-" if r.system == "inline" else f"{r.vs_ray_1:.2f}x",
+                      f"{r.vs_inline:.2f}x",
+                      "-" if r.system == "inline" or np.isnan(r.vs_ray_1) else f"{r.vs_ray_1:.2f}x",
                       f"{r.wall_s:.1f}"])
     agg = f"median of {p['repeats']} (min-max)" if p["repeats"] > 1 else "1 run"
     text = markdown(cells, ["clients per round", "execution", f"steady updates/s ({agg})", "vs inline",
