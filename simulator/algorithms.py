@@ -114,6 +114,20 @@ def local_sgd_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, 
     return ClientUpdate(_vector(model) - theta.to(data.x.device), before, after, processed)
 
 
+def meta_batches(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: AlgorithmConfig,
+                 rng: np.random.Generator, loss: LossFn) -> tuple[list[Batch], torch.Tensor, torch.Tensor, float, int]:
+    """What MAML-style client steps share: ``local_steps`` support batches, one query batch (x, y),
+    the query loss at theta (loaded into ``model``) and the samples the step will process."""
+    plan = batch_plan(rng, len(shard.support), cfg.batch_size, cfg.local_steps)
+    (query_batch,) = batch_plan(rng, len(shard.query), cfg.batch_size, 1)
+    xq, yq = take(shard.query, query_batch)
+    load_flat(model, theta)
+    with torch.no_grad():
+        before = float(loss(model(xq), yq))
+    processed = sum(len(shard.support) if b is None else len(b) for b in plan) + len(xq)
+    return plan, xq, yq, before, processed
+
+
 def maml_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: AlgorithmConfig,
                 rng: np.random.Generator, loss: LossFn, second_order: bool) -> ClientUpdate:
     """MAML (Finn et al. 2017, Alg. 1 / Eq. 1) client step in federated form (FedMeta, Chen et al. 2018).
@@ -124,13 +138,7 @@ def maml_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: 
     al. 2017 Sec. 5.2) drops the second-order terms and returns grad L_query evaluated at theta'.
     """
     device = shard.support.x.device
-    plan = batch_plan(rng, len(shard.support), cfg.batch_size, cfg.local_steps)
-    (query_batch,) = batch_plan(rng, len(shard.query), cfg.batch_size, 1)
-    xq, yq = take(shard.query, query_batch)
-    load_flat(model, theta)
-    with torch.no_grad():
-        before = float(loss(model(xq), yq))
-    processed = sum(len(shard.support) if b is None else len(b) for b in plan) + len(xq)
+    plan, xq, yq, before, processed = meta_batches(model, theta, shard, cfg, rng, loss)
     if not second_order:
         sgd_steps(model, shard.support, plan, cfg.local_lr, loss)
         query_loss = loss(model(xq), yq)

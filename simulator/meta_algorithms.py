@@ -40,6 +40,7 @@ from simulator.algorithms import (
     batch_plan,
     batch_samples,
     full_loss,
+    meta_batches,
     split_vector,
     take,
 )
@@ -139,13 +140,7 @@ def metasgd_update(model: nn.Module, vector: torch.Tensor, shard: ClientShard, c
     [grad_theta L_query(theta') ; grad_alpha L_query(theta')] on one query batch (batches drawn as in
     ``maml_update``)."""
     theta, alpha = split_vector(ALGORITHMS["metasgd"], vector, num_parameters(model))
-    plan = batch_plan(rng, len(shard.support), cfg.batch_size, cfg.local_steps)
-    (query_batch,) = batch_plan(rng, len(shard.query), cfg.batch_size, 1)
-    xq, yq = take(shard.query, query_batch)
-    load_flat(model, theta)
-    with torch.no_grad():
-        before = float(loss(model(xq), yq))
-    processed = sum(len(shard.support) if b is None else len(b) for b in plan) + len(xq)
+    plan, xq, yq, before, processed = meta_batches(model, theta, shard, cfg, rng, loss)
     named = list(model.named_parameters())
     leaves = {n: p.detach().requires_grad_(True) for n, p in named}
     rates, start = {}, 0

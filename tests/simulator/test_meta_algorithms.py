@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import small_overrides
+from tiny import D, cfg, col, linear, rng, shard, theta
 from torch import nn
 
 from actors import make_backend
@@ -37,34 +38,6 @@ from simulator.models import flat_params
 from simulator.worker import ClientWorker, WorkerSpec
 
 NEW = ["perfedavg_fo", "perfedavg_hf", "metasgd", "pfedavg"]
-D = torch.float64
-
-
-def linear(inp: int = 1, bias: bool = False) -> nn.Module:
-    """nn.Linear without the random initialisation (no global RNG draw); weights come from theta."""
-    return nn.utils.skip_init(nn.Linear, inp, 1, bias=bias, dtype=D)
-
-
-def col(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=D).reshape(-1, 1)
-
-
-def shard(xs, ys, xq, yq, cid: int = 0) -> ClientShard:
-    return ClientShard(cid, Split(col(xs), col(ys)), Split(col(xq), col(yq)))
-
-
-def theta(*values) -> torch.Tensor:
-    return torch.tensor(values, dtype=D)
-
-
-def cfg(name: str = "reptile", steps: int = 1, lr: float = 0.1, batch_size: int = 0, **kw) -> AlgorithmConfig:
-    return AlgorithmConfig(name=name, local_steps=steps, local_lr=lr, batch_size=batch_size, **kw)
-
-
-def rng(seed: int = 0) -> np.random.Generator:
-    return np.random.default_rng(seed)
-
-
 # support xs = [1, 2], ys = [2, 4] (L_s'(w) = 5 w - 10); query xq = [3], yq = [6] (L_q'(w) = 18 w - 36)
 MAML_SHARD = shard([1, 2], [2, 4], [3], [6])
 
