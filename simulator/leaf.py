@@ -265,6 +265,17 @@ def _classes(kind: str, dim: int, max_label: int) -> tuple[str, int]:
     return "numeric", max_label + 1
 
 
+def pick_clients(keep: np.ndarray, cfg: DataConfig, seed: int, purpose: str, found: str) -> np.ndarray:
+    """The rows of ``keep`` (usable users or clients) that become client ids 0.. (training, then held-out),
+    in a seeded order; too few of them is a ConfigError (``found`` says what the data has)."""
+    total = cfg.num_clients + cfg.eval_clients
+    if total > keep.size:
+        raise ConfigError(
+            f"data.num_clients + data.eval_clients = {cfg.num_clients} + {cfg.eval_clients} = {total} clients, "
+            f"but {found}; lower data.num_clients or data.eval_clients so that they add up to at most {keep.size}")
+    return keep[generator(seed, purpose).permutation(keep.size)][:total]
+
+
 class LeafDataset:
     """A LEAF dataset directory (Caldas et al. 2018), one user per client; see the module docstring."""
 
@@ -287,14 +298,9 @@ class LeafDataset:
         if self.skipped_users:
             log.info("LEAF %s: skipped %d of %d users with no train or no test sample", root, self.skipped_users,
                      len(users))
-        total = cfg.num_clients + cfg.eval_clients
-        if total > keep.size:
-            raise ConfigError(
-                f"data.num_clients + data.eval_clients = {cfg.num_clients} + {cfg.eval_clients} = {total} clients, "
-                f"but data.path = {str(root)!r} has {keep.size} users with train and test samples"
-                f"{f' ({self.skipped_users} more without)' if self.skipped_users else ''}; lower data.num_clients "
-                f"or data.eval_clients so that they add up to at most {keep.size}")
-        rows = keep[generator(seed, "leaf_users").permutation(keep.size)][:total]
+        without = f" ({self.skipped_users} more without)" if self.skipped_users else ""
+        rows = pick_clients(keep, cfg, seed, "leaf_users",
+                            f"data.path = {str(root)!r} has {keep.size} users with train and test samples{without}")
         self.users: np.ndarray = users[rows]  # client id -> LEAF user name
         self._rows = {s: (start[rows], count[rows]) for s, (start, count) in counts.items()}
         self._arrays: dict[str, np.ndarray] = {}

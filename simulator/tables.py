@@ -29,7 +29,7 @@ import torch
 
 from simulator.config import ConfigError, DataConfig
 from simulator.data import ClientShard, Split
-from simulator.leaf import cache_candidates, find_or_build, fingerprint
+from simulator.leaf import cache_candidates, find_or_build, fingerprint, pick_clients
 from simulator.rng import generator
 
 log = logging.getLogger("metafleet.data")
@@ -178,14 +178,8 @@ class TableDataset:
         if self.skipped_clients:
             log.info("table %s: skipped %d of %d clients with fewer than %d rows", src, self.skipped_clients,
                      len(names), MIN_CLIENT_ROWS)
-        total = cfg.num_clients + cfg.eval_clients
-        if total > keep.size:
-            raise ConfigError(
-                f"data.num_clients + data.eval_clients = {cfg.num_clients} + {cfg.eval_clients} = {total} clients, "
-                f"but {str(src)!r} has {keep.size} distinct values of data.client_column = {cfg.client_column!r} "
-                f"with at least {MIN_CLIENT_ROWS} rows; lower data.num_clients or data.eval_clients so that they "
-                f"add up to at most {keep.size}")
-        rows = keep[generator(seed, "table_clients").permutation(keep.size)][:total]
+        rows = pick_clients(keep, cfg, seed, "table_clients", f"{str(src)!r} has {keep.size} distinct values of "
+                            f"data.client_column = {cfg.client_column!r} with at least {MIN_CLIENT_ROWS} rows")
         self.client_names: np.ndarray = names[rows]  # client id -> its client column value (as text)
         self._start, self._count = start[rows], count[rows]
         self.seed, self.test_fraction = seed, cfg.test_fraction
