@@ -119,6 +119,47 @@ def build_model(cfg: ModelConfig, input_dim: int, output_dim: int, seed: int) ->
     return model
 
 
+#: stateless elementwise modules a stacked forward can apply to a (clients, batch, features) tensor as is
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.Identity)
+
+StackedForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
+
+
+def stacked_forward(model: nn.Module) -> StackedForward | None:
+    """For an ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations (the built-in MLP and
+    factories like it): the forward pass of k clients at once, ``f(params, x)`` with every parameter
+    stacked along a leading client dimension (k x out x in) and ``x`` of shape (k, batch, in).
+
+    Each ``nn.Linear`` becomes one ``torch.baddbmm``: the same products a per-client ``vmap`` of
+    ``functional_call`` computes, without its per-call dispatch (a transposed weight, then a separate
+    bias add per layer), which dominates for small layers (measured about 2x per step for the anchor
+    MLP). Client j's outputs depend only on its own slice, so the gradient of a sum of client losses
+    with respect to the stacked parameters is each client's own gradient. None for any other model:
+    the caller then vmaps ``functional_call``."""
+    if not isinstance(model, nn.Sequential) or len(model) == 0:
+        return None
+    layers: list[tuple[str, str | None] | nn.Module] = []
+    for name, module in model.named_children():
+        if type(module) is nn.Linear:
+            layers.append((f"{name}.weight", f"{name}.bias" if module.bias is not None else None))
+        elif type(module) in _ELEMENTWISE:
+            layers.append(module)
+        else:
+            return None
+
+    def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for layer in layers:
+            if isinstance(layer, tuple):
+                w, b = params[layer[0]].transpose(1, 2), layer[1]
+                h = torch.bmm(h, w) if b is None else torch.baddbmm(params[b].unsqueeze(1), h, w)
+            else:
+                h = layer(h)
+        return h
+
+    return forward
+
+
 def check_output_shape(model: nn.Module, input_dim: int, output_dim: int,
                        input_dtype: torch.dtype = torch.float32) -> None:
     """Reject a model whose output does not fit the data, before any run directory is written.

@@ -31,6 +31,7 @@ are grouped by size.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from simulator.algorithms import Algorithm, Batch, ClientUpdate, batch_plan, loc
 from simulator.config import AlgorithmConfig
 from simulator.data import ClientShard, Split
 from simulator.meta_algorithms import metasgd_inner_step, outer_lr, per_fedavg_plans, per_fedavg_step
+from simulator.models import stacked_forward
 
 log = logging.getLogger("metafleet.vectorized")
 
@@ -122,6 +124,7 @@ class VectorizedCohort:
         self.names = [n for n, _ in model.named_parameters()]
         self.shapes = [p.shape for p in model.parameters()]
         self.pointwise = _pointwise_loss(task)
+        self.stacked = stacked_forward(model)  # a batched-matmul forward for plain MLPs, else None
 
     # ------------------------------------------------------------------ functional pieces
     def _unflat(self, theta: torch.Tensor, k: int) -> Params:
@@ -142,6 +145,47 @@ class VectorizedCohort:
     def _masked_loss(self, p: Params, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return (self.pointwise(functional_call(self.model, p, (x,)), y) * m).sum() / m.sum()
 
+    def _stacks(self, x: torch.Tensor) -> bool:
+        """Whether the stacked forward applies: a plain MLP and (clients, batch, features) inputs."""
+        return self.stacked is not None and x.dim() == 3
+
+    def _stacked_rows(self, params: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """k x n pointwise losses from the stacked forward."""
+        assert self.stacked is not None
+        out = self.stacked(params, x)
+        k, n = out.shape[:2]
+        return self.pointwise(out.reshape(k * n, *out.shape[2:]), y.reshape(k * n, *y.shape[2:])).reshape(k, n)
+
+    @staticmethod
+    def _reduce(rows: torch.Tensor, m: torch.Tensor, full: bool) -> torch.Tensor:
+        """Each client's step loss from its pointwise losses (as ``_loss_of``): masked or batch mean."""
+        return (rows * m).sum(dim=1) / m.sum(dim=1) if full else rows.mean(dim=1)
+
+    def _step_grad(self, full: bool) -> Callable[[Params, torch.Tensor, torch.Tensor, torch.Tensor], Params]:
+        """Every client's gradient of its step loss, first order: one backward pass through the stacked
+        forward (the gradient of the sum of the clients' losses, of which client j's slice is its own
+        gradient), else ``vmap(grad(loss))``."""
+        vmapped = vmap(grad(self._loss_of(full)))
+
+        def step(params: Params, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> Params:
+            if not self._stacks(x):
+                return vmapped(params, x, y, m)
+            leaves = {n: t.detach().requires_grad_(True) for n, t in params.items()}
+            with torch.enable_grad():
+                rows = self._stacked_rows(leaves, x, y)
+                grads = torch.autograd.grad(self._reduce(rows, m, full).sum(), list(leaves.values()))
+            return dict(zip(leaves, grads, strict=True))
+
+        return step
+
+    def _step_losses(self, params: Params, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor,
+                     full: bool) -> torch.Tensor:
+        """Every client's step loss (k values), without gradients."""
+        with torch.no_grad():
+            if not self._stacks(x):
+                return vmap(self._loss_of(full))(params, x, y, m)
+            return self._reduce(self._stacked_rows(params, x, y), m, full)
+
     def _loss_of(self, full: bool) -> Callable[..., torch.Tensor]:
         """A step's loss for one client: masked mean over its real samples (full batch) or a batch mean."""
         if full:
@@ -156,20 +200,28 @@ class VectorizedCohort:
         return g.x[gather, idx], g.y[gather, idx]
 
     def _sgd(self, params: Params, g: _Group, steps: int, lr: float) -> Params:
-        step_grad = vmap(grad(self._loss_of(g.plans is None)))
+        """``steps`` SGD steps on fresh copies of ``params``, updated in place as the sequential path does
+        (one fused ``_foreach_add_(alpha=-lr)`` per step)."""
+        step_grad = self._step_grad(g.plans is None)
+        params = {n: p.detach().clone() for n, p in params.items()}
         for s in range(steps):
             x, y = self._take(g, s)
             grads = step_grad(params, x, y, g.mask)
-            params = {n: params[n] - lr * grads[n] for n in params}
+            torch._foreach_add_(list(params.values()), [grads[n] for n in params], alpha=-lr)
         return params
 
     def _full_losses(self, params: Params, g: _Group, sizes: list[int]) -> list[float]:
         """Each client's mean loss over its own samples, summed over exactly its n_i values (not over
-        the padded row), so the figure does not depend on which clients shared the group."""
+        the padded row), so the figure does not depend on which clients shared the group: ``math.fsum``
+        of the float32 values, correctly rounded whatever their order."""
         with torch.no_grad():
-            pointwise = vmap(lambda p, x, y: self.pointwise(functional_call(self.model, p, (x,)), y))(
-                params, g.x, g.y)
-        return [float(pointwise[j, :n].sum() / n) for j, n in enumerate(sizes)]
+            if self._stacks(g.x):
+                pointwise = self._stacked_rows(params, g.x, g.y)
+            else:
+                pointwise = vmap(lambda p, x, y: self.pointwise(functional_call(self.model, p, (x,)), y))(
+                    params, g.x, g.y)
+        rows = pointwise.tolist()
+        return [math.fsum(rows[j][:n]) / n for j, n in enumerate(sizes)]
 
     # ------------------------------------------------------------------ algorithms
     def local_sgd(self, theta: torch.Tensor, shards: Sequence[ClientShard], rngs: Sequence[np.random.Generator],
@@ -206,7 +258,7 @@ class VectorizedCohort:
             sizes = [len(data[i]) for i in run]
             params = self._unflat(theta, len(run))
             before = self._full_losses(params, g, sizes)
-            step_grad = vmap(grad(self._loss_of(g.plans is None)))
+            step_grad = self._step_grad(g.plans is None)
             for s in range(cfg.local_steps):
                 batches = [self._take(g, m * s + j) for j in range(m)]
                 params = per_fedavg_step(params, lambda p, which: step_grad(p, *batches[which], g.mask),  # noqa: B023
@@ -252,8 +304,7 @@ class VectorizedCohort:
             xq, yq = self._take(gq, 0)
             q_loss = self._loss_of(gq.plans is None)
             params, rates = self._unflat(theta, len(run)), self._unflat(alpha, len(run))
-            with torch.no_grad():
-                before = vmap(q_loss)(params, xq, yq, gq.mask)
+            before = self._step_losses(params, xq, yq, gq.mask, gq.plans is None)
             inner = self._loss_of(gs.plans is None)
 
             def meta_loss(p: Params, a: Params, steps: list[tuple[torch.Tensor, torch.Tensor]], ms: torch.Tensor,
@@ -285,17 +336,15 @@ class VectorizedCohort:
             xq, yq = self._take(gq, 0)
             q_loss = self._loss_of(gq.plans is None)
             params = self._unflat(theta, len(run))
-            with torch.no_grad():
-                before = vmap(q_loss)(params, xq, yq, gq.mask)
+            before = self._step_losses(params, xq, yq, gq.mask, gq.plans is None)
             if second_order:
                 xs = [self._take(gs, s) for s in range(cfg.local_steps)]
                 meta_loss = self._meta_loss(self._loss_of(gs.plans is None), q_loss, cfg.local_lr)
                 grads, after = vmap(grad(meta_loss, has_aux=True))(params, xs, gs.mask, xq, yq, gq.mask)
             else:
                 fast = {n: p.detach() for n, p in self._sgd(params, gs, cfg.local_steps, cfg.local_lr).items()}
-                grads = vmap(grad(q_loss))(fast, xq, yq, gq.mask)
-                with torch.no_grad():
-                    after = vmap(q_loss)(fast, xq, yq, gq.mask)
+                grads = self._step_grad(gq.plans is None)(fast, xq, yq, gq.mask)
+                after = self._step_losses(fast, xq, yq, gq.mask, gq.plans is None)
             vectors = self._flat({n: t.detach() for n, t in grads.items()})
             for j, i in enumerate(rows):
                 out[i] = ClientUpdate(vectors[j], float(before[j]), float(after[j].detach()),

@@ -26,7 +26,7 @@ from simulator.config import AlgorithmConfig, DataConfig, EvalConfig, Experiment
 from simulator.data import ClientShard, make_dataset
 from simulator.evaluation import evaluate_client
 from simulator.models import build_model, num_parameters
-from simulator.rng import generator
+from simulator.rng import generator, generators
 from simulator.vectorized import VectorizedCohort, unsupported_reason
 
 log = logging.getLogger("metafleet.worker")
@@ -167,8 +167,7 @@ class ClientWorker:
         params = self._theta(theta)
         per_client = [keys] * len(client_ids) if isinstance(keys, int | np.integer) else list(keys)
         shards = [self.shard(int(c)) for c in client_ids]
-        rngs = [generator(self.spec.seed, "batches", int(k), int(c)) for c, k in zip(client_ids, per_client,
-                                                                                      strict=True)]
+        rngs = generators(self.spec.seed, "batches", per_client, [int(c) for c in client_ids])
         if self.vectorized is not None and shards:
             start = time.perf_counter()
             updates = self.vectorized.run(self.algorithm, params, shards, rngs, self.spec.algorithm)

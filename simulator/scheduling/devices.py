@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from simulator.config import ConfigError, DevicesConfig, Distribution
-from simulator.rng import generator
+from simulator.rng import generators
 
 #: bytes per second in one Mbit/s
 MBIT = 125_000.0
@@ -177,16 +177,15 @@ class Devices:
             return self.trace.profiles(client_ids)
         ids = np.asarray(client_ids, np.int64)
         speed, down = np.empty(ids.size), np.empty(ids.size)
+        # a seeded generator per client costs microseconds: draw once, keep the recent ones
+        missing = list(dict.fromkeys(c for c in ids.tolist() if c not in self._cache))
+        for cid, rng in zip(missing, generators(self.seed, "device", 0, missing), strict=True):
+            self._cache[cid] = (draw(self.cfg.speed, rng), draw(self.cfg.bandwidth, rng))
         for i, cid in enumerate(ids.tolist()):
-            drawn = self._cache.get(cid)
-            if drawn is None:  # a seeded generator per client costs ~50 us: draw once, keep the recent ones
-                rng = generator(self.seed, "device", 0, cid)
-                drawn = self._cache[cid] = (draw(self.cfg.speed, rng), draw(self.cfg.bandwidth, rng))
-                if len(self._cache) > PROFILE_CACHE:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(cid)
-            speed[i], down[i] = drawn
+            self._cache.move_to_end(cid)
+            speed[i], down[i] = self._cache[cid]
+        while len(self._cache) > PROFILE_CACHE:
+            self._cache.popitem(last=False)
         return Profiles(ids, speed, down * self.cfg.uplink_ratio, down)
 
     def online(self, client_ids: np.ndarray, time: float, key: int) -> np.ndarray:
@@ -194,7 +193,7 @@ class Devices:
         ids = np.asarray(client_ids, np.int64)
         up = np.ones(ids.size, bool) if self.availability_trace is None else self.availability_trace.online(ids, time)
         if self.cfg.availability < 1.0:
-            draws = np.array([generator(self.seed, "availability", key, c).random() for c in ids.tolist()])
+            draws = np.array([g.random() for g in generators(self.seed, "availability", key, ids.tolist())])
             up &= draws < self.cfg.availability
         return up
 
@@ -203,8 +202,7 @@ class Devices:
         ids = np.asarray(client_ids, np.int64)
         out = np.full(ids.size, np.nan)
         if self.cfg.dropout > 0:
-            for i, cid in enumerate(ids.tolist()):
-                rng = generator(self.seed, "dropout", key, cid)
+            for i, rng in enumerate(generators(self.seed, "dropout", key, ids.tolist())):
                 drop, frac = rng.random(), rng.random()
                 if drop < self.cfg.dropout:
                     out[i] = frac

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from conftest import small_overrides
 
 from simulator.config import load_config
@@ -81,3 +82,44 @@ def test_a_clients_vectorized_update_does_not_depend_on_its_call_mates(algorithm
         parts = [worker.train(theta, 1, ids[i:i + k]) for i in range(0, len(ids), k)]
         for field in ("vectors", "loss_before", "loss_after"):
             np.testing.assert_array_equal(np.concatenate([getattr(p, field) for p in parts]), getattr(whole, field))
+
+
+# ---------------------------------------------------------------------------------- the stacked MLP forward
+
+def test_plain_mlps_and_only_they_take_the_stacked_forward():
+    from torch import nn
+    from torch.func import functional_call
+
+    from simulator.models import femnist_cnn, mlp, stacked_forward
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 5, bias=False), nn.ReLU(), nn.Linear(5, 2))
+    assert stacked_forward(mlp(3, 2, (4, 5))) is not None
+    for other in (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)), nn.Sequential(nn.Linear(3, 4), nn.Dropout()),
+                  nn.Linear(3, 2), nn.Sequential(), femnist_cnn(784, 10)):
+        assert stacked_forward(other) is None
+    k = 3  # three clients with their own parameters and inputs
+    params = {n: p.detach() + 0.1 * torch.randn(k, *p.shape) for n, p in net.named_parameters()}
+    x = torch.randn(k, 6, 3)
+    out = stacked_forward(net)(params, x)
+    for j in range(k):
+        want = functional_call(net, {n: p[j] for n, p in params.items()}, (x[j],))
+        torch.testing.assert_close(out[j], want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fomaml", "maml", "perfedavg_hf", "metasgd"])
+@pytest.mark.parametrize(("extra", "why"), CASES, ids=[c[1] for c in CASES])
+def test_the_stacked_forward_gives_the_updates_of_the_vmapped_one(algorithm, extra, why):
+    from simulator.algorithms import initial_vector
+
+    cfg = load_config(None, small_overrides(**{"algorithm.name": algorithm, "algorithm.local_steps": 3}) + extra)
+    worker = ClientWorker(WorkerSpec.from_config(cfg))
+    assert worker.vectorized is not None and worker.vectorized.stacked is not None  # the built-in MLP
+    theta = initial_vector(cfg.algorithm, flat_params(worker.model)).numpy()
+    ids, keys = [0, 3, 5, 6, 11, 17, 20], [7, 7, 7, 8, 8, 9, 9]
+    stacked = worker.train(theta, keys, ids)
+    worker.vectorized.stacked = None  # vmap of functional_call, as for any other model
+    vmapped = worker.train(theta, keys, ids)
+    for field in ("vectors", "loss_before", "loss_after"):
+        np.testing.assert_allclose(getattr(stacked, field), getattr(vmapped, field), rtol=1e-5, atol=1e-7)
+    assert np.abs(stacked.vectors).max() > 0
