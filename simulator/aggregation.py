@@ -10,12 +10,17 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+#: rows summed per block: a round of 10,000 clients never needs a float64 copy of all its vectors
+BLOCK_ROWS = 1024
+
 
 def weighted_mean(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i v_i / sum_i w_i over rows of ``vectors`` (k x P), in row order.
+    """sum_i w_i v_i / sum_i w_i over rows of ``vectors`` (k x P), in row order, in float64.
 
     FedAvg (McMahan et al. 2017, Alg. 1): w_i = n_i, the client's sample count; Reptile and
-    MAML: w_i = 1, the plain mean.
+    MAML: w_i = 1, the plain mean. Rows are summed in fixed blocks of ``BLOCK_ROWS`` (a float64
+    copy of one block at a time), then the block sums in order: the result depends only on the
+    rows and their order.
     """
     if vectors.ndim != 2 or weights.shape != (vectors.shape[0],):
         raise ValueError(f"need k x P vectors and k weights, got {tuple(vectors.shape)} and {tuple(weights.shape)}")
@@ -24,8 +29,16 @@ def weighted_mean(vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     total = weights.sum()
     if not total > 0:
         raise ValueError("client weights must sum to a positive number")
-    w = (weights / total).to(vectors.dtype)
-    return w @ vectors
+    return _blocked_dot(weights / total, vectors)
+
+
+def _blocked_dot(w: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i v_i in float64, ``BLOCK_ROWS`` rows at a time in row order, as ``vectors.dtype``."""
+    w = w.to(torch.float64)
+    out = w[:BLOCK_ROWS] @ vectors[:BLOCK_ROWS].to(torch.float64)
+    for i in range(BLOCK_ROWS, vectors.shape[0], BLOCK_ROWS):
+        out = out + w[i:i + BLOCK_ROWS] @ vectors[i:i + BLOCK_ROWS].to(torch.float64)
+    return out.to(vectors.dtype)
 
 
 # ----------------------------------------------------------------------------- asynchronous aggregation
@@ -72,8 +85,7 @@ def fedbuff_mean(vectors: torch.Tensor, weights: torch.Tensor,
     c = torch.ones_like(weights) if client_weights is None else client_weights.to(weights.dtype)
     if c.shape != weights.shape or not c.sum() > 0:
         raise ValueError("client weights must be one positive-sum weight per buffered update")
-    w = ((c / c.sum()) * weights).to(vectors.dtype)
-    return w @ vectors
+    return _blocked_dot((c / c.sum()) * weights, vectors)
 
 
 def fedasync_mix(theta: torch.Tensor, theta_client: torch.Tensor, mixing: float, weight: float) -> torch.Tensor:

@@ -193,7 +193,7 @@ class AsyncServer:
         old = self.theta
         if self.acfg.rule == "fedbuff":
             vectors = torch.from_numpy(np.stack([f.result["vector"] for f in flights]))
-            mean = fedbuff_mean(vectors.double(), s, c).float()
+            mean = fedbuff_mean(vectors, s, c)  # summed in float64
             self.theta = ctx.opt.step(pseudo_gradient(algo, mean))
         else:
             (f,) = flights

@@ -34,7 +34,7 @@ FORMAT = 1
 RESUMABLE_KEYS = frozenset({
     "rounds", "checkpoint_every", "metrics.flush_every", "system.backend", "system.actors",
     "system.cpus_per_actor", "system.gpus_per_actor", "system.clients_per_actor", "system.address",
-    "system.ship_code", "system.shard_cache", "system.max_failures",
+    "system.ship_code", "system.shard_cache", "system.shard_cache_mb", "system.max_failures",
 })
 
 

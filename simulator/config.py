@@ -104,7 +104,8 @@ class SystemConfig:
     address: str = ""
     threads: int = 1
     ship_code: bool = False
-    shard_cache: int = 4096
+    shard_cache: int = 65536   # client shards each worker keeps (LRU), at most ...
+    shard_cache_mb: float = 512.0  # ... and at most this many MiB of them
     vectorize: bool = True     # train a cohort's clients together with torch.func.vmap where the model allows
     max_failures: int = 3      # lost worker calls (actor or node death) retried per round before the run stops
     # round policy, in simulated time

@@ -86,6 +86,8 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     _require(s.clients_per_actor >= 0, f"system.clients_per_actor must be >= 0, got {s.clients_per_actor}")
     _require(s.threads >= 1, f"system.threads must be >= 1, got {s.threads}")
     _require(s.shard_cache >= 1, f"system.shard_cache must be >= 1, got {s.shard_cache}")
+    _require(s.shard_cache_mb > 0, f"system.shard_cache_mb must be > 0 (MiB of cached shards per worker), "
+                                   f"got {s.shard_cache_mb}")
     _require(s.max_failures >= 0, f"system.max_failures must be >= 0, got {s.max_failures}")
     _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
     _require(e.clients >= 0, f"eval.clients must be >= 0, got {e.clients}")

@@ -113,9 +113,12 @@ def _ordered(chunks: list[Any], client_ids: np.ndarray) -> tuple[Callable[[str],
     if len(got) != len(client_ids) or not np.array_equal(got[order], client_ids):
         raise RuntimeError("the backend did not return exactly one result per client of the cohort")
     workers = np.concatenate([np.full(len(c.client_ids), c.worker_id) for c in chunks])
+    in_order = bool(np.array_equal(order, np.arange(len(order))))
 
-    def field(name: str) -> np.ndarray:
-        return np.concatenate([getattr(c, name) for c in chunks])[order]
+    def field(name: str) -> np.ndarray:  # no copy where possible: a round's vectors can be gigabytes
+        values = [getattr(c, name) for c in chunks]
+        joined = values[0] if len(values) == 1 else np.concatenate(values)
+        return joined if in_order else joined[order]
 
     return field, workers[order]
 
@@ -288,8 +291,8 @@ def _sync_rounds(ctx: RunContext) -> None:
                 trained[name][plan.kept] = values
             reason[np.flatnonzero(plan.kept)[~ok]] = "nonfinite"
             if ok.any():
-                good = torch.from_numpy(vectors[ok])
-                mean = weighted_mean(good.double(), torch.from_numpy(weights[ok])).float()
+                good = torch.from_numpy(vectors if ok.all() else vectors[ok])
+                mean = weighted_mean(good, torch.from_numpy(weights[ok]))  # summed in float64
                 new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, mean))
                 update_norm = float(torch.linalg.vector_norm(new_theta - theta))
                 theta, version = new_theta, version + 1

@@ -87,6 +87,7 @@ BAD = [
     (["{tmp}/unknown_key.toml"], "did you mean 'algorithm.local_lr'"),
     (["--set", "roundz=3"], "did you mean 'rounds'"),
     (["--set", "system.vectorize=\"yes\""], "system.vectorize must be true or false"),
+    (["--set", "system.shard_cache_mb=0"], "system.shard_cache_mb must be > 0"),
     (["--set", "devices.dropout=1.5"], "devices.dropout"),
     (["--set", "async.mixing=0"], "async.mixing"),
     (["--set", "devices.availability=0"], "devices.availability"),

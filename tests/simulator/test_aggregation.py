@@ -68,3 +68,18 @@ def test_permuting_rows_with_their_weights():
 def test_weighted_mean_rejects_bad_inputs(vectors, weights, match):
     with pytest.raises(ValueError, match=match):
         weighted_mean(vectors, weights)
+
+
+def test_large_cohorts_are_summed_in_fixed_blocks_and_fedbuff_stays_bit_equal(monkeypatch):
+    from simulator import aggregation
+    from simulator.aggregation import fedbuff_mean
+
+    v = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]], dtype=torch.float32)
+    n = torch.tensor([1.0, 1.0, 2.0, 2.0, 4.0], dtype=torch.float64)
+    whole = weighted_mean(v, n)
+    monkeypatch.setattr(aggregation, "BLOCK_ROWS", 2)  # blocks {0,1}, {2,3}, {4}
+    blocked = weighted_mean(v, n)
+    assert blocked.dtype == torch.float32
+    torch.testing.assert_close(blocked, torch.tensor([6.4, 7.4]), rtol=0, atol=1e-6)  # (1 + 3 + 10 + 14 + 36) / 10, ...
+    torch.testing.assert_close(blocked, whole, rtol=0, atol=1e-6)
+    assert torch.equal(fedbuff_mean(v, torch.ones(5, dtype=torch.float64), n), blocked)

@@ -108,6 +108,16 @@ def test_shard_cache_eviction_keeps_results(sinusoid):
     assert np.array_equal(first.vectors, worker.train(theta, 0, [1, 2, 1]).vectors)
 
 
+def test_the_shard_cache_keeps_to_its_memory_budget(sinusoid):
+    worker, theta = sinusoid
+    one = 2 * sum(t.nbytes for sp in (worker.shard(0).support, worker.shard(0).query) for t in (sp.x, sp.y))
+    cfg = load_config(None, [*BASE, f"system.shard_cache_mb={2.5 * one / 2**20}"])  # room for two shards
+    small = ClientWorker(WorkerSpec.from_config(cfg))
+    res = small.train(theta, 0, [1, 2, 3, 1])
+    assert list(small._shards) == [3, 1] and small._shard_bytes == 2 * one
+    assert np.array_equal(res.vectors, worker.train(theta, 0, [1, 2, 3, 1]).vectors)
+
+
 @pytest.mark.parametrize("algorithm", ["fedavg", "reptile", "fomaml", "maml"])
 @pytest.mark.parametrize("dataset", ["sinusoid", "synthetic"])
 def test_every_algorithm_on_every_dataset(algorithm, dataset):
@@ -186,3 +196,20 @@ def test_summarize():
     assert with_nan["mean"] == 2.0 and with_nan["p50"] == 2.0
     assert all(math.isnan(v) for v in summarize(np.array([])).values())
     assert all(math.isnan(v) for v in summarize(np.array([math.nan, math.nan])).values())
+
+
+def test_a_cohort_larger_than_a_vectorized_chunk_gives_the_same_results(monkeypatch):
+    from conftest import small_overrides
+
+    from simulator import worker as worker_module
+
+    cfg = load_config(None, small_overrides(**{"data.name": "synthetic", "algorithm.name": "fedavg"}))
+    w = ClientWorker(WorkerSpec.from_config(cfg))
+    assert w.vectorized is not None
+    theta = flat_params(w.model).numpy()
+    ids = list(range(0, 20, 2))
+    whole = w.train(theta, 3, ids)
+    monkeypatch.setattr(worker_module, "CPU_CHUNK", 3)  # chunks of 3, 3, 3 and a lone client
+    chunked = w.train(theta, 3, ids)
+    for field in ("client_ids", "vectors", "num_samples", "samples_processed", "loss_before", "loss_after"):
+        np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
