@@ -5,12 +5,14 @@ client, MLP 60-64-10) with 1,000 clients per round, in one process (inline backe
 cohorts), for 1,000 / 10,000 / 100,000 / 1,000,000 registered clients. Each population runs in its
 own Python process, so the peak RSS it reports (``resource.getrusage``) is that run's alone.
 
-    python -m benchmarks.population                  # 5 rounds each; about 1-2 minutes on 2 cores
+    python -m benchmarks.population                  # 5 rounds each, 3 repeats; about 3 minutes on 2 cores
     python -m benchmarks.population --rounds 8 --per-round 1000 --populations 1000 1000000
     python -m benchmarks.population --shard-cache 1   # no shard reuse: isolates the population's own cost
 
-Reported per population: the median round wall time from the second round on, its ratio to the
-smallest population's, and the process's peak RSS. Writes benchmarks/results/population.json.
+Reported per population: the median round wall time from the second round on (the median over
+``--repeats`` runs, with their range; repeats are the outer loop, so a shared machine's drifting load
+spreads over every population), its ratio to the smallest population's, and the largest peak RSS.
+Writes benchmarks/results/population.json.
 """
 
 from __future__ import annotations
@@ -57,16 +59,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--per-round", type=int, default=1000)
     parser.add_argument("--populations", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
-    parser.add_argument("--shard-cache", type=int, default=4096,
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shard-cache", type=int, default=65536,
                         help="system.shard_cache; 1 makes every round build its shards, whatever the population")
     parser.add_argument("--out", default="benchmarks/results/population.json")
     args = parser.parse_args()
-    rows = [measure(n, args.per_round, args.rounds, args.shard_cache) for n in args.populations]
+    runs = [[measure(n, args.per_round, args.rounds, args.shard_cache) for n in args.populations]
+            for _ in range(args.repeats)]
+    rows = []
+    for i, n in enumerate(args.populations):
+        times = [rep[i]["round_s"] for rep in runs]
+        rows.append({"population": n, "round_s": float(np.median(times)), "runs_s": times,
+                     "rss_mb": max(rep[i]["rss_mb"] for rep in runs)})
     base = rows[0]["round_s"]
-    lines = [f"| registered clients | round wall time (s, median, {args.per_round} per round) | vs "
-             f"{args.populations[0]:,} | peak RSS (MB) |", "|---|---|---|---|"]
-    lines += [f"| {r['population']:,} | {r['round_s']:.3f} | {r['round_s'] / base:.2f}x | {r['rss_mb']:.0f} |"
-              for r in rows]
+    lines = [f"| registered clients | round wall time (s; median of {args.repeats}, range; {args.per_round} per "
+             f"round) | vs {args.populations[0]:,} | peak RSS (MB) |", "|---|---|---|---|"]
+    lines += [f"| {r['population']:,} | {r['round_s']:.3f} ({min(r['runs_s']):.3f}-{max(r['runs_s']):.3f}) | "
+              f"{r['round_s'] / base:.2f}x | {r['rss_mb']:.0f} |" for r in rows]
     print("\n".join(lines))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
