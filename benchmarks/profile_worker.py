@@ -1,14 +1,20 @@
 """Where a client worker's time goes on the anchor workload (pyinstrument, one process, 1 thread).
 
     pip install pyinstrument && python -m benchmarks.profile_worker [--rounds 6]
+    python -m benchmarks.profile_worker --whole-run [--rounds 20]
 
-Trains 100 anchor-workload clients per round in one ``ClientWorker`` (the code every backend
-runs) and prints pyinstrument's call tree; the first round (shard building) is not profiled.
+Default: trains 100 anchor-workload clients per round in one ``ClientWorker`` (the code every
+backend runs) and prints pyinstrument's call tree; the first round (shard building) is not profiled.
+``--whole-run``: profiles ``simulator.driver.run`` of a whole run (driver and worker, inline backend,
+vectorized cohorts), after a 2-round warm-up run in the same process (torch's one-time imports).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
 
 from benchmarks.throughput import ANCHOR
 from simulator.algorithms import initial_vector
@@ -19,12 +25,16 @@ from simulator.worker import ClientWorker, WorkerSpec
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=None, help="6, or 20 with --whole-run")
+    parser.add_argument("--whole-run", action="store_true", help="profile the driver and the worker together")
     args = parser.parse_args()
     try:
         from pyinstrument import Profiler
     except ImportError:
         parser.exit(2, "profile_worker: needs pyinstrument; run `pip install pyinstrument`\n")
+    if args.whole_run:
+        whole_run(Profiler(interval=0.0005), args.rounds or 20)
+        return
     cfg = load_config(None, ANCHOR)
     worker = ClientWorker(WorkerSpec.from_config(cfg))
     theta = initial_vector(cfg.algorithm, flat_params(worker.model)).numpy()
@@ -32,9 +42,33 @@ def main() -> None:
     worker.train(theta, 0, clients)  # builds and caches the shards
     profiler = Profiler(interval=0.0002)
     profiler.start()
-    for r in range(1, args.rounds + 1):
+    for r in range(1, (args.rounds or 6) + 1):
         worker.train(theta, r, clients)
     profiler.stop()
+    print(profiler.output_text(unicode=False, color=False))
+
+
+def whole_run(profiler: Any, rounds: int) -> None:
+    from actors import make_backend
+    from simulator.driver import run
+
+    def once(r: int, prof: Any = None) -> dict[str, Any]:
+        cfg = load_config(None, ANCHOR + [f"rounds={r}", 'system.backend="inline"', "system.vectorize=true"])
+        backend = make_backend(cfg)
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                if prof is not None:
+                    prof.start()
+                summary = run(cfg, backend, Path(tmp) / "run")
+                if prof is not None:
+                    prof.stop()
+        finally:
+            backend.close()
+        return summary
+
+    once(2)
+    summary = once(rounds, profiler)
+    print(f"steady updates/s: {summary['steady_updates_per_s']:,.0f}")
     print(profiler.output_text(unicode=False, color=False))
 
 

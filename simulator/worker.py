@@ -34,7 +34,8 @@ log = logging.getLogger("metafleet.worker")
 #: algorithms that differentiate through their inner gradient steps (double backward)
 SECOND_ORDER = frozenset({"maml", "metasgd"})
 #: clients per vectorized computation on a CPU: stacking more than a few hundred clients' parameters
-#: outgrows the caches (anchor workload, 1 thread: 246 us per client at 50-1,000 per chunk, 298 at 2,000)
+#: outgrows the caches (`python -m benchmarks.chunks --clients 10000 --chunks 100 256 1000 10000`, anchor
+#: workload, 1 thread: 204, 206, 226 and 424 us per client)
 CPU_CHUNK = 256
 
 
