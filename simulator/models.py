@@ -132,9 +132,9 @@ def stacked_forward(model: nn.Module) -> StackedForward | None:
 
     Each ``nn.Linear`` becomes one ``torch.baddbmm``: the same products a per-client ``vmap`` of
     ``functional_call`` computes, without its per-call dispatch (a transposed weight, then a separate
-    bias add per layer), which dominates for small layers (measured about 2x per step for the anchor
-    MLP). Client j's outputs depend only on its own slice, so the gradient of a sum of client losses
-    with respect to the stacked parameters is each client's own gradient. None for any other model:
+    bias add per layer), which dominates for small layers. Client j's outputs depend only on its own
+    slice, so the gradient of a sum of client losses with respect to the stacked parameters is each
+    client's own gradient. None for any other model:
     the caller then vmaps ``functional_call``."""
     if not isinstance(model, nn.Sequential) or len(model) == 0:
         return None

@@ -107,7 +107,7 @@ class _Hashed(ISeedSequence):
 def generators(seed: int, purpose: str, round_idx: int | Sequence[int], client_ids: Sequence[int]
                ) -> list[np.random.Generator]:
     """``[generator(seed, purpose, r, c) ...]`` for many clients (``round_idx`` one for all or one per
-    client): the same streams, seeded about 10x faster by hashing every key in one vectorized pass of
+    client): the same streams, seeded several times faster by hashing every key in one vectorized pass of
     numpy's SeedSequence algorithm. A key with an entry >= 2**32 (more than one entropy word) takes
     ``generator`` itself."""
     n = len(client_ids)
