@@ -290,6 +290,22 @@ class VectorizedCohort:
         return (sum(len(sup) if b is None else len(b) for b in plan)
                 + (len(qry) if qplan[0] is None else len(qplan[0])))
 
+    def _meta_group(self, sup: list[Split], qry: list[Split], plans: list[list[Batch]], qplans: list[list[Batch]],
+                    run: list[int]) -> tuple[_Group, _Group, torch.Tensor, torch.Tensor]:
+        """A group's stacked support and query data, and its one query batch (MAML-style steps)."""
+        gs = _stack([sup[i] for i in run], [plans[i] for i in run], run)
+        gq = _stack([qry[i] for i in run], [qplans[i] for i in run], run)
+        return (gs, gq, *self._take(gq, 0))
+
+    def _meta_updates(self, out: list[ClientUpdate | None], rows: list[int], vectors: torch.Tensor,
+                      before: torch.Tensor, after: torch.Tensor,
+                      data: tuple[list[Split], list[Split], list[list[Batch]], list[list[Batch]]]) -> None:
+        """A group's client updates of a MAML-style step, written into ``out`` at their cohort positions."""
+        sup, qry, plans, qplans = data
+        for j, i in enumerate(rows):
+            out[i] = ClientUpdate(vectors[j], float(before[j]), float(after[j].detach()),
+                                  self._processed(sup[i], qry[i], plans[i], qplans[i]))
+
     def metasgd(self, vector: torch.Tensor, shards: Sequence[ClientShard], rngs: Sequence[np.random.Generator],
                 cfg: AlgorithmConfig) -> list[ClientUpdate]:
         """Meta-SGD client steps for a whole cohort: [grad_theta ; grad_alpha] L_query(theta'),
@@ -299,9 +315,7 @@ class VectorizedCohort:
         sup, qry, plans, qplans, keys = self._support_query(shards, rngs, cfg)
         out: list[ClientUpdate | None] = [None] * len(shards)
         for rows, run in self._groups(keys):
-            gs = _stack([sup[i] for i in run], [plans[i] for i in run], run)
-            gq = _stack([qry[i] for i in run], [qplans[i] for i in run], run)
-            xq, yq = self._take(gq, 0)
+            gs, gq, xq, yq = self._meta_group(sup, qry, plans, qplans, run)
             q_loss = self._loss_of(gq.plans is None)
             params, rates = self._unflat(theta, len(run)), self._unflat(alpha, len(run))
             before = self._step_losses(params, xq, yq, gq.mask, gq.plans is None)
@@ -320,9 +334,7 @@ class VectorizedCohort:
                 params, rates, xs, gs.mask, xq, yq, gq.mask)
             vectors = torch.cat([self._flat({n: t.detach() for n, t in gr.items()}) for gr in (g_theta, g_alpha)],
                                 dim=1)
-            for j, i in enumerate(rows):
-                out[i] = ClientUpdate(vectors[j], float(before[j]), float(after[j].detach()),
-                                      self._processed(sup[i], qry[i], plans[i], qplans[i]))
+            self._meta_updates(out, rows, vectors, before, after, (sup, qry, plans, qplans))
         return out  # type: ignore[return-value]
 
     def maml(self, theta: torch.Tensor, shards: Sequence[ClientShard], rngs: Sequence[np.random.Generator],
@@ -331,9 +343,7 @@ class VectorizedCohort:
         sup, qry, plans, qplans, keys = self._support_query(shards, rngs, cfg)
         out: list[ClientUpdate | None] = [None] * len(shards)
         for rows, run in self._groups(keys):
-            gs = _stack([sup[i] for i in run], [plans[i] for i in run], run)
-            gq = _stack([qry[i] for i in run], [qplans[i] for i in run], run)
-            xq, yq = self._take(gq, 0)
+            gs, gq, xq, yq = self._meta_group(sup, qry, plans, qplans, run)
             q_loss = self._loss_of(gq.plans is None)
             params = self._unflat(theta, len(run))
             before = self._step_losses(params, xq, yq, gq.mask, gq.plans is None)
@@ -346,9 +356,7 @@ class VectorizedCohort:
                 grads = self._step_grad(gq.plans is None)(fast, xq, yq, gq.mask)
                 after = self._step_losses(fast, xq, yq, gq.mask, gq.plans is None)
             vectors = self._flat({n: t.detach() for n, t in grads.items()})
-            for j, i in enumerate(rows):
-                out[i] = ClientUpdate(vectors[j], float(before[j]), float(after[j].detach()),
-                                      self._processed(sup[i], qry[i], plans[i], qplans[i]))
+            self._meta_updates(out, rows, vectors, before, after, (sup, qry, plans, qplans))
         return out  # type: ignore[return-value]
 
     @staticmethod
