@@ -9,6 +9,18 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
+def run_with_backend(cfg, run_dir, *args, **kw) -> dict:
+    """``simulator.driver.run`` on the config's own backend (``actors.make_backend``), closed afterwards."""
+    from actors import make_backend
+    from simulator.driver import run
+
+    backend = make_backend(cfg)
+    try:
+        return run(cfg, backend, run_dir, *args, **kw)
+    finally:
+        backend.close()
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Start Ray once per test session with 2 CPUs; backends reuse it and never shut it down."""

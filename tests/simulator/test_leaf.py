@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import small_overrides
+from conftest import run_with_backend, small_overrides
 
 from simulator import leaf
 from simulator.config import ConfigError, DataConfig, load_config
@@ -232,8 +232,7 @@ def test_bad_input_is_a_config_error_naming_data_path(tmp_path, case):
 
 @pytest.mark.parametrize("dataset", ["leaf", "table"])
 def test_a_tiny_run_end_to_end_on_files(tmp_path, dataset):
-    from actors import make_backend
-    from simulator.driver import prepare, run
+    from simulator.driver import prepare
 
     if dataset == "leaf":
         path = write_leaf(tmp_path / "leaf", femnist_users(12))
@@ -246,11 +245,7 @@ def test_a_tiny_run_end_to_end_on_files(tmp_path, dataset):
     cfg = load_config(None, small_overrides(**{
         "data.name": dataset, "data.path": str(path), "data.num_clients": 8, "data.eval_clients": 2,
         "clients.per_round": 4, "eval.clients": 2, "system.backend": "inline", "algorithm.local_lr": 0.05}))
-    backend = make_backend(cfg)
-    try:
-        summary = run(cfg, backend, tmp_path / "run", prepare(cfg))
-    finally:
-        backend.close()
+    summary = run_with_backend(cfg, tmp_path / "run", prepare(cfg))
     assert summary["status"] == "completed" and summary["rounds_completed"] == 4
     assert np.isfinite(summary["final_eval"]["eval_loss_post"])
     assert (tmp_path / "run" / "label_histogram.parquet").exists()

@@ -14,11 +14,10 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import small_overrides
+from conftest import run_with_backend, small_overrides
 from tiny import D, cfg, col, linear, rng, shard, theta
 from torch import nn
 
-from actors import make_backend
 from simulator.algorithms import (
     ALGORITHMS,
     ServerOptimizer,
@@ -31,7 +30,6 @@ from simulator.algorithms import (
 )
 from simulator.config import AlgorithmConfig, EvalConfig, load_config
 from simulator.data import ClientShard, Split
-from simulator.driver import run
 from simulator.evaluation import evaluate_client
 from simulator.meta_algorithms import metasgd_update, per_fedavg_update
 from simulator.models import flat_params
@@ -285,11 +283,7 @@ def test_metasgd_worker_trains_and_evaluates_the_split_vector():
 def test_end_to_end_run(algorithm, tmp_path):
     c = load_config(None, small_overrides(**{"algorithm.name": algorithm, "data.name": "synthetic",
                                               "system.backend": "inline"}))
-    backend = make_backend(c)
-    try:
-        summary = run(c, backend, tmp_path)
-    finally:
-        backend.close()
+    summary = run_with_backend(c, tmp_path)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 4
     assert json.loads((tmp_path / "summary.json").read_text())["algorithm"] == algorithm
     rounds, clients = pd.read_parquet(tmp_path / "rounds.parquet"), pd.read_parquet(tmp_path / "clients.parquet")
@@ -310,11 +304,7 @@ def test_end_to_end_async_fedbuff(algorithm, tmp_path):
     c = load_config(None, small_overrides(**{"algorithm.name": algorithm, "system.backend": "inline",
                                               "data.name": "synthetic", "system.mode": "async",
                                               "async.buffer_size": 3}))
-    backend = make_backend(c)
-    try:
-        summary = run(c, backend, tmp_path)
-    finally:
-        backend.close()
+    summary = run_with_backend(c, tmp_path)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 4
     rounds = pd.read_parquet(tmp_path / "rounds.parquet")
     assert np.all(np.isfinite(rounds["train_loss"])) and np.all(np.isfinite(rounds["eval_loss_post"].dropna()))
