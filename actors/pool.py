@@ -11,8 +11,8 @@ loses that call; because every client's work is a pure function of (model versio
 seed), the pool simply runs the same (method, model ref, keys, client ids) again, on a
 replacement actor with the same worker id, and the run's metrics are identical to a run
 without the fault. When the cluster no longer has room for a replacement (a node is gone), the
-lost chunk goes to a surviving actor and the pool shrinks. Each dispatch (one ``map`` call, or
-one ``submit`` batch) tolerates ``system.max_failures`` lost calls; the next one raises
+lost chunk goes to a surviving actor and the pool shrinks. Each dispatch (one ``train`` or ``evaluate``
+call, or one ``submit`` batch) tolerates ``system.max_failures`` lost calls; the next one raises
 ``WorkerFailure``. The pool does this itself instead of Ray's ``max_restarts`` /
 ``max_task_retries``: those count per actor lifetime rather than per round, hide failures from
 the run's logs, and a restart that no node can host waits forever.
@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import signal
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,9 +44,10 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from simulator.config import ConfigError, SystemConfig
-from simulator.scheduling import split_work
-from simulator.worker import ClientWorker, EvalResult, TrainResult, WorkerFailure, WorkerSpec
+from actors.cluster import connect, log_level
+from simulator.client.worker import ClientWorker
+from simulator.config.schema import ConfigError, SystemConfig
+from simulator.contract import Backend, EvalResult, Keys, Method, TrainResult, WorkerFailure, WorkerSpec, split_work
 
 log = logging.getLogger("metafleet.pool")
 
@@ -98,12 +98,18 @@ class _Slot:
     restarts: int = 0
 
 
+def _call(actor: Any, method: Method, model_ref: Any, keys: int | list[int], client_ids: list[int]) -> Any:
+    """Start ``actor.train`` or ``actor.evaluate`` on a chunk; returns the result's object reference."""
+    remote = actor.train if method == "train" else actor.evaluate
+    return remote.remote(model_ref, keys, client_ids)
+
+
 @dataclass(eq=False)
 class _Batch:
-    """One dispatch (a ``map`` call or a ``submit`` batch): what a lost call needs to run again,
-    and how many calls it has lost. Its model reference is released with the last chunk fetched."""
+    """One dispatch (a ``train``/``evaluate`` call or a ``submit`` batch): what a lost call needs to run
+    again, and how many calls it has lost. Its model reference is released with the last chunk fetched."""
 
-    method: str
+    method: Method
     model_ref: Any
     failures: int = 0
 
@@ -120,46 +126,6 @@ class RayPending:
     slot: _Slot | None = field(default=None, repr=False)
     actor: Any = field(default=None, repr=False)
     batch: _Batch | None = field(default=None, repr=False)
-
-
-def _level() -> int:
-    return logging.getLogger("metafleet").getEffectiveLevel()
-
-
-def connect(system: SystemConfig) -> bool:
-    """Start a local Ray (address "") or join a cluster; returns True if this call started it."""
-    _probe(system.address)
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # Ray's own messages follow metafleet's verbosity (`metafleet run -v` shows them)
-    ray_level = _level() if _level() <= logging.INFO else logging.ERROR
-    kwargs: dict[str, object] = {"include_dashboard": False, "logging_level": ray_level, "configure_logging": True}
-    if system.address:
-        kwargs["address"] = system.address
-        if system.ship_code:
-            import actors
-            import simulator
-
-            kwargs["runtime_env"] = {"py_modules": [simulator, actors]}
-    try:
-        ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"system.address = {system.address!r}: cannot connect to a Ray cluster ({exc}); "
-                          "start one with `ray start --head`, or use --address '' for a local Ray") from None
-    return True
-
-
-def _probe(address: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on an unreachable HOST:PORT (``ray.init`` would retry it forever)."""
-    if not address or address == "auto" or address.startswith("ray://") or ":" not in address:
-        return
-    host, _, port = address.rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"system.address = {address!r}: nothing answers there ({exc}); start the cluster "
-                          "with `ray start --head`, fix --address, or use --address '' for a local Ray") from None
 
 
 def actors_that_fit(system: SystemConfig, cpus: float, gpus: float) -> int:
@@ -204,9 +170,9 @@ FIX = ("check memory and node health (`ray status`, the Ray logs), raise system.
        "and resume with `metafleet run --resume RUN_DIR`")
 
 
-class RayPool:
-    """A pool of ``ClientActor``s with the backend interface the driver uses; it replaces actors
-    that die and runs their lost calls again (see the module docstring)."""
+class RayPool(Backend):
+    """A pool of ``ClientActor``s behind the backend contract; it replaces actors that die and runs their
+    lost calls again (see the module docstring)."""
 
     def __init__(self, spec: WorkerSpec, system: SystemConfig, per_round: int) -> None:
         self.spec, self.system = spec, system
@@ -246,30 +212,31 @@ class RayPool:
         return [{**s.info, "restarts": s.restarts} for s in self._slots]
 
     def _start(self, worker_id: int, fault: str = "") -> Any:
-        return ClientActor.options(**self._opts).remote(self.spec, worker_id, _level(), fault)
+        return ClientActor.options(**self._opts).remote(self.spec, worker_id, log_level(), fault)
 
-    def submit(self, method: str, theta: np.ndarray, keys: int | np.ndarray,
-               client_ids: np.ndarray) -> list[RayPending]:
+    def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
         """Dispatch the clients as one call per chunk; the model is put in the object store once."""
         batch = _Batch(method, ray.put(theta))
         pending = []
         for w, ids, k in split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor):
             slot = self._slots[w]
-            pending.append(RayPending(ids, getattr(slot.actor, method).remote(batch.model_ref, k, ids), keys=k,
+            pending.append(RayPending(ids, _call(slot.actor, method, batch.model_ref, k, ids), keys=k,
                                       slot=slot, actor=slot.actor, batch=batch))
         return pending
 
-    def result(self, pending: RayPending) -> TrainResult | EvalResult:
+    def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
+        return self._dispatch("train", theta, keys, client_ids)
+
+    def result(self, pending: RayPending) -> TrainResult:
         """Block until this chunk is done (the others keep running), running it again if its actor
         died; its references (result, and the model once no chunk of its batch needs it) are released."""
         while pending.ref is not None:
             self._fetch(pending)
         return pending.value
 
-    def map(self, method: str, theta: np.ndarray, keys: int | np.ndarray,
-            client_ids: np.ndarray) -> Iterator[TrainResult | EvalResult]:
-        """Dispatch every chunk at once; yield results as they complete (``ray.wait``)."""
-        waiting = {p.ref: p for p in self.submit(method, theta, keys, client_ids)}
+    def _completed(self, pending: list[RayPending]) -> Iterator[Any]:
+        """Yield the dispatched chunks' results as they complete (``ray.wait``), re-running lost ones."""
+        waiting = {p.ref: p for p in pending}
         while waiting:
             done, _ = ray.wait(list(waiting), num_returns=1)
             p = waiting.pop(done[0])
@@ -277,6 +244,13 @@ class RayPool:
                 yield p.value
             else:
                 waiting[p.ref] = p
+
+    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> Iterator[TrainResult]:
+        """Dispatch every chunk at once; yield results as they complete."""
+        return self._completed(self._dispatch("train", theta, keys, client_ids))
+
+    def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: np.ndarray) -> Iterator[EvalResult]:
+        return self._completed(self._dispatch("evaluate", theta, round_idx, client_ids))
 
     def _fetch(self, p: RayPending) -> bool:
         """Get a chunk's result; if its call was lost, submit it again and return False."""
@@ -311,7 +285,7 @@ class RayPool:
                     "per round)", len(p.client_ids), batch.method, slot.worker_id, batch.failures,
                     self.system.max_failures)
         p.slot, p.actor = slot, slot.actor
-        p.ref = getattr(slot.actor, batch.method).remote(batch.model_ref, p.keys, p.client_ids)
+        p.ref = _call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids)
 
     def _replace(self, slot: _Slot, reason: str) -> None:
         """Start a new actor with the slot's worker id, or drop the slot when the cluster lost the room."""

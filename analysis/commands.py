@@ -12,9 +12,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from analysis.load import RunSet, load_runs
+from rich.console import Console
+from rich.table import Table
 
-EXIT_BAD_INPUT = 2
+from analysis.datasets import summarize_dataset, summary_lines, write_figure
+from analysis.load import RunSet, load_runs
+from analysis.plots import save_figures, standard_figures
+from analysis.report import formatted_rows, summary_table, write_report
+from simulator.config.schema import EXIT_BAD_INPUT, ConfigError
+from simulator.experiment import load_config
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:
@@ -57,8 +63,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
     runset = _load(args.runs)
     if runset is None:
         return EXIT_BAD_INPUT
-    from analysis.plots import save_figures, standard_figures
-
     out = Path(args.out) if args.out else _default_out(runset, "figures", "figures")
     paths = save_figures(standard_figures(runset), out, args.format)
     print(f"{len(paths)} figures of {len(runset.runs)} run(s) in {out}/: {', '.join(p.name for p in paths)}")
@@ -69,9 +73,6 @@ def cmd_report(args: argparse.Namespace) -> int:
     runset = _load(args.runs)
     if runset is None:
         return EXIT_BAD_INPUT
-    from analysis.plots import standard_figures
-    from analysis.report import write_report
-
     out = Path(args.out) if args.out else _default_out(runset, "report.html", "report.html")
     if out.is_dir() or not out.suffix:
         out = out / "report.html"
@@ -86,11 +87,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     runset = _load(args.runs)
     if runset is None:
         return EXIT_BAD_INPUT
-    from rich.console import Console
-    from rich.table import Table
-
-    from analysis.report import formatted_rows, summary_table
-
     headers, rows = formatted_rows(summary_table(runset))
     table = Table(title=f"{len(runset.runs)} run(s)", header_style="bold")
     for i, h in enumerate(headers):
@@ -105,9 +101,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    from analysis.datasets import summarize_dataset, summary_lines, write_figure
-    from simulator.config import ConfigError, load_config
-
     try:
         cfg = load_config(args.config, args.overrides)
         summary = summarize_dataset(cfg)
@@ -123,6 +116,4 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 def figures_of_run(run_dir: Path) -> list[Path]:
     """The standard figures of one run, written into ``RUN_DIR/figures/``."""
-    from analysis.plots import save_figures, standard_figures
-
     return save_figures(standard_figures(load_runs([run_dir])), run_dir / "figures", "png")

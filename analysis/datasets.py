@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from simulator.config import ExperimentConfig
-from simulator.data import make_dataset
+from simulator.config.schema import ExperimentConfig
+from simulator.data.registry import make_dataset
 
 #: clients shown in the label-distribution panel
 SHOWN_CLIENTS = 30

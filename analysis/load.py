@@ -21,8 +21,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simulator.config import flatten_dict
-from simulator.metrics import TABLES
+from simulator.config.toml import flatten_dict
+from simulator.rundir.metrics import TABLES
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,9 @@ byte-reproducibly.
 from __future__ import annotations
 
 import math
-import textwrap
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -23,169 +22,36 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.layout_engine import PlaceHolderLayoutEngine
 
-if TYPE_CHECKING:
-    from analysis.load import RunSet
+from analysis.load import RunSet
+from analysis.styling import (
+    HATCHES,
+    PALETTE,
+    X_NAMES,
+    axis_name,
+    compared,
+    draw_lines,
+    finish,
+    legend_name,
+    new_figure,
+    series_labels,
+    series_style,
+    tidy,
+    valid,
+)
 
-#: Okabe-Ito colour-blind-safe palette, ordered so that the pale yellow comes late
-PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
-LINESTYLES: tuple[Any, ...] = ("-", "--", "-.", ":", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3)), (0, (8, 3)))
-MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*")
-HATCHES: tuple[str, ...] = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
-
-_ALIGNED_X = ("round", "model_version")  # integer axes: seeds align on the value, no interpolation
-_X_NAMES = {"round": "round", "model_version": "model version", "sim_time": "simulated time (s)",
-            "wall_time": "wall-clock time (s)"}
-_NAMES = {
-    "eval_loss_post": "held-out loss after adaptation", "eval_loss_pre": "held-out loss before adaptation",
-    "eval_metric_post": "held-out accuracy after adaptation", "eval_metric_pre": "held-out accuracy before adaptation",
-    "loss_post": "held-out loss after adaptation", "loss_pre": "held-out loss before adaptation",
-    "metric_post": "held-out accuracy after adaptation", "metric_pre": "held-out accuracy before adaptation",
-    "train_loss": "training loss of aggregated clients", "train_loss_before": "training loss before local steps",
-    "staleness_mean": "mean staleness (model versions)", "staleness_max": "max staleness (model versions)",
-    "num_completed": "client updates per round", "num_dropped": "dropped client updates per round",
-    "update_norm": "norm of the global update", "bytes_up": "bytes uploaded per round",
-    "bytes_down": "bytes downloaded per round", "round_sim_duration": "simulated round duration (s)",
-}
-_STAT_SUFFIXES = {"_p10": " (10th percentile over clients)", "_p50": " (median over clients)",
-                  "_p90": " (90th percentile over clients)"}
 _METADATA: dict[str, dict[str, Any]] = {"png": {"Software": None}, "svg": {"Date": None},
                                         "pdf": {"CreationDate": None}}
 
 
-def _style(index: int) -> dict[str, Any]:
-    """Colour, line style and marker of the ``index``-th series (colours repeat after 8, combos do not)."""
-    return {"color": PALETTE[index % len(PALETTE)], "linestyle": LINESTYLES[index % len(LINESTYLES)],
-            "marker": MARKERS[(index + index // len(MARKERS)) % len(MARKERS)]}
-
-
-def _tidy(frame: pd.DataFrame | None) -> pd.DataFrame:
-    """The frame with string ``run`` and ``label`` columns (each filled from the other when missing)."""
-    if frame is None:
-        return pd.DataFrame(columns=["run", "label"])
-    out = frame.copy()
-    if "label" not in out:
-        out["label"] = out["run"] if "run" in out else "run"
-    if "run" not in out:
-        out["run"] = out["label"]
-    return out.assign(run=out["run"].astype(str), label=out["label"].astype(str))
-
-
-def _labels(frame: pd.DataFrame) -> list[str]:
-    return sorted(frame["label"].dropna().unique().tolist()) if "label" in frame else []
-
-
-def _legend_name(label: str, seeds: int) -> str:
-    return f"{label} ({seeds} seeds)" if seeds > 1 else label
-
-
-def _valid(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
-    """Rows where all ``columns`` are present and not NaN (no rows, but all the columns, when one is missing)."""
-    missing = [c for c in dict.fromkeys(columns) if c not in frame]
-    if missing:
-        return frame.iloc[0:0].reindex(columns=[*frame.columns, *missing])
-    return frame.dropna(subset=list(dict.fromkeys(columns)))
-
-
-def _loss_kind(frame: pd.DataFrame) -> str:
-    """"MSE" for regression runs (losses but no accuracy), "cross-entropy" for classification runs."""
-    metric = next((c for c in ("eval_metric_post", "metric_post", "eval_metric_pre", "metric_pre") if c in frame), None)
-    loss = next((c for c in ("eval_loss_post", "loss_post", "eval_loss_pre", "loss_pre") if c in frame), None)
-    if frame.empty or metric is None or loss is None:
-        return "MSE or cross-entropy"
-    has_metric = frame[metric].notna().groupby(frame["run"]).any()
-    has_loss = frame[loss].notna().groupby(frame["run"]).any()
-    regression, classification = bool((has_loss & ~has_metric).any()), bool(has_metric.any())
-    if regression == classification:
-        return "MSE or cross-entropy"
-    return "MSE" if regression else "cross-entropy"
-
-
-def _name(column: str, frame: pd.DataFrame) -> str:
-    """A readable axis name with units for a metric column."""
-    base, suffix = column, ""
-    for end, text in _STAT_SUFFIXES.items():
-        if column.endswith(end):
-            base, suffix = column[: -len(end)], text
-    name = _NAMES.get(base, _X_NAMES.get(base, base))
-    if "loss" in base:
-        name += f" ({_loss_kind(frame)})"
-    return name + suffix
-
-
-def _compared(labels: list[str]) -> str:
-    """What the series compare: the config keys in the labels, e.g. "4 settings of algorithm.name"."""
-    keys: list[str] = []
-    for label in labels:
-        for part in label.split(", "):
-            key = part.split("=", 1)[0] if "=" in part else None
-            if key and key not in keys:
-                keys.append(key)
-    count = f"{len(labels)} setting{'s' if len(labels) != 1 else ''}"
-    return f"{count} of {', '.join(keys)}" if keys else count
-
-
-def _figure(width: float = 9.0, height: float = 5.0) -> Figure:
-    return Figure(figsize=(width, height), layout="constrained")
-
-
-def _finish(ax: Axes, xlabel: str, ylabel: str, title: str) -> None:
-    """Axis labels, a wrapped title, a legend outside the axes (or a note when nothing was drawn)."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("\n".join(textwrap.wrap(ylabel, 45, break_on_hyphens=False)))
-    ax.set_title("\n".join(textwrap.wrap(title[:1].upper() + title[1:], 70, break_on_hyphens=False)),
-                 fontsize="medium")
-    ax.grid(True, alpha=0.3)
-    handles, names = ax.get_legend_handles_labels()
-    if handles:
-        ax.legend(handles, names, fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    else:
-        ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
-
-
-def _aggregate(frame: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """x grid, mean, min and max of ``y`` across the runs of ``frame``, and the number of runs.
-
-    Runs align on the value of integer axes (round); on continuous axes (simulated time) each run is
-    interpolated linearly onto the union of all runs' points within the range they share."""
-    series = [run.groupby(x, sort=True)[y].mean() for _, run in frame.groupby("run", sort=True)]
-    if x in _ALIGNED_X or len(series) == 1:
-        table = pd.concat(series, axis=1).sort_index()
-        grid, values = table.index.to_numpy(dtype=float), table.to_numpy(dtype=float)
-    else:
-        grid = np.unique(np.concatenate([s.index.to_numpy(dtype=float) for s in series]))
-        values = np.column_stack([np.interp(grid, s.index.to_numpy(dtype=float), s.to_numpy(dtype=float),
-                                            left=np.nan, right=np.nan) for s in series])
-        shared = ~np.isnan(values).any(axis=1)
-        if shared.any():
-            grid, values = grid[shared], values[shared]
-    keep = ~np.isnan(values).all(axis=1)
-    grid, values = grid[keep], values[keep]
-    return grid, np.nanmean(values, axis=1), np.nanmin(values, axis=1), np.nanmax(values, axis=1), len(series)
-
-
-def _draw_lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, labels: list[str]) -> None:
-    """One mean line per label, with a min-max band across seeds when the label has several runs."""
-    for index, label in enumerate(labels):
-        sub = frame[frame["label"] == label]
-        if sub.empty:
-            continue
-        grid, mean, low, high, seeds = _aggregate(sub, x, y)
-        style = _style(index)
-        ax.plot(grid, mean, label=_legend_name(label, seeds), markevery=max(1, len(grid) // 10), markersize=5,
-                **style)
-        if seeds > 1:
-            ax.fill_between(grid, low, high, color=style["color"], alpha=0.18, linewidth=0)
-
-
 def curves(rounds: pd.DataFrame, y: str = "eval_loss_post", x: str = "round", title: str | None = None) -> Figure:
     """``y`` against ``x`` (round or sim_time), one line per label: mean over seeds and a min-max band."""
-    rounds = _tidy(rounds)
-    labels = _labels(rounds)
-    fig = _figure()
+    rounds = tidy(rounds)
+    labels = series_labels(rounds)
+    fig = new_figure()
     ax = fig.add_subplot()
-    _draw_lines(ax, _valid(rounds, x, y), x, y, labels)
-    xname, yname = _X_NAMES.get(x, x), _name(y, rounds)
-    _finish(ax, xname, yname, title or f"{yname} by {xname}: {_compared(labels)}")
+    draw_lines(ax, valid(rounds, x, y), x, y, labels)
+    xname, yname = X_NAMES.get(x, x), axis_name(y, rounds)
+    finish(ax, xname, yname, title or f"{yname} by {xname}: {compared(labels)}")
     return fig
 
 
@@ -194,15 +60,15 @@ def personalization_gain(rounds: pd.DataFrame, metric: str = "loss") -> Figure:
     seeds, error bars the std over seeds), annotated with the gain (after - before)."""
     if metric not in ("loss", "accuracy"):
         raise ValueError(f"metric must be 'loss' or 'accuracy', not {metric!r}")
-    rounds = _tidy(rounds)
+    rounds = tidy(rounds)
     what = "loss" if metric == "loss" else "metric"
     pre, post = f"eval_{what}_pre", f"eval_{what}_post"
-    labels = _labels(rounds)
-    finals = _valid(rounds, "round", pre, post).sort_values(["run", "round"]).groupby("run").tail(1)
+    labels = series_labels(rounds)
+    finals = valid(rounds, "round", pre, post).sort_values(["run", "round"]).groupby("run").tail(1)
     stats = finals.groupby("label").agg(pre=(pre, "mean"), pre_std=(pre, "std"), post=(post, "mean"),
                                         post_std=(post, "std"), seeds=("run", "nunique"))
     stats = stats.reindex([label for label in labels if label in stats.index])
-    fig = _figure(max(9.0, 3.5 + 0.9 * len(stats)), 5.5)
+    fig = new_figure(max(9.0, 3.5 + 0.9 * len(stats)), 5.5)
     ax = fig.add_subplot()
     where = np.arange(len(stats), dtype=float)
     width = 0.38
@@ -216,29 +82,29 @@ def personalization_gain(rounds: pd.DataFrame, metric: str = "loss") -> Figure:
         top = max(row["pre"] + np.nan_to_num(row["pre_std"]), row["post"] + np.nan_to_num(row["post_std"]))
         ax.annotate(f"gain\n{row['post'] - row['pre']:+.3g}", (position, top), xytext=(0, 3),
                     textcoords="offset points", ha="center", va="bottom", fontsize="x-small")
-    ax.set_xticks(where, [_legend_name(str(label), int(n)) for label, n in stats["seeds"].items()],
+    ax.set_xticks(where, [legend_name(str(label), int(n)) for label, n in stats["seeds"].items()],
                   rotation=30 if len(stats) > 2 else 0, ha="right" if len(stats) > 2 else "center",
                   rotation_mode="anchor", fontsize="small")
     ax.margins(y=0.15)
     final_rounds = sorted(finals["round"].unique().tolist()) if not finals.empty else []
     at = f"round {final_rounds[0]}" if len(final_rounds) == 1 else "each run's final evaluation"
-    base = _name(post, rounds).replace(" after adaptation", "")
-    _finish(ax, "setting", base, f"personalization gain at {at}: {base} before vs after adaptation "
-                                 f"(gain = after - before), {_compared(labels)}")
+    base = axis_name(post, rounds).replace(" after adaptation", "")
+    finish(ax, "setting", base, f"personalization gain at {at}: {base} before vs after adaptation "
+                                 f"(gain = after - before), {compared(labels)}")
     return fig
 
 
 def client_cdf(evals: pd.DataFrame, column: str = "loss_post", eval_round: int | None = None) -> Figure:
     """Empirical CDF over held-out clients of ``column`` at each run's last evaluation (or ``eval_round``),
     pooled over the seeds of a label."""
-    evals = _tidy(evals)
-    labels = _labels(evals)
-    data = _valid(evals, "round", column)
+    evals = tidy(evals)
+    labels = series_labels(evals)
+    data = valid(evals, "round", column)
     if eval_round is None:
         data = data[data["round"] == data.groupby("run")["round"].transform("max")]
     else:
         data = data[data["round"] == eval_round]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     for index, label in enumerate(labels):
         sub = data[data["label"] == label]
@@ -247,13 +113,14 @@ def client_cdf(evals: pd.DataFrame, column: str = "loss_post", eval_round: int |
         values = np.sort(sub[column].to_numpy(dtype=float))
         fraction = np.arange(1, len(values) + 1) / len(values)
         ax.step(np.r_[values[0], values], np.r_[0.0, fraction], where="post", markersize=5,
-                markevery=max(1, len(values) // 8), label=_legend_name(label, sub["run"].nunique()), **_style(index))
+                markevery=max(1, len(values) // 8), label=legend_name(label, sub["run"].nunique()),
+                **series_style(index))
     ax.set_ylim(0, 1.02)
     rounds = sorted(data["round"].unique().tolist()) if not data.empty else []
     at = f"round {rounds[0]}" if len(rounds) == 1 else "each run's last evaluation"
-    name = _name(column, evals)
-    _finish(ax, name, "fraction of held-out clients", f"distribution over held-out clients of {name} at {at}: "
-                                                       f"{_compared(labels)}")
+    name = axis_name(column, evals)
+    finish(ax, name, "fraction of held-out clients", f"distribution over held-out clients of {name} at {at}: "
+                                                       f"{compared(labels)}")
     return fig
 
 
@@ -271,14 +138,14 @@ def _integer_histogram(ax: Axes, groups: list[tuple[str, np.ndarray, int]], labe
     width = 0.8 / len(groups)
     for j, (label, vals, seeds) in enumerate(groups):
         counts = np.histogram(vals, edges)[0] / max(seeds, 1)
-        style, index = _style(labels.index(label)), labels.index(label)
+        style, index = series_style(labels.index(label)), labels.index(label)
         if bars:
             centers = np.arange(low, high + 1) - 0.4 + width * (j + 0.5)
             ax.bar(centers, counts, width, color=style["color"], hatch=HATCHES[index % len(HATCHES)],
-                   edgecolor="white", label=_legend_name(label, seeds))
+                   edgecolor="white", label=legend_name(label, seeds))
         else:
             ax.stairs(counts, edges, color=style["color"], linestyle=style["linestyle"], linewidth=1.5,
-                      label=_legend_name(label, seeds))
+                      label=legend_name(label, seeds))
             ax.set_yscale("log" if log else "linear")
     if bars and high - low <= 15:
         ax.set_xticks(np.arange(low, high + 1))
@@ -287,53 +154,53 @@ def _integer_histogram(ax: Axes, groups: list[tuple[str, np.ndarray, int]], labe
 
 def _aggregated(clients: pd.DataFrame) -> pd.DataFrame:
     """Rows of client updates that were aggregated (``drop_reason == ""``)."""
-    data = _valid(clients, "drop_reason")
+    data = valid(clients, "drop_reason")
     return data[data["drop_reason"].astype(str) == ""] if "drop_reason" in data else data
 
 
 def staleness_histogram(clients: pd.DataFrame) -> Figure:
     """Histogram (integer bins) of the staleness of aggregated client updates, one series per label."""
-    clients = _tidy(clients)
-    labels = _labels(clients)
-    data = _valid(_aggregated(clients), "staleness")
+    clients = tidy(clients)
+    labels = series_labels(clients)
+    data = valid(_aggregated(clients), "staleness")
     groups = [(label, sub["staleness"].to_numpy(dtype=float), sub["run"].nunique())
               for label, sub in data.groupby("label", sort=True)]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     note = _integer_histogram(ax, groups, labels, log=True)  # the rare large staleness stays visible
-    _finish(ax, "staleness (model versions behind)", "client updates" + note,
-            f"staleness of aggregated client updates: {_compared(labels)}")
+    finish(ax, "staleness (model versions behind)", "client updates" + note,
+            f"staleness of aggregated client updates: {compared(labels)}")
     return fig
 
 
 def participation(clients: pd.DataFrame) -> Figure:
     """Per label, a histogram of how many times each client (of those sampled at least once) was aggregated."""
-    clients = _tidy(clients)
-    labels = _labels(clients)
-    data = _valid(clients, "client_id", "drop_reason")
+    clients = tidy(clients)
+    labels = series_labels(clients)
+    data = valid(clients, "client_id", "drop_reason")
     kept = data.assign(_kept=data["drop_reason"].astype(str) == "")
     counts = kept.groupby(["label", "run", "client_id"], sort=True)["_kept"].sum()
     groups = [(str(label), sub.to_numpy(dtype=float), sub.index.get_level_values("run").nunique())
               for label, sub in counts.groupby(level="label", sort=True)]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
     note = _integer_histogram(ax, groups, labels)
-    _finish(ax, "times a client was aggregated", "clients" + note,
-            f"participation: how often each sampled client was aggregated, {_compared(labels)}")
+    finish(ax, "times a client was aggregated", "clients" + note,
+            f"participation: how often each sampled client was aggregated, {compared(labels)}")
     return fig
 
 
 def drops(rounds: pd.DataFrame, x: str = "round") -> Figure:
     """Per label (at most 8 subplots, summed over seeds by round): dropped updates per round stacked by
     reason, and the completed updates as a line."""
-    rounds = _tidy(rounds)
-    labels = _labels(rounds)
-    data = _valid(rounds, "round", x, "num_completed")
+    rounds = tidy(rounds)
+    labels = series_labels(rounds)
+    data = valid(rounds, "round", x, "num_completed")
     reasons = [c for c in data.columns if c.startswith("dropped_") and data[c].fillna(0).gt(0).any()]
     shown = labels[:8]
     ncols = 1 if len(shown) <= 1 else 2
     nrows = max(1, math.ceil(len(shown) / ncols))
-    fig = _figure(11.0 if ncols == 2 else 9.0, 1.0 + 2.6 * nrows)
+    fig = new_figure(11.0 if ncols == 2 else 9.0, 1.0 + 2.6 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True).ravel()
     for ax, label in zip(axes, shown, strict=False):
         sub = data[data["label"] == label]
@@ -346,8 +213,8 @@ def drops(rounds: pd.DataFrame, x: str = "round") -> Figure:
             for i, area in enumerate(areas):
                 area.set_hatch(HATCHES[(i + 1) % len(HATCHES)])
         ax.plot(xs, totals["num_completed"].to_numpy(dtype=float), color="black", linewidth=1.2, label="completed")
-        ax.set_title(_legend_name(label, sub["run"].nunique()), fontsize="small")
-        ax.set_xlabel(_X_NAMES.get(x, x))
+        ax.set_title(legend_name(label, sub["run"].nunique()), fontsize="small")
+        ax.set_xlabel(X_NAMES.get(x, x))
         ax.set_ylabel("client updates per round")
         ax.grid(True, alpha=0.3)
     for ax in axes[len(shown):]:
@@ -365,16 +232,16 @@ def drops(rounds: pd.DataFrame, x: str = "round") -> Figure:
 
 def throughput(rounds: pd.DataFrame) -> Figure:
     """Client updates per wall-clock second, per round: num_completed / diff(wall_time), one line per label."""
-    rounds = _tidy(rounds)
-    labels = _labels(rounds)
-    data = _valid(rounds, "round", "wall_time", "num_completed").sort_values(["run", "round"])
+    rounds = tidy(rounds)
+    labels = series_labels(rounds)
+    data = valid(rounds, "round", "wall_time", "num_completed").sort_values(["run", "round"])
     step = data.groupby("run")["wall_time"].diff().fillna(data["wall_time"])
     data = data.assign(_throughput=data["num_completed"] / step.where(step > 0))
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot()
-    _draw_lines(ax, _valid(data, "_throughput"), "round", "_throughput", labels)
-    _finish(ax, "round", "client updates per wall-clock second",
-            f"throughput in wall-clock (real, not simulated) time: {_compared(labels)}")
+    draw_lines(ax, valid(data, "_throughput"), "round", "_throughput", labels)
+    finish(ax, "round", "client updates per wall-clock second",
+            f"throughput in wall-clock (real, not simulated) time: {compared(labels)}")
     return fig
 
 
@@ -388,7 +255,7 @@ def _any(frame: pd.DataFrame, column: str, positive: bool = False) -> bool:
 
 def standard_figures(runset: RunSet) -> dict[str, Figure]:
     """The standard figures that apply to ``runset``, keyed by file stem; figures without data are skipped."""
-    rounds, clients, evals = _tidy(runset.rounds), _tidy(runset.clients), _tidy(runset.evals)
+    rounds, clients, evals = tidy(runset.rounds), tidy(runset.clients), tidy(runset.evals)
     loss, accuracy = _any(rounds, "eval_loss_post"), _any(rounds, "eval_metric_post")
     timed = _any(rounds, "sim_time")
     plans: list[tuple[str, bool, Any]] = [

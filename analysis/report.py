@@ -19,6 +19,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.load import RunSet
+from simulator.rundir.files import atomic_write_bytes
 
 #: (column, header, format) of the summary table, in order
 COLUMNS: tuple[tuple[str, str, str], ...] = (
@@ -127,8 +128,7 @@ def html_report(runset: RunSet, figures: dict[str, Figure], title: str = "metafl
 
 
 def write_report(runset: RunSet, figures: dict[str, Figure], path: Path, title: str = "metafleet report") -> Path:
-    from simulator.metrics import atomic_write_bytes
-
+    """The self-contained HTML report, written atomically to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, html_report(runset, figures, title).encode("utf-8"))
     return path

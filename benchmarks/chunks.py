@@ -4,7 +4,7 @@
 
 The anchor workload's clients are trained by one ``ClientWorker`` in calls of ``chunk`` clients (their
 shards built beforehand); each line is the best of 2 passes over all clients. It is the measurement
-behind ``simulator.worker.CPU_CHUNK``: the worker splits a larger call into chunks of that size.
+behind ``simulator.client.worker.CPU_CHUNK``: the worker splits a larger call into chunks of that size.
 """
 
 from __future__ import annotations
@@ -13,11 +13,12 @@ import argparse
 import time
 
 from benchmarks.throughput import ANCHOR
-from simulator import worker as worker_module
-from simulator.algorithms import initial_vector
-from simulator.config import load_config
-from simulator.models import flat_params
-from simulator.worker import ClientWorker, WorkerSpec
+from simulator.algorithms.server import initial_vector
+from simulator.client import worker as worker_module
+from simulator.client.worker import ClientWorker
+from simulator.contract import WorkerSpec
+from simulator.experiment import load_config
+from simulator.params import flat_params
 
 
 def main() -> None:

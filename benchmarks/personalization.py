@@ -15,7 +15,7 @@ support (train) samples, at the final round.
     python -m benchmarks.personalization --only fedavg,reptile --seeds 1
 
 Runs go through ``benchmarks.stragglers.run_one`` (``load_config(None, overrides)``,
-``actors.make_backend``, ``simulator.driver.run``) on the in-process backend with vectorized cohorts
+``actors.backends.make_backend``, ``simulator.rounds.run.run``) on the in-process backend with vectorized cohorts
 (the fastest on a 2-core machine, benchmarks/README.md), ``--jobs`` runs at once in single-threaded
 processes. Model: MLP 784-128-10 (``femnist_cnn`` measured at 25-35 s a round here, ~200x the MLP).
 Writes run directories to ``--out/runs``, ``personalization.{csv,md,json}`` to ``--out``, and
@@ -77,8 +77,8 @@ def ensure_data(path: Path, writers: int) -> None:
 
         counts = build(path, writers, seed=0)
         print(f"generated {writers} writers ({counts['train']} train, {counts['test']} test samples) in {path}/")
-    from simulator.config import load_config
-    from simulator.driver import prepare
+    from simulator.experiment import load_config
+    from simulator.rounds.context import prepare
 
     prepare(load_config(None, list(overrides("fedavg", 0, 1, 1, path))))
 

@@ -29,17 +29,16 @@ _CHILD = """
 import json, resource, sys, tempfile, time
 from pathlib import Path
 import numpy as np
-from actors import make_backend
+from actors.backends import make_backend
 from benchmarks.throughput import ANCHOR
-from simulator.config import load_config
-from simulator.driver import run
+from simulator.experiment import load_config
+from simulator.rounds.run import run
 population, per_round, rounds, cache = (int(a) for a in sys.argv[1:5])
 cfg = load_config(None, ANCHOR + [f"data.num_clients={population}", f"clients.per_round={per_round}",
                                   f"rounds={rounds}", 'system.backend="inline"', "system.vectorize=true",
                                   f"system.shard_cache={cache}"])
-backend = make_backend(cfg)
 ends = []
-with tempfile.TemporaryDirectory() as tmp:
+with tempfile.TemporaryDirectory() as tmp, make_backend(cfg) as backend:
     start = time.perf_counter()
     run(cfg, backend, Path(tmp) / "run", on_round=lambda row: ends.append(time.perf_counter()))
 times = np.diff([start] + ends)

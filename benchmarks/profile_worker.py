@@ -5,7 +5,7 @@
 
 Default: trains 100 anchor-workload clients per round in one ``ClientWorker`` (the code every
 backend runs) and prints pyinstrument's call tree; the first round (shard building) is not profiled.
-``--whole-run``: profiles ``simulator.driver.run`` of a whole run (driver and worker, inline backend,
+``--whole-run``: profiles ``simulator.rounds.run.run`` of a whole run (driver and worker, inline backend,
 vectorized cohorts), after a 2-round warm-up run in the same process (torch's one-time imports).
 """
 
@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.throughput import ANCHOR
-from simulator.algorithms import initial_vector
-from simulator.config import load_config
-from simulator.models import flat_params
-from simulator.worker import ClientWorker, WorkerSpec
+from simulator.algorithms.server import initial_vector
+from simulator.client.worker import ClientWorker
+from simulator.contract import WorkerSpec
+from simulator.experiment import load_config
+from simulator.params import flat_params
 
 
 def main() -> None:
@@ -49,21 +50,18 @@ def main() -> None:
 
 
 def whole_run(profiler: Any, rounds: int) -> None:
-    from actors import make_backend
-    from simulator.driver import run
+    from actors.backends import make_backend
+    from simulator.rounds.run import run
 
     def once(r: int, prof: Any = None) -> dict[str, Any]:
         cfg = load_config(None, ANCHOR + [f"rounds={r}", 'system.backend="inline"', "system.vectorize=true"])
-        backend = make_backend(cfg)
-        try:
+        with make_backend(cfg) as backend:
             with tempfile.TemporaryDirectory() as tmp:
                 if prof is not None:
                     prof.start()
                 summary = run(cfg, backend, Path(tmp) / "run")
                 if prof is not None:
                     prof.stop()
-        finally:
-            backend.close()
         return summary
 
     once(2)

@@ -4,7 +4,7 @@ The anchor workload of ``benchmarks.throughput`` (FedAvg on Synthetic(1,1), 50 s
 60-64-10, 5 local SGD steps of batch 10, 1,000 registered clients, no evaluation) is run for a few rounds at
 each number of clients per round, with three executions: the in-process ``inline`` backend (reference, no
 Ray), Ray with 1 actor and Ray with 2 actors (one CPU each). The figure is ``summary["steady_updates_per_s"]``
-of ``simulator.driver.run``: median clients per round / median round wall time from the second round on.
+of ``simulator.rounds.run.run``: median clients per round / median round wall time from the second round on.
 
 One local Ray (``ray.init(num_cpus=2)``, no dashboard) serves the whole study, so Ray's start-up is paid
 once. Within one repeat, each execution's backend (its actors, and the client shards they have cached) is
@@ -30,8 +30,9 @@ import pandas as pd
 
 from benchmarks.common import Timer, markdown, write_outputs
 from benchmarks.throughput import ANCHOR
-from simulator.config import dumps_toml, load_config, to_dict
-from simulator.worker import WorkerSpec
+from simulator.config.toml import dumps_toml, to_dict
+from simulator.contract import WorkerSpec
+from simulator.experiment import load_config
 
 SYSTEMS: dict[str, tuple[str, int]] = {"inline": ("inline", 1), "ray-1": ("ray", 1), "ray-2": ("ray", 2)}
 SYSTEM_NAMES = {"inline": "inline (1 process, no Ray)", "ray-1": "Ray, 1 actor", "ray-2": "Ray, 2 actors"}
@@ -54,15 +55,14 @@ def overrides(system: str, per_round: int, rounds: int, seed: int = 0, populatio
 
 def _block(system: str, rep: int, p: dict[str, Any], out: Path) -> list[dict[str, Any]]:
     """Every cohort size (smallest first) with one backend of this execution; a row per run."""
-    from actors import make_backend
-    from simulator.driver import run
+    from actors.backends import make_backend
+    from simulator.rounds.run import run
 
     cfgs = [load_config(None, list(overrides(system, k, p["rounds"], population=p.get("population", 1000))))
             for k in sorted(p["per_round"])]
     spec = WorkerSpec.from_config(cfgs[0])
-    backend = make_backend(cfgs[-1])
     rows = []
-    try:
+    with make_backend(cfgs[-1]) as backend:
         for cfg in cfgs:
             if WorkerSpec.from_config(cfg) != spec:  # the pool's workers must match every run it serves
                 raise RuntimeError(f"scale study: run {cfg.name} needs a different worker spec")
@@ -79,8 +79,6 @@ def _block(system: str, rep: int, p: dict[str, Any], out: Path) -> list[dict[str
                          "client_updates": int(summary["client_updates"]), "run": run_dir.name})
             print(f"  done {run_dir.name}: {rows[-1]['steady_updates_per_s']:,.0f} updates/s steady "
                   f"({rows[-1]['wall_s']:.1f} s wall)", flush=True)
-    finally:
-        backend.close()
     return rows
 
 

@@ -13,9 +13,9 @@ import time
 
 def main() -> None:
     t0 = time.perf_counter()
-    from actors import make_backend
-    from simulator.config import load_config
-    from simulator.driver import prepare
+    from actors.backends import make_backend
+    from simulator.experiment import load_config
+    from simulator.rounds.context import prepare
     from simulator.scheduling import sample_cohort
 
     t1 = time.perf_counter()
@@ -27,14 +27,13 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(include_dashboard=False, logging_level="ERROR")
     t3 = time.perf_counter()
-    backend = make_backend(cfg)
-    t4 = time.perf_counter()
-    theta = prepared.theta0.numpy()
-    list(backend.map("train", theta, 0, sample_cohort(cfg.seed, 0, cfg.data.num_clients, cfg.clients.per_round)))
-    t5 = time.perf_counter()
-    list(backend.map("train", theta, 1, sample_cohort(cfg.seed, 1, cfg.data.num_clients, cfg.clients.per_round)))
-    t6 = time.perf_counter()
-    backend.close()
+    with make_backend(cfg) as backend:
+        t4 = time.perf_counter()
+        theta = prepared.theta0.numpy()
+        list(backend.train(theta, 0, sample_cohort(cfg.seed, 0, cfg.data.num_clients, cfg.clients.per_round)))
+        t5 = time.perf_counter()
+        list(backend.train(theta, 1, sample_cohort(cfg.seed, 1, cfg.data.num_clients, cfg.clients.per_round)))
+        t6 = time.perf_counter()
     ray.shutdown()
     steps = {"imports": t1 - t0, "prepare": t2 - t1, "ray.init": t3 - t2, "actors up": t4 - t3,
              "first cohort": t5 - t4, "second cohort": t6 - t5}

@@ -73,18 +73,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from simulator.algorithms import ALGORITHMS
-from simulator.config import ExperimentConfig, dumps_toml, load_config, to_dict
-from simulator.driver import plan_clients, prepare
-from simulator.scheduling import (
-    DROP_REASONS,
-    Event,
-    EventQueue,
-    cohort_size,
-    plan_round,
-    sample_clients,
-    sample_cohort,
-)
+from simulator.algorithms.registry import ALGORITHMS
+from simulator.config.schema import ExperimentConfig
+from simulator.config.toml import dumps_toml, to_dict
+from simulator.experiment import load_config
+from simulator.rounds.context import plan_clients, prepare
+from simulator.scheduling import DROP_REASONS, Event, EventQueue, cohort_size, plan_round, sample_clients, sample_cohort
 
 ALGORITHM_NAMES = ("reptile", "fomaml")
 POLICIES = ("sync", "deadline", "overselect", "fedbuff")
@@ -159,7 +153,7 @@ def round_ends(cfg: ExperimentConfig, dur: np.ndarray, rounds: int | None = None
 
 def fedbuff_update_times(cfg: ExperimentConfig, dur: np.ndarray, horizon: float) -> np.ndarray:
     """Simulated times of FedBuff's server updates until one lands at or after ``horizon``: the event
-    loop of ``simulator.async_driver`` without the training (same refill groups and sampling)."""
+    loop of ``simulator.rounds.asynchronous`` without the training (same refill groups and sampling)."""
     concurrency = cfg.system.max_concurrency or cfg.clients.per_round
     queue, group, seq, now, buffered = EventQueue(), 0, 0, 0.0, 0
     times: list[float] = []
@@ -228,8 +222,8 @@ def plan_runs(preset: dict[str, Any], algorithm: str, seed: int, backend: str, s
 def run_one(overrides: tuple[str, ...], run_dir: str) -> tuple[dict[str, Any], pd.DataFrame]:
     """One run in its own directory (any earlier run of the same name is replaced); plain types in
     and out, as it may run in a spawned process."""
-    from actors import make_backend
-    from simulator.driver import run
+    from actors.backends import make_backend
+    from simulator.rounds.run import run
 
     cfg = load_config(None, list(overrides))
     path = Path(run_dir)
@@ -237,11 +231,8 @@ def run_one(overrides: tuple[str, ...], run_dir: str) -> tuple[dict[str, Any], p
         shutil.rmtree(path)
     path.mkdir(parents=True)
     (path / "config.toml").write_text(dumps_toml(to_dict(cfg)), encoding="utf-8")
-    backend = make_backend(cfg)
-    try:
+    with make_backend(cfg) as backend:
         summary = run(cfg, backend, path)
-    finally:
-        backend.close()
     rounds = pd.read_parquet(path / "rounds.parquet").sort_values("round", ignore_index=True)
     return summary, rounds
 

@@ -26,12 +26,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from simulator.config import load_config
-from simulator.data import make_dataset
-from simulator.driver import run
+from simulator.data.registry import make_dataset
+from simulator.experiment import load_config
 from simulator.models import build_model
+from simulator.rounds.run import run
+from simulator.rundir.summary import steady_throughput
 from simulator.scheduling import sample_cohort
-from simulator.summary import steady_throughput
 
 ANCHOR = [
     "name=\"throughput\"", "data.name=\"synthetic\"", "data.alpha=1.0", "data.beta=1.0",
@@ -74,16 +74,13 @@ def plain_loop(rounds: int, seed: int = 0) -> float:
 
 
 def metafleet(rounds: int, backend: str, actors: int, vectorize: bool, seed: int = 0) -> float:
-    from actors import make_backend
+    from actors.backends import make_backend
 
     cfg = load_config(None, ANCHOR + [f"rounds={rounds}", f"seed={seed}", f"system.backend=\"{backend}\"",
                                       f"system.actors={actors}", f"system.vectorize={str(vectorize).lower()}"])
-    pool = make_backend(cfg)
-    try:
+    with make_backend(cfg) as pool:
         with tempfile.TemporaryDirectory() as tmp:
             summary = run(cfg, pool, Path(tmp) / "run")
-    finally:
-        pool.close()
     return float(summary["steady_updates_per_s"])
 
 

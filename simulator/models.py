@@ -1,25 +1,23 @@
 """Models: the built-in MLP, LEAF's FEMNIST CNN and Shakespeare LSTM, users' own ``torch.nn.Module``
-factories, and flat parameter vectors.
+factories (``simulator.plugins``), and the stacked forward pass of plain MLPs.
 
 ``model.name`` picks the architecture (a ``model.factory`` takes precedence): ``"mlp"`` (ReLU layers
 of ``model.hidden``), ``"femnist_cnn"`` and ``"shakespeare_lstm"``, the two neural baselines of LEAF
 (Caldas et al. 2018, "LEAF: A Benchmark for Federated Settings", Sec. 4 and its reference code).
 
-The server model travels as one flat float32 vector (``flat_params``); a worker writes it into
-its local copy of the module (``load_flat``). Initial weights come from a seeded torch
-generator state, never from the global RNG's current state.
+Flat parameter vectors are ``simulator.params``. Initial weights come from a seeded torch generator
+state, never from the global RNG's current state.
 """
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
-from simulator.config import ConfigError, ModelConfig
+from simulator.config.schema import ConfigError, ModelConfig
+from simulator.plugins import call_factory
 from simulator.rng import torch_seed
 
 
@@ -74,48 +72,30 @@ class ShakespeareLSTM(nn.Module):
         return self.out(h[:, -1])
 
 
-def _load_factory(path: str) -> Callable[..., nn.Module]:
-    module_name, _, attr = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as exc:  # any import failure is the user's factory path
-        raise ConfigError(f"model.factory = {path!r}: cannot import {module_name!r} ({exc}); "
-                          "make the module importable (installed, or on PYTHONPATH)") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"model.factory = {path!r}: {module_name!r} has no callable {attr!r}")
-    return fn
+#: the built-in architectures ``model.name`` can name: ``(cfg, input_dim, output_dim) -> nn.Module``
+MODELS: dict[str, Callable[[ModelConfig, int, int], nn.Module]] = {
+    "mlp": lambda cfg, i, o: mlp(i, o, cfg.hidden),
+    "femnist_cnn": lambda cfg, i, o: femnist_cnn(i, o),
+    "shakespeare_lstm": lambda cfg, i, o: ShakespeareLSTM(o),
+}
 
 
 def build_model(cfg: ModelConfig, input_dim: int, output_dim: int, seed: int) -> nn.Module:
     """Build the model with weights drawn from the run seed (purpose "init").
 
-    ``cfg.factory`` when set, else the architecture ``cfg.name`` ("mlp", "femnist_cnn",
-    "shakespeare_lstm"). A factory is called as ``factory(input_dim=..., output_dim=...)`` when it takes those
-    arguments, else with none; it must return a ``torch.nn.Module``.
+    ``cfg.factory`` when set, else the architecture ``cfg.name`` (a key of ``MODELS``). A factory is called
+    as ``factory(input_dim=..., output_dim=...)`` when it takes those arguments, else with none; it must
+    return a ``torch.nn.Module``.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(torch_seed(seed, "init"))
         if cfg.factory:
-            fn = _load_factory(cfg.factory)
-            try:
-                params = inspect.signature(fn).parameters
-            except (TypeError, ValueError):  # builtins and C types may have no signature
-                params = {}
-            kwargs = {"input_dim": input_dim, "output_dim": output_dim}
-            try:
-                model = fn(**{k: v for k, v in kwargs.items() if k in params})
-            except Exception as exc:
-                raise ConfigError(f"model.factory = {cfg.factory!r} raised {type(exc).__name__}: {exc}") from None
+            model = call_factory("model.factory", cfg.factory, input_dim=input_dim, output_dim=output_dim)
             if not isinstance(model, nn.Module):
                 raise ConfigError(f"model.factory = {cfg.factory!r} returned {type(model).__name__}, "
                                   "not a torch.nn.Module; return the module instance")
-        elif cfg.name == "femnist_cnn":
-            model = femnist_cnn(input_dim, output_dim)
-        elif cfg.name == "shakespeare_lstm":
-            model = ShakespeareLSTM(output_dim)
         else:
-            model = mlp(input_dim, output_dim, cfg.hidden)
+            model = MODELS[cfg.name](cfg, input_dim, output_dim)
     return model
 
 
@@ -179,25 +159,3 @@ def check_output_shape(model: nn.Module, input_dim: int, output_dim: int,
                           "fix model.factory's output layer")
     if not list(model.parameters()):
         raise ConfigError("the model has no trainable parameters; fix model.factory")
-
-
-def flat_params(model: nn.Module) -> torch.Tensor:
-    """All trainable parameters as one detached, contiguous float32 CPU vector."""
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().to("cpu", torch.float32).clone()
-
-
-def num_parameters(model: nn.Module) -> int:
-    """Number of trainable values: the length of ``flat_params(model)``."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def load_flat(model: nn.Module, theta: torch.Tensor) -> None:
-    """Copy a flat vector into the model's parameters (in place; ``theta`` itself is never aliased)."""
-    offset = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            n = p.numel()
-            p.copy_(theta[offset:offset + n].view_as(p))
-            offset += n
-    if offset != theta.numel():
-        raise ValueError(f"theta has {theta.numel()} values, the model {offset} parameters")

@@ -6,19 +6,16 @@ import os
 
 import pytest
 
+from actors.backends import make_backend
+from simulator.rounds.run import run
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 
 def run_with_backend(cfg, run_dir, *args, **kw) -> dict:
-    """``simulator.driver.run`` on the config's own backend (``actors.make_backend``), closed afterwards."""
-    from actors import make_backend
-    from simulator.driver import run
-
-    backend = make_backend(cfg)
-    try:
+    """``simulator.rounds.run.run`` on the config's own backend (``actors.backends.make_backend``)."""
+    with make_backend(cfg) as backend:
         return run(cfg, backend, run_dir, *args, **kw)
-    finally:
-        backend.close()
 
 
 @pytest.fixture(scope="session")

@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from conftest import small_overrides
 
-from simulator.cli import main
-from simulator.config import from_dict
-from simulator.metrics import WALL_CLOCK_COLUMNS
+from actors.cli import main
+from simulator.experiment import from_dict
+from simulator.rundir.metrics import WALL_CLOCK_COLUMNS
 
 INLINE = ["system.backend=\"inline\""]
 
@@ -147,7 +147,7 @@ def test_malformed_toml_and_existing_out_dir(tmp_path, capsys):
 
 def test_console_script_bad_flag_and_bad_key_no_traceback(tmp_path):
     for argv in (["run", "--bogus-flag"], ["run", "--set", "rounds=-1", "--out", str(tmp_path / "r")]):
-        proc = subprocess.run([sys.executable, "-m", "simulator.cli", *argv], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "actors.cli", *argv], capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -209,7 +209,7 @@ def test_sigkilled_metafleet_run_resumes_to_the_uninterrupted_result(tmp_path):
                                    "system.backend": "inline", "eval.every": 10})
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     assert main(["run", "--out", str(ref), "--no-progress", "--no-plots", *_args(overrides)]) == 0
-    proc = subprocess.Popen([sys.executable, "-m", "simulator.cli", "run", "--out", str(killed), "--no-progress",
+    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "run", "--out", str(killed), "--no-progress",
                              "--no-plots", *_args(overrides)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not (killed / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:

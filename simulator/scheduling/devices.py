@@ -23,8 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
 
-from simulator.config import ConfigError, DevicesConfig, Distribution
+from simulator.config.schema import ConfigError, DevicesConfig, Distribution
 from simulator.rng import generators
 
 #: bytes per second in one Mbit/s
@@ -37,7 +40,6 @@ PROFILE_CACHE = 65_536
 @dataclass(frozen=True)
 class Profiles:
     """Device profiles of some clients, row i for ``client_ids[i]``."""
-
     client_ids: np.ndarray
     compute_speed: np.ndarray  # samples per simulated second
     up_bw: np.ndarray          # Mbit/s
@@ -66,10 +68,6 @@ def client_durations(profiles: Profiles, samples: np.ndarray, model_bytes: int, 
 
 def _read_table(path: str, key: str, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
     """A CSV or Parquet file's named columns as float64 arrays (client_id as int64); ConfigError if unusable."""
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
     p = Path(path)
     is_parquet = p.suffix.lower() in (".parquet", ".pq")
     if not p.is_file():
@@ -117,7 +115,6 @@ def _check_ids(ids: np.ndarray, key: str, path: str, unique: bool) -> int:
 
 class DeviceTrace:
     """FedScale-style device trace: one row per device, client c uses row ``c mod rows``."""
-
     COLUMNS = ("client_id", "compute_speed", "up_bw", "down_bw")
 
     def __init__(self, path: str) -> None:
@@ -137,7 +134,6 @@ class DeviceTrace:
 class AvailabilityTrace:
     """On/off trace: rows (client_id, start, end) are intervals [start, end) of simulated seconds in
     which the client is online; client c follows trace client ``c mod M``."""
-
     COLUMNS = ("client_id", "start", "end")
 
     def __init__(self, path: str) -> None:
@@ -165,7 +161,6 @@ class AvailabilityTrace:
 
 class Devices:
     """The ``[devices]`` section made concrete for one run seed (traces are read once, here)."""
-
     def __init__(self, cfg: DevicesConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
         self.trace = DeviceTrace(cfg.trace) if cfg.trace else None

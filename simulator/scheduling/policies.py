@@ -12,7 +12,7 @@ samples its update will process), so a client whose update will be discarded is 
   finish, in simulated time (ties: lower client id), are kept; the round ends with the last kept
   one (Bonawitz et al. 2019, "Towards Federated Learning at Scale", Sec. 2.2).
 
-Asynchronous mode (``simulator.async_driver``) uses ``EventQueue``: completions ordered by
+Asynchronous mode (``simulator.rounds.asynchronous``) uses ``EventQueue``: completions ordered by
 (simulated finish time, client id, dispatch number), never by the order Ray returns them.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.config import overselect_cohort
+from simulator.config.schema import overselect_cohort
 
 #: why a sampled client's update did not count, in the order of the rounds-table columns
 DROP_REASONS = ("offline", "dropout", "deadline", "overselect", "staleness", "nonfinite")

@@ -1,4 +1,4 @@
-"""Client sampling and cohort splitting: which clients train, and which worker serves each.
+"""Client sampling: which clients train (cutting a cohort into worker calls is ``simulator.contract``).
 
 Every draw is seeded by (seed, purpose, key): the synchronous modes key the sampler by round,
 the asynchronous mode by refill group (one group per simulated instant at which free slots are
@@ -50,29 +50,3 @@ def select_eval_clients(seed: int, first_id: int, available: int, count: int) ->
     """A fixed, seeded subset of the held-out clients, evaluated at every evaluation."""
     rng = generator(seed, "eval_select")
     return np.sort(rng.choice(available, size=count, replace=False)).astype(np.int64) + first_id
-
-
-def split_cohort(client_ids: np.ndarray, workers: int, max_chunk: int = 0) -> list[tuple[int, list[int]]]:
-    """Split a cohort into (worker index, client ids) calls: equal sizes, stable placement.
-
-    Clients are ordered by (id mod workers, id) before being cut into equal contiguous chunks,
-    so a client mostly lands on the same worker round after round (its cached shard is reused)
-    while every worker gets the same number of clients. ``max_chunk`` > 0 caps the clients per
-    call (``system.clients_per_actor``); extra chunks go round-robin to the workers.
-    """
-    ids = np.asarray(client_ids, dtype=np.int64)
-    if ids.size == 0:
-        return []
-    ordered = ids[np.lexsort((ids, ids % workers))]
-    chunks = workers if max_chunk <= 0 else max(workers, -(-ids.size // max_chunk))
-    chunks = min(chunks, ids.size)
-    return [(i % workers, part.tolist()) for i, part in enumerate(np.array_split(ordered, chunks))]
-
-
-def split_work(client_ids: np.ndarray, keys: int | np.ndarray, workers: int,
-               max_chunk: int = 0) -> list[tuple[int, list[int], int | list[int]]]:
-    """``split_cohort`` carrying each client's stream key along: (worker, ids, key or keys) per call."""
-    if isinstance(keys, int | np.integer):
-        return [(w, ids, int(keys)) for w, ids in split_cohort(client_ids, workers, max_chunk)]
-    lookup = dict(zip(np.asarray(client_ids, np.int64).tolist(), np.asarray(keys, np.int64).tolist(), strict=True))
-    return [(w, ids, [lookup[c] for c in ids]) for w, ids in split_cohort(client_ids, workers, max_chunk)]

@@ -4,7 +4,7 @@ because Ray is initialized once per process and the test session already runs a 
     python tests/actors/cluster_run.py RUN_DIR '["rounds=6", ...]'
 
 Builds a ``ray.cluster_utils.Cluster`` on this machine (a head node and one worker node, 1 CPU
-each, so the pool's two 1-CPU actors land one per node), runs ``simulator.driver.run`` with the
+each, so the pool's two 1-CPU actors land one per node), runs ``simulator.rounds.run.run`` with the
 Ray backend joined to it, removes the worker node after round 1, and prints one JSON line: the
 summary's status, the actors' nodes before and the pool's description after the run.
 """
@@ -21,9 +21,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from actors import make_backend  # noqa: E402
-from simulator.config import load_config  # noqa: E402
-from simulator.driver import run  # noqa: E402
+from actors.backends import make_backend  # noqa: E402
+from simulator.experiment import load_config  # noqa: E402
+from simulator.rounds.run import run  # noqa: E402
 
 #: object store per node: small, the runs put a few KB per round
 STORE = 80 * 1024 * 1024
@@ -36,8 +36,6 @@ def main(run_dir: Path, overrides: list[str], remove_after: int = 1) -> dict[str
     cluster.wait_for_nodes()
     cfg = load_config(None, overrides + [f'system.address="{cluster.address}"', 'system.backend="ray"',
                                          "system.actors=2"])
-    pool = make_backend(cfg)
-    before = pool.describe()
     removed: list[int] = []
 
     def on_round(row: dict[str, object]) -> None:
@@ -46,10 +44,11 @@ def main(run_dir: Path, overrides: list[str], remove_after: int = 1) -> dict[str
             removed.append(int(row["round"]))
 
     try:
-        summary = run(cfg, pool, run_dir, on_round=on_round)
-        after = pool.describe()
+        with make_backend(cfg) as pool:  # joined the cluster itself, so closing it also disconnects
+            before = pool.describe()
+            summary = run(cfg, pool, run_dir, on_round=on_round)
+            after = pool.describe()
     finally:
-        pool.close()  # joined the cluster itself, so this also disconnects
         cluster.shutdown()
     return {"status": summary["status"], "removed_after": removed, "nodes_before": [d["node"] for d in before],
             "worker_node": worker.node_id, "after": after}

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 from conftest import small_overrides
 
-from actors import make_backend
+from actors.backends import make_backend
 from actors.inline import InlineBackend
-from simulator.config import load_config
-from simulator.driver import run
-from simulator.metrics import WALL_CLOCK_COLUMNS
-from simulator.scheduling import split_cohort
-from simulator.worker import ClientWorker, WorkerSpec
+from simulator.client.worker import ClientWorker
+from simulator.contract import WorkerSpec, split_cohort
+from simulator.experiment import load_config
+from simulator.rounds.run import run
+from simulator.rundir.metrics import WALL_CLOCK_COLUMNS
 
 CASES = [
     ("reptile", "sinusoid", []),
@@ -36,11 +36,8 @@ def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
 
 def _run(tmp_path: Path, tag: str, overrides: list[str]) -> dict[str, pd.DataFrame]:
     cfg = load_config(None, overrides)
-    backend = make_backend(cfg)
-    try:
+    with make_backend(cfg) as backend:
         summary = run(cfg, backend, tmp_path / tag)
-    finally:
-        backend.close()
     assert summary["status"] == "completed"
     return _tables(tmp_path / tag)
 
@@ -88,23 +85,27 @@ def test_identical_metrics_in_every_mode(ray_session, tmp_path, mode, extra):
 class ShuffledBackend(InlineBackend):
     """Splits each cohort over 3 pretend workers and returns their results in reverse order."""
 
-    def map(self, method, theta, round_idx, client_ids):
-        fn = getattr(self.worker, method)
+    def _shuffled(self, fn, theta, round_idx, client_ids):
         results = []
         for w, chunk in split_cohort(client_ids, 3):
             res = fn(theta, round_idx, chunk)
             results.append(type(res)(**{**res.__dict__, "worker_id": w}))
         yield from reversed(results)
 
+    def train(self, theta, round_idx, client_ids):
+        return self._shuffled(self.worker.train, theta, round_idx, client_ids)
+
+    def evaluate(self, theta, round_idx, client_ids):
+        return self._shuffled(self.worker.evaluate, theta, round_idx, client_ids)
+
 
 def test_completion_order_does_not_change_results(tmp_path):
     cfg = load_config(None, small_overrides(**{"system.backend": "inline", "algorithm.name": "fedavg",
                                                "data.name": "synthetic"}))
     spec = WorkerSpec.from_config(cfg)
-    a = InlineBackend(spec, cfg.system)
-    b = ShuffledBackend(spec, cfg.system)
-    run(cfg, a, tmp_path / "a")
-    run(cfg, b, tmp_path / "b")
+    with InlineBackend(spec, cfg.system) as a, ShuffledBackend(spec, cfg.system) as b:
+        run(cfg, a, tmp_path / "a")
+        run(cfg, b, tmp_path / "b")
     ta, tb = _tables(tmp_path / "a"), _tables(tmp_path / "b")
     for name in ta:
         pd.testing.assert_frame_equal(ta[name], tb[name], check_exact=True)
@@ -112,8 +113,7 @@ def test_completion_order_does_not_change_results(tmp_path):
 
 def test_ray_pool_describes_actors_and_places_on_cpu(ray_session):
     cfg = load_config(None, small_overrides(**{"system.actors": 2}))
-    pool = make_backend(cfg)
-    try:
+    with make_backend(cfg) as pool:
         info = pool.describe()
         assert [d["worker_id"] for d in info] == [0, 1]
         assert {d["device"] for d in info} == {"cpu"}
@@ -121,10 +121,10 @@ def test_ray_pool_describes_actors_and_places_on_cpu(ray_session):
         assert len({d["pid"] for d in info}) == 2  # two processes
         theta = np.zeros(1, np.float32)
         worker = ClientWorker(WorkerSpec.from_config(cfg))
-        from simulator.models import flat_params
+        from simulator.params import flat_params
 
         theta = flat_params(worker.model).numpy()
-        chunks = list(pool.map("train", theta, 0, np.arange(6)))
+        chunks = list(pool.train(theta, 0, np.arange(6)))
         assert sorted(c.worker_id for c in chunks) == [0, 1]
         assert sorted(np.concatenate([c.client_ids for c in chunks]).tolist()) == list(range(6))
         # the same clients trained in-process give bit-identical vectors
@@ -132,5 +132,3 @@ def test_ray_pool_describes_actors_and_places_on_cpu(ray_session):
         for c in chunks:
             rows = [list(local.client_ids).index(i) for i in c.client_ids]
             np.testing.assert_array_equal(c.vectors, local.vectors[rows])
-    finally:
-        pool.close()

@@ -19,13 +19,14 @@ import pandas as pd
 import pytest
 from conftest import small_overrides
 
-from actors import make_backend
+from actors.backends import make_backend
 from actors.pool import FAULT_ENV
-from simulator.config import load_config
-from simulator.driver import run
-from simulator.metrics import WALL_CLOCK_COLUMNS
-from simulator.models import flat_params
-from simulator.worker import ClientWorker, WorkerFailure, WorkerSpec
+from simulator.client.worker import ClientWorker
+from simulator.contract import WorkerFailure, WorkerSpec
+from simulator.experiment import load_config
+from simulator.params import flat_params
+from simulator.rounds.run import run
+from simulator.rundir.metrics import WALL_CLOCK_COLUMNS
 
 HERE = Path(__file__).resolve().parent
 SYNC = small_overrides(rounds=4)
@@ -43,11 +44,8 @@ def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
 
 def _inline(tmp_path: Path, overrides: list[str]) -> dict[str, pd.DataFrame]:
     cfg = load_config(None, overrides + ["system.backend=\"inline\""])
-    backend = make_backend(cfg)
-    try:
+    with make_backend(cfg) as backend:
         assert run(cfg, backend, tmp_path / "inline")["status"] == "completed"
-    finally:
-        backend.close()
     return _tables(tmp_path / "inline")
 
 
@@ -68,7 +66,6 @@ def _faulty_run(tmp_path: Path, overrides: list[str], kills: dict[int, str]) -> 
     a thread, so it lands while the next round runs) or "ray.kill" (the last actor). Returns the pool's
     description at the end."""
     cfg = load_config(None, overrides + ["system.backend=\"ray\"", "system.actors=2"])
-    pool = make_backend(cfg)
     threads: list[threading.Thread] = []
 
     def on_round(row: dict[str, object]) -> None:
@@ -82,13 +79,11 @@ def _faulty_run(tmp_path: Path, overrides: list[str], kills: dict[int, str]) -> 
 
             ray.kill(pool.actors[-1], no_restart=False)
 
-    try:
+    with make_backend(cfg) as pool:
         assert run(cfg, pool, tmp_path / "ray", on_round=on_round)["status"] == "completed"
         for t in threads:
             t.join()
         return pool.describe()
-    finally:
-        pool.close()
 
 
 def test_sync_run_survives_actor_kills(ray_session, sync_expected, tmp_path, monkeypatch, caplog):
@@ -117,12 +112,9 @@ def _theta(overrides: list[str]) -> np.ndarray:
 def test_failures_beyond_max_failures_raise_worker_failure(ray_session, monkeypatch):
     overrides = small_overrides(**{"system.actors": 1, "system.max_failures": 1})
     monkeypatch.setenv(FAULT_ENV, "die_on_call:1")  # every actor, replacements too, dies in its first call
-    pool = make_backend(load_config(None, overrides))
-    try:
+    with make_backend(load_config(None, overrides)) as pool:
         with pytest.raises(WorkerFailure) as err:
-            list(pool.map("train", _theta(overrides), 0, np.arange(6)))
-    finally:
-        pool.close()
+            list(pool.train(_theta(overrides), 0, np.arange(6)))
     msg = str(err.value)
     assert "\n" not in msg
     for part in ("actor ", "2 calls were lost", "system.max_failures = 1", "ActorDiedError",
@@ -133,15 +125,12 @@ def test_failures_beyond_max_failures_raise_worker_failure(ray_session, monkeypa
 def test_submit_result_with_no_failures_tolerated(ray_session, monkeypatch):
     overrides = small_overrides(**{"system.actors": 1, "system.max_failures": 0, "system.clients_per_actor": 3})
     monkeypatch.setenv(FAULT_ENV, "die_on_call:2")  # the second chunk's call
-    pool = make_backend(load_config(None, overrides))
-    try:
-        pending = pool.submit("train", _theta(overrides), np.arange(6) % 2, np.arange(6))
+    with make_backend(load_config(None, overrides)) as pool:
+        pending = pool.submit(_theta(overrides), np.arange(6) % 2, np.arange(6))
         assert len(pending) == 2
         with pytest.raises(WorkerFailure, match="system.max_failures = 0"):
             for p in pending:
                 pool.result(p)
-    finally:
-        pool.close()
 
 
 def test_node_removal_mid_run(sync_expected, tmp_path):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actors.pool import pool_size
-from simulator.config import ConfigError, SystemConfig
+from simulator.config.schema import ConfigError, SystemConfig
 
 
 def sys(**kw) -> SystemConfig:

@@ -11,9 +11,9 @@ from typing import Any
 
 from conftest import small_overrides
 
-from actors import make_backend
-from simulator.config import load_config
-from simulator.driver import run
+from actors.backends import make_backend
+from simulator.experiment import load_config
+from simulator.rounds.run import run
 
 ROUNDS = 300
 WARMUP = 50
@@ -78,11 +78,8 @@ def test_long_run_keeps_memory_and_references_flat(ray_session, tmp_path, capsys
         if r in (WARMUP, ROUNDS - 1):
             rss[r] = rss_mb()
 
-    pool = make_backend(cfg)
-    try:
+    with make_backend(cfg) as pool:
         summary = run(cfg, pool, tmp_path / "long", on_round=on_round)
-    finally:
-        pool.close()
     assert summary["status"] == "completed" and summary["rounds_completed"] == ROUNDS
     with capsys.disabled():
         print(f"\n{ROUNDS} rounds in {summary['wall_time_s']:.1f} s: driver RSS {rss[WARMUP]:.1f} MiB at round "
@@ -97,25 +94,23 @@ def test_fetched_chunks_release_their_references(ray_session):
     results nor the model stay referenced."""
     import numpy as np
 
-    from simulator.models import flat_params
-    from simulator.worker import ClientWorker, WorkerSpec
+    from simulator.client.worker import ClientWorker
+    from simulator.contract import WorkerSpec
+    from simulator.params import flat_params
 
     cfg = load_config(None, small_overrides(**{"system.actors": 2}))
     theta = flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
-    pool = make_backend(cfg)
-    try:
+    with make_backend(cfg) as pool:
         gc.collect()  # generators and tracebacks of earlier tests may hold references in cycles
         before = owned_refs()
         for r in range(4):
             if r % 2:
-                pending = pool.submit("train", theta, np.full(6, r), np.arange(6))
+                pending = pool.submit(theta, np.full(6, r), np.arange(6))
                 assert owned_refs() > before  # the model and the two results
                 chunks = [pool.result(p) for p in pending]
                 assert all(p.ref is None and p.batch is None for p in pending)
                 del pending
             else:
-                chunks = list(pool.map("train", theta, r, np.arange(6)))
+                chunks = list(pool.train(theta, r, np.arange(6)))
             assert sorted(np.concatenate([c.client_ids for c in chunks]).tolist()) == list(range(6))
             assert settled_refs(before) == before
-    finally:
-        pool.close()

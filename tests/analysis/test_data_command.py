@@ -9,8 +9,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from actors.cli import main  # noqa: E402
 from analysis.datasets import DatasetSummary  # noqa: E402
-from simulator.cli import main  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

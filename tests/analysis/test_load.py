@@ -7,8 +7,8 @@ import shutil
 import pytest
 from conftest import small_overrides
 
+from actors.cli import main
 from analysis import load_run
-from simulator.cli import main
 
 
 def test_load_finished_and_killed_runs(tmp_path):
@@ -53,7 +53,7 @@ def test_load_hand_made_tables_with_a_truncated_part(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from simulator.metrics import ROUNDS_SCHEMA
+    from simulator.rundir.metrics import ROUNDS_SCHEMA
 
     run_dir = tmp_path / "hand"
     (run_dir / "rounds.parquet").mkdir(parents=True)

@@ -9,9 +9,9 @@ import pytest
 from conftest import small_overrides
 from matplotlib.figure import Figure
 
+from actors.cli import main
 from analysis import load_runs, run_labels
 from analysis.report import html_report, summary_table
-from simulator.cli import main
 
 
 def _run(out, **kw) -> None:

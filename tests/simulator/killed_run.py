@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 from actors.inline import InlineBackend
-from simulator import checkpoint, metrics
-from simulator.config import load_config
-from simulator.driver import run
-from simulator.worker import WorkerSpec
+from simulator.contract import WorkerSpec
+from simulator.experiment import load_config
+from simulator.rounds.run import run
+from simulator.rundir import checkpoint, metrics
 
 
 def die() -> None:
@@ -31,12 +31,12 @@ def main() -> None:
     cfg = load_config(None, overrides)
     calls = {"call": 0, "flush": 0, "save": 0}
 
-    class Backend(InlineBackend):
-        def submit(self, method, theta, keys, client_ids):
+    class Backend(InlineBackend):  # every backend call counts: train, evaluate and the async mode's submit
+        def dispatch(self, *args):
             calls["call"] += 1
             if kind == "call" and calls["call"] == n:
                 die()
-            return super().submit(method, theta, keys, client_ids)
+            return super().dispatch(*args)
 
     if kind == "flush":
         write = metrics.atomic_write_bytes
@@ -64,7 +64,8 @@ def main() -> None:
             die()
 
     Path(run_dir).mkdir(parents=True, exist_ok=True)
-    run(cfg, Backend(WorkerSpec.from_config(cfg), cfg.system), Path(run_dir), on_round=on_round)
+    with Backend(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        run(cfg, backend, Path(run_dir), on_round=on_round)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.aggregation import weighted_mean
+from simulator.algorithms.aggregation import weighted_mean
 
 
 def test_weighted_mean_small_example():
@@ -71,8 +71,8 @@ def test_weighted_mean_rejects_bad_inputs(vectors, weights, match):
 
 
 def test_large_cohorts_are_summed_in_fixed_blocks_and_fedbuff_stays_bit_equal(monkeypatch):
-    from simulator import aggregation
-    from simulator.aggregation import fedbuff_mean
+    from simulator.algorithms import aggregation
+    from simulator.algorithms.aggregation import fedbuff_mean
 
     v = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]], dtype=torch.float32)
     n = torch.tensor([1.0, 1.0, 2.0, 2.0, 4.0], dtype=torch.float64)

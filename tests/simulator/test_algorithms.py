@@ -12,22 +12,16 @@ import torch
 import torch.nn.functional as F
 from tiny import D, cfg, col, linear, rng, shard, theta
 
-from simulator.aggregation import weighted_mean
-from simulator.algorithms import (
-    ALGORITHMS,
-    ServerOptimizer,
-    batch_plan,
-    client_weight,
-    full_loss,
-    local_sgd_update,
-    loss_function,
-    maml_update,
-    pseudo_gradient,
-    take,
-)
-from simulator.config import AlgorithmConfig
-from simulator.data import ClientShard, Split
-from simulator.models import load_flat
+from simulator.algorithms.aggregation import weighted_mean
+from simulator.algorithms.fedavg import local_sgd_update
+from simulator.algorithms.maml import maml_update
+from simulator.algorithms.record import client_weight, pseudo_gradient
+from simulator.algorithms.registry import ALGORITHMS
+from simulator.algorithms.server import ServerOptimizer
+from simulator.algorithms.steps import batch_plan, full_loss, loss_function, take
+from simulator.config.schema import AlgorithmConfig
+from simulator.data.base import ClientShard, Split
+from simulator.params import load_flat
 
 # ---------------------------------------------------------------------------------------------- batch plans
 

@@ -12,12 +12,14 @@ import torch
 from conftest import small_overrides
 
 from actors.inline import InlineBackend
-from simulator.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
-from simulator.algorithms import pseudo_gradient
-from simulator.async_driver import AsyncServer
-from simulator.config import load_config
-from simulator.driver import RunContext, run
-from simulator.worker import ClientWorker, WorkerSpec
+from simulator.algorithms.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
+from simulator.algorithms.record import pseudo_gradient
+from simulator.client.worker import ClientWorker
+from simulator.contract import WorkerSpec
+from simulator.experiment import load_config
+from simulator.rounds.asynchronous import AsyncServer
+from simulator.rounds.context import RunContext
+from simulator.rounds.run import run
 
 SPEEDS = (10.0, 20.0, 40.0, 80.0)  # samples per simulated second of clients 0..3
 
@@ -37,12 +39,12 @@ def _scenario(tmp_path: Path, rule: str, rounds: int = 3, algorithm: str = "rept
         "system.max_concurrency": 4, "async.buffer_size": 2, "async.rule": rule, "async.staleness": "sqrt",
         "devices.trace": str(_trace(tmp_path)), "system.backend": "inline", "eval.every": 100,
         "algorithm.name": algorithm}))
-    backend = InlineBackend(WorkerSpec.from_config(cfg), cfg.system)
-    ctx = RunContext(cfg, backend, tmp_path / "run", None, None)
-    theta0 = ctx.opt.params
-    server = AsyncServer(ctx)
-    server.run()
-    ctx.writer.flush()
+    with InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        ctx = RunContext(cfg, backend, tmp_path / "run", None, None)
+        theta0 = ctx.opt.params
+        server = AsyncServer(ctx)
+        server.run()
+        ctx.writer.flush()
     clients = pd.read_parquet(tmp_path / "run" / "clients.parquet")
     rounds_df = pd.read_parquet(tmp_path / "run" / "rounds.parquet")
     return cfg, theta0, server, clients, rounds_df
@@ -131,8 +133,8 @@ def test_async_with_full_buffer_and_equal_devices_is_sync(tmp_path, algorithm, d
     results = {}
     for mode, more in (("sync", []), ("async", ["system.max_concurrency=6", "async.buffer_size=6"])):
         cfg = load_config(None, overrides + [f'system.mode="{mode}"'] + more)
-        backend = InlineBackend(WorkerSpec.from_config(cfg), cfg.system)
-        assert run(cfg, backend, tmp_path / mode)["status"] == "completed"
+        with InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
+            assert run(cfg, backend, tmp_path / mode)["status"] == "completed"
         results[mode] = _tables(tmp_path / mode)
     (sr, se), (ar, ae) = results["sync"], results["async"]
     cols = ["round", "model_version", "sim_time", "num_completed", "train_loss", "train_loss_before", "update_norm",
@@ -147,8 +149,8 @@ def test_max_staleness_drops_exactly_the_stale_updates(tmp_path):
         "rounds": 8, "system.backend": "inline", "system.mode": "async", "system.max_concurrency": 6,
         "async.buffer_size": 2, "system.max_staleness": 1})
         + ['devices.speed={dist="pareto", median=100.0, shape=0.8}'])
-    backend = InlineBackend(WorkerSpec.from_config(cfg), cfg.system)
-    run(cfg, backend, tmp_path / "r")
+    with InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        run(cfg, backend, tmp_path / "r")
     clients = pd.read_parquet(tmp_path / "r" / "clients.parquet")
     rounds_df = pd.read_parquet(tmp_path / "r" / "rounds.parquet")
     stale = clients[clients["drop_reason"] == "staleness"]

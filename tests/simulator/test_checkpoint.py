@@ -15,11 +15,12 @@ import torch
 from conftest import small_overrides
 
 from actors.inline import InlineBackend
-from simulator import checkpoint
-from simulator.config import ConfigError, load_config
-from simulator.driver import run
-from simulator.metrics import WALL_CLOCK_COLUMNS
-from simulator.worker import WorkerSpec
+from simulator.config.schema import ConfigError
+from simulator.contract import WorkerSpec
+from simulator.experiment import load_config, replace
+from simulator.rounds.run import run
+from simulator.rundir import checkpoint
+from simulator.rundir.metrics import WALL_CLOCK_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = {"rounds": 9, "checkpoint_every": 2, "metrics.flush_every": 3, "system.backend": "inline",
@@ -31,7 +32,8 @@ ASYNC = small_overrides(**COMMON, **{"system.mode": "async", "async.buffer_size"
 def _run(overrides: list[str], run_dir: Path, resume: bool = False, **kw) -> dict:
     cfg = load_config(None, overrides)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run(cfg, InlineBackend(WorkerSpec.from_config(cfg), cfg.system), run_dir, resume=resume, **kw)
+    with InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        return run(cfg, backend, run_dir, resume=resume, **kw)
 
 
 def _tables(run_dir: Path) -> dict[str, pd.DataFrame]:
@@ -86,11 +88,11 @@ class InterruptAt(InlineBackend):
 
     stop, calls = 7, 0
 
-    def submit(self, method, theta, keys, client_ids):
+    def dispatch(self, method, theta, keys, client_ids):
         self.calls += 1
         if self.calls == self.stop:
             raise KeyboardInterrupt
-        return super().submit(method, theta, keys, client_ids)
+        return super().dispatch(method, theta, keys, client_ids)
 
 
 @pytest.mark.parametrize("overrides", [SYNC, ASYNC], ids=["sync", "async"])
@@ -98,7 +100,8 @@ def test_ctrl_c_mid_round_writes_a_checkpoint_and_resume_completes_exactly(tmp_p
     run_dir = tmp_path / "run"
     cfg = load_config(None, overrides)
     run_dir.mkdir()
-    assert run(cfg, InterruptAt(WorkerSpec.from_config(cfg), cfg.system), run_dir)["status"] == "interrupted"
+    with InterruptAt(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        assert run(cfg, backend, run_dir)["status"] == "interrupted"
     state = checkpoint.load(run_dir)
     done = state["next_round"]
     assert 1 <= done < cfg.rounds
@@ -133,8 +136,8 @@ def test_resume_rejects_a_changed_config_and_accepts_execution_keys(tmp_path):
     _run(SYNC, tmp_path)
     cfg = load_config(None, SYNC)
     with pytest.raises(ConfigError, match=r"algorithm\.local_lr was 0\.02 .* now 0\.1"):
-        checkpoint.check_compatible(cfg, cfg.replace(**{"algorithm.local_lr": 0.1}), tmp_path)
-    checkpoint.check_compatible(cfg, cfg.replace(**{"system.actors": 2, "rounds": 20, "system.backend": "ray"}),
+        checkpoint.check_compatible(cfg, replace(cfg, **{"algorithm.local_lr": 0.1}), tmp_path)
+    checkpoint.check_compatible(cfg, replace(cfg, **{"system.actors": 2, "rounds": 20, "system.backend": "ray"}),
                                 tmp_path)
 
 

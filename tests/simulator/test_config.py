@@ -6,16 +6,9 @@ import tomllib
 
 import pytest
 
-from simulator.config import (
-    ConfigError,
-    ExperimentConfig,
-    dumps_toml,
-    flatten,
-    from_dict,
-    load_config,
-    parse_value,
-    to_dict,
-)
+from simulator.config.schema import ConfigError, ExperimentConfig
+from simulator.config.toml import dumps_toml, flatten, parse_value, to_dict
+from simulator.experiment import from_dict, load_config, replace
 
 
 def test_defaults_equal_dataclass_defaults():
@@ -111,11 +104,11 @@ def test_flatten_and_replace():
     assert flat["model.hidden"] == list(cfg.model.hidden)
     assert not any(isinstance(v, dict) for v in flat.values())
     assert "data.alpha" not in flat
-    changed = cfg.replace(**{"system.actors": 2, "rounds": 5})
+    changed = replace(cfg, **{"system.actors": 2, "rounds": 5})
     assert changed.system.actors == 2 and changed.rounds == 5
     assert cfg.system.actors == 0  # frozen original unchanged
     with pytest.raises(ConfigError, match="clients.per_round"):
-        cfg.replace(**{"clients.per_round": 5000})
+        replace(cfg, **{"clients.per_round": 5000})
 
 
 def test_toml_round_trip_with_newline_in_name(tmp_path):
@@ -254,7 +247,7 @@ mixing = 0.5
 
 
 def test_devices_and_async_sections_load_from_a_file(tmp_path):
-    from simulator.config import Distribution
+    from simulator.config.schema import Distribution
 
     path = tmp_path / "exp.toml"
     path.write_text(SYSTEM_TOML, encoding="utf-8")
@@ -274,7 +267,7 @@ def test_devices_and_async_sections_load_from_a_file(tmp_path):
 
 
 def test_devices_and_async_overrides():
-    from simulator.config import Distribution
+    from simulator.config.schema import Distribution
 
     cfg = load_config(None, ['system.mode="deadline"', "system.deadline_s=30", "system.overselect=1.5",
                              'devices.speed={dist="constant", median=50.0}', "devices.speed.sigma=2.0",

@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.config import DataConfig
-from simulator.data import ClientShard, Sinusoid, Split, Synthetic, eval_client_ids, make_dataset
+from simulator.config.schema import DataConfig
+from simulator.data.base import ClientShard, Split, eval_client_ids
+from simulator.data.builtin import Sinusoid, Synthetic
+from simulator.data.registry import make_dataset
 
 
 def _same(a: ClientShard, b: ClientShard) -> bool:

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from simulator.config import ConfigError, Distribution, load_config
+from simulator.config.schema import ConfigError, Distribution
+from simulator.experiment import load_config
 from simulator.scheduling.devices import (
     MBIT,
     AvailabilityTrace,

@@ -10,10 +10,11 @@ import pytest
 from conftest import small_overrides
 
 from actors.inline import InlineBackend
-from simulator.config import load_config
-from simulator.driver import _ordered, run
-from simulator.summary import steady_throughput, steady_updates_per_s
-from simulator.worker import EvalResult, WorkerSpec
+from simulator.contract import EvalResult, WorkerSpec
+from simulator.experiment import load_config
+from simulator.rounds.rows import ordered
+from simulator.rounds.run import run
+from simulator.rundir.summary import steady_throughput, steady_updates_per_s
 
 
 def _chunk(worker: int, ids: list[int]) -> EvalResult:
@@ -23,18 +24,18 @@ def _chunk(worker: int, ids: list[int]) -> EvalResult:
 
 def test_ordered_puts_results_back_in_cohort_order():
     cohort = np.array([2, 5, 7, 9])
-    col, workers = _ordered([_chunk(1, [9, 5]), _chunk(0, [7, 2])], cohort)
+    col, workers = ordered([_chunk(1, [9, 5]), _chunk(0, [7, 2])], cohort)
     assert col("loss_pre").tolist() == [20, 50, 70, 90]
     assert workers.tolist() == [0, 1, 0, 1]
 
 
 def test_ordered_rejects_missing_or_extra_clients():
     with pytest.raises(RuntimeError, match="exactly one result per client"):
-        _ordered([_chunk(0, [2, 5])], np.array([2, 5, 7]))
+        ordered([_chunk(0, [2, 5])], np.array([2, 5, 7]))
     with pytest.raises(RuntimeError, match="exactly one result per client"):
-        _ordered([_chunk(0, [2, 5, 8])], np.array([2, 5, 7]))
+        ordered([_chunk(0, [2, 5, 8])], np.array([2, 5, 7]))
     with pytest.raises(RuntimeError, match="exactly one result per client"):
-        _ordered([_chunk(0, [1, 2, 3])], np.array([1, 2, 9]))
+        ordered([_chunk(0, [1, 2, 3])], np.array([1, 2, 9]))
 
 
 def test_steady_updates_per_s_skips_the_first_round():
@@ -55,15 +56,16 @@ class InterruptAt(InlineBackend):
 
     stop = 2
 
-    def map(self, method, theta, round_idx, client_ids):
-        if method == "train" and round_idx == self.stop:
+    def train(self, theta, round_idx, client_ids):
+        if round_idx == self.stop:
             raise KeyboardInterrupt
-        yield from super().map(method, theta, round_idx, client_ids)
+        yield from super().train(theta, round_idx, client_ids)
 
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path):
     cfg = load_config(None, small_overrides(**{"system.backend": "inline", "metrics.flush_every": 10}))
-    summary = run(cfg, InterruptAt(WorkerSpec.from_config(cfg), cfg.system), tmp_path)
+    with InterruptAt(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        summary = run(cfg, backend, tmp_path)
     assert summary["status"] == "interrupted"
     assert summary["rounds_completed"] == 2 and summary["client_updates"] == 2 * 6
     on_disk = json.loads((tmp_path / "summary.json").read_text())

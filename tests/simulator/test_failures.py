@@ -11,10 +11,10 @@ import pytest
 from conftest import small_overrides
 
 from actors.inline import InlineBackend
-from simulator import checkpoint
-from simulator.config import load_config
-from simulator.driver import run
-from simulator.worker import TrainResult, WorkerSpec
+from simulator.contract import TrainResult, WorkerSpec
+from simulator.experiment import load_config
+from simulator.rounds.run import run
+from simulator.rundir import checkpoint
 
 BASE = {"rounds": 5, "system.backend": "inline", "checkpoint_every": 2}
 ASYNC = {"system.mode": "async", "async.buffer_size": 3, "system.max_concurrency": 6}
@@ -26,8 +26,8 @@ class Poison(InlineBackend):
     bad: set[int] = set()
     bad_round = -1
 
-    def submit(self, method, theta, keys, client_ids):
-        pending = super().submit(method, theta, keys, client_ids)
+    def dispatch(self, method, theta, keys, client_ids):
+        pending = super().dispatch(method, theta, keys, client_ids)
         for p in pending:
             if method == "train" and (np.isscalar(keys) and keys == self.bad_round
                                       or set(map(int, p.client_ids)) & self.bad):
@@ -50,8 +50,8 @@ class Flaky(InlineBackend):
     fail_calls: set[int] = set()
     calls = 0
 
-    def submit(self, method, theta, keys, client_ids):
-        pending = super().submit(method, theta, keys, client_ids)
+    def dispatch(self, method, theta, keys, client_ids):
+        pending = super().dispatch(method, theta, keys, client_ids)
         if method == "train":
             self.calls += 1
             if self.calls in self.fail_calls:
@@ -67,7 +67,8 @@ def _raise():
 def _go(backend_cls, run_dir, resume=False, **extra):
     cfg = load_config(None, small_overrides(**{**BASE, **extra}))
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run(cfg, backend_cls(WorkerSpec.from_config(cfg), cfg.system), run_dir, resume=resume)
+    with backend_cls(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        return run(cfg, backend, run_dir, resume=resume)
 
 
 def test_a_round_of_nonfinite_updates_leaves_the_model_untouched(tmp_path):

@@ -1,4 +1,4 @@
-"""LEAF datasets (simulator.leaf): exact per-user shards, seeded client ids, a cache read by shard, bad input."""
+"""LEAF datasets (simulator.data.leaf): exact per-user shards, seeded client ids, a cache read by shard, bad input."""
 
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import pytest
 import torch
 from conftest import run_with_backend, small_overrides
 
-from simulator import leaf
-from simulator.config import ConfigError, DataConfig, load_config
-from simulator.data import eval_client_ids, make_dataset
-from simulator.leaf import VOCAB, LeafDataset, find_or_build
+from simulator.config.schema import ConfigError, DataConfig
+from simulator.data import leaf
+from simulator.data.base import eval_client_ids
+from simulator.data.filecache import find_or_build
+from simulator.data.leaf import VOCAB, LeafDataset
+from simulator.data.registry import make_dataset
+from simulator.experiment import load_config
 from simulator.rng import generator
 
 Users = dict[str, tuple[list, list, list, list]]  # user -> (train x, train y, test x, test y)
@@ -232,7 +235,7 @@ def test_bad_input_is_a_config_error_naming_data_path(tmp_path, case):
 
 @pytest.mark.parametrize("dataset", ["leaf", "table"])
 def test_a_tiny_run_end_to_end_on_files(tmp_path, dataset):
-    from simulator.driver import prepare
+    from simulator.rounds.context import prepare
 
     if dataset == "leaf":
         path = write_leaf(tmp_path / "leaf", femnist_users(12))

@@ -18,22 +18,19 @@ from conftest import run_with_backend, small_overrides
 from tiny import D, cfg, col, linear, rng, shard, theta
 from torch import nn
 
-from simulator.algorithms import (
-    ALGORITHMS,
-    ServerOptimizer,
-    ServerState,
-    batch_plan,
-    initial_vector,
-    planned_samples,
-    pseudo_gradient,
-    split_vector,
-)
-from simulator.config import AlgorithmConfig, EvalConfig, load_config
-from simulator.data import ClientShard, Split
-from simulator.evaluation import evaluate_client
-from simulator.meta_algorithms import metasgd_update, per_fedavg_update
-from simulator.models import flat_params
-from simulator.worker import ClientWorker, WorkerSpec
+from simulator.algorithms.metasgd import metasgd_update
+from simulator.algorithms.perfedavg import per_fedavg_update
+from simulator.algorithms.record import planned_samples, pseudo_gradient, split_vector
+from simulator.algorithms.registry import ALGORITHMS
+from simulator.algorithms.server import ServerOptimizer, ServerState, initial_vector
+from simulator.algorithms.steps import batch_plan
+from simulator.client.evaluation import evaluate_client
+from simulator.client.worker import ClientWorker
+from simulator.config.schema import AlgorithmConfig, EvalConfig
+from simulator.contract import WorkerSpec
+from simulator.data.base import ClientShard, Split
+from simulator.experiment import load_config
+from simulator.params import flat_params
 
 NEW = ["perfedavg_fo", "perfedavg_hf", "metasgd", "pfedavg"]
 # support xs = [1, 2], ys = [2, 4] (L_s'(w) = 5 w - 10); query xq = [3], yq = [6] (L_q'(w) = 18 w - 36)

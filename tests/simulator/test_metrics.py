@@ -8,15 +8,14 @@ import math
 import pandas as pd
 import pytest
 
-from simulator.metrics import (
+from simulator.rundir.files import atomic_write_bytes, write_json
+from simulator.rundir.metrics import (
     CLIENTS_SCHEMA,
     EVALS_SCHEMA,
     ROUNDS_SCHEMA,
     TABLES,
     MetricsWriter,
     PartitionedTable,
-    atomic_write_bytes,
-    write_json,
 )
 
 
@@ -136,7 +135,7 @@ def test_a_flush_killed_before_the_rename_leaves_a_readable_table(tmp_path, monk
     def killed(src, dst):
         raise KeyboardInterrupt("killed between write and rename")
 
-    monkeypatch.setattr("simulator.metrics.os.replace", killed)
+    monkeypatch.setattr("simulator.rundir.files.os.replace", killed)
     with pytest.raises(KeyboardInterrupt):
         table.flush()
     monkeypatch.undo()

@@ -11,14 +11,20 @@ import torch
 import torch.nn.functional as F
 from conftest import small_overrides
 
-from simulator import driver
-from simulator.algorithms import ALGORITHMS, initial_vector, planned_samples
-from simulator.config import AlgorithmConfig, ConfigError, ModelConfig, load_config
-from simulator.data import ClientShard, Split
-from simulator.models import build_model, check_output_shape, flat_params, mlp, num_parameters
+from simulator.algorithms.record import planned_samples
+from simulator.algorithms.registry import ALGORITHMS
+from simulator.algorithms.server import initial_vector
+from simulator.algorithms.stacked import VectorizedCohort, unsupported_reason
+from simulator.client.worker import ClientWorker
+from simulator.config.schema import AlgorithmConfig, ConfigError, ModelConfig
+from simulator.contract import WorkerSpec
+from simulator.data.base import ClientShard, Split
+from simulator.experiment import load_config
+from simulator.models import build_model, check_output_shape, mlp
+from simulator.params import flat_params, num_parameters
 from simulator.rng import torch_seed
-from simulator.vectorized import VectorizedCohort, unsupported_reason
-from simulator.worker import ClientWorker, WorkerSpec
+from simulator.rounds import context
+from simulator.rounds.context import prepare
 
 CNN, LSTM = ModelConfig(name="femnist_cnn"), ModelConfig(name="shakespeare_lstm")
 
@@ -73,12 +79,12 @@ class _Chars:
 
 def test_prepare_checks_the_model_with_the_datasets_input_dtype(monkeypatch):
     c = load_config(None, small_overrides(**{"model.name": "shakespeare_lstm"}))
-    monkeypatch.setattr(driver, "make_dataset", lambda data, seed: _Chars())
-    prepared = driver.prepare(c)
+    monkeypatch.setattr(context, "make_dataset", lambda data, seed: _Chars())
+    prepared = prepare(c)
     assert prepared.theta0.numel() == 819_920
     monkeypatch.setattr(_Chars, "input_dtype", torch.float32)
     with pytest.raises(ConfigError, match="float32"):
-        driver.prepare(c)
+        prepare(c)
 
 
 @pytest.mark.parametrize("cfg", [CNN, LSTM, ModelConfig()], ids=["cnn", "lstm", "mlp"])

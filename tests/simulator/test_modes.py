@@ -8,19 +8,21 @@ import pytest
 from conftest import small_overrides
 
 from actors.inline import InlineBackend
-from simulator.algorithms import ALGORITHMS, planned_samples
-from simulator.config import load_config
-from simulator.data import make_dataset
-from simulator.driver import run
+from simulator.algorithms.record import planned_samples
+from simulator.algorithms.registry import ALGORITHMS
+from simulator.contract import WorkerSpec
+from simulator.data.registry import make_dataset
+from simulator.experiment import load_config
+from simulator.rounds.run import run
 from simulator.scheduling import Devices, client_durations, sample_cohort
-from simulator.worker import WorkerSpec
 
 PARETO = 'devices.speed={dist="pareto", median=100.0, shape=1.0}'
 
 
 def _run(tmp_path, *extra: str, **kw):
     cfg = load_config(None, small_overrides(**{"system.backend": "inline", **kw}) + list(extra))
-    summary = run(cfg, InlineBackend(WorkerSpec.from_config(cfg), cfg.system), tmp_path)
+    with InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        summary = run(cfg, backend, tmp_path)
     rounds = pd.read_parquet(tmp_path / "rounds.parquet")
     clients = pd.read_parquet(tmp_path / "clients.parquet")
     return cfg, summary, rounds, clients

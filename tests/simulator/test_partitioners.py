@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from simulator import rng as rng_module
-from simulator.partitioners import (
+from simulator.data.partitioners import (
     PARTITION_PURPOSE_ID,
     PARTITIONERS,
     dirichlet,

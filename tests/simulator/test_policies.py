@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from simulator.contract import split_work
 from simulator.scheduling import (
     DROP_REASONS,
     Event,
@@ -15,7 +16,6 @@ from simulator.scheduling import (
     plan_round,
     sample_clients,
     sample_cohort,
-    split_work,
 )
 
 NAN = np.nan

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.config import ConfigError, DataConfig, load_config
-from simulator.data import ClientShard, make_dataset
-from simulator.pooled import NOISE_BLOCK, DigitsPool, GaussianPool, make_pooled
+from simulator.config.schema import ConfigError, DataConfig
+from simulator.data.base import ClientShard
+from simulator.data.pooled import NOISE_BLOCK, DigitsPool, GaussianPool, make_pooled
+from simulator.data.registry import make_dataset
+from simulator.experiment import load_config
 from simulator.rng import generator
 
 GAUSS = DataConfig(name="gaussian", num_clients=30, eval_clients=6, pool_size=2000)

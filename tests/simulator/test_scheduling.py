@@ -7,11 +7,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from simulator.scheduling import (
-    sample_cohort,
-    select_eval_clients,
-    split_cohort,
-)
+from simulator.contract import split_cohort
+from simulator.scheduling import sample_cohort, select_eval_clients
 
 
 def test_sample_cohort_properties():

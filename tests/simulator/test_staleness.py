@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.aggregation import STALENESS, fedasync_mix, fedbuff_mean, staleness_weight, weighted_mean
+from simulator.algorithms.aggregation import STALENESS, fedasync_mix, fedbuff_mean, staleness_weight, weighted_mean
 
 
 @pytest.mark.parametrize(("name", "tau", "a", "b", "expected"), [

@@ -1,4 +1,4 @@
-"""Client-partitioned tables (simulator.tables): CSV and Parquet, label kinds, seeded splits, bad columns."""
+"""Client-partitioned tables (simulator.data.tables): CSV and Parquet, label kinds, seeded splits, bad columns."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from simulator import tables
-from simulator.config import ConfigError, DataConfig
-from simulator.data import make_dataset
+from simulator.config.schema import ConfigError, DataConfig
+from simulator.data import tables
+from simulator.data.registry import make_dataset
+from simulator.data.tables import TableDataset
 from simulator.rng import generator
-from simulator.tables import TableDataset
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from simulator.config import AlgorithmConfig, EvalConfig, load_config
-from simulator.data import ClientShard, Split, eval_client_ids
-from simulator.evaluation import evaluate_client, summarize
-from simulator.models import flat_params
-from simulator.worker import ClientWorker, WorkerSpec
+from simulator.client.evaluation import evaluate_client, summarize
+from simulator.client.worker import ClientWorker
+from simulator.config.schema import AlgorithmConfig, EvalConfig
+from simulator.contract import WorkerSpec
+from simulator.data.base import ClientShard, Split, eval_client_ids
+from simulator.experiment import load_config
+from simulator.params import flat_params
 
 BASE = ["data.num_clients=20", "clients.per_round=4", "eval.clients=5", "data.eval_clients=5",
         "model.hidden=[8]", "algorithm.local_steps=2", "eval.adapt_steps=2"]
@@ -201,7 +203,7 @@ def test_summarize():
 def test_a_cohort_larger_than_a_vectorized_chunk_gives_the_same_results(monkeypatch):
     from conftest import small_overrides
 
-    from simulator import worker as worker_module
+    from simulator.client import worker as worker_module
 
     cfg = load_config(None, small_overrides(**{"data.name": "synthetic", "algorithm.name": "fedavg"}))
     w = ClientWorker(WorkerSpec.from_config(cfg))

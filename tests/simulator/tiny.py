@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from simulator.config import AlgorithmConfig
-from simulator.data import ClientShard, Split
+from simulator.config.schema import AlgorithmConfig
+from simulator.data.base import ClientShard, Split
 
 D = torch.float64
 

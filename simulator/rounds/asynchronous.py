@@ -34,12 +34,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
-from simulator.algorithms import ServerState, pseudo_gradient
-from simulator.checkpoint import plain
-from simulator.driver import RunContext, client_rows, finite_updates
+from simulator.algorithms.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
+from simulator.algorithms.record import pseudo_gradient
+from simulator.algorithms.server import ServerState
+from simulator.rounds.context import RunContext
+from simulator.rounds.retry import with_retries
+from simulator.rounds.rows import client_rows, finite_updates
+from simulator.rundir.checkpoint import plain
 from simulator.scheduling import Event, EventQueue, Profiles, drop_counts, sample_clients
-from simulator.worker import WorkerFailure
 
 log = logging.getLogger("metafleet.async")
 
@@ -130,29 +132,15 @@ class AsyncServer:
         by_id = {f.client_id: f for f in flights}
         ids = np.array(sorted(by_id), np.int64)
         keys = np.array([by_id[c].key for c in ids.tolist()], np.int64)
-        for pending in self.ctx.backend.submit("train", theta.numpy(), keys, ids):
+        for pending in self.ctx.backend.submit(theta.numpy(), keys, ids):
             for cid in pending.client_ids:
                 by_id[int(cid)].pending = pending
 
     def fetch(self, f: Flight) -> dict[str, Any]:
         if f.pending is None:
             self.flush_held()
-        limit = self.cfg.system.max_failures
-        for attempt in range(limit + 1):
-            try:
-                res = self.ctx.backend.result(f.pending)
-                break
-            except WorkerFailure:
-                raise
-            except Exception as exc:  # the client's work raised: re-run it (a pure function of its inputs)
-                error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
-                log.warning("training client %d failed (attempt %d of %d): %s", f.client_id, attempt + 1,
-                            limit + 1, error)
-                self._submit([f], self.bases[f.version])
-        else:
-            raise WorkerFailure(f"training client {f.client_id} failed {limit + 1} times, last with {error}; fix "
-                                "the cause (data, model, memory), raise system.max_failures, then continue with "
-                                "`metafleet run --resume RUN_DIR`")
+        res = with_retries(lambda: self.ctx.backend.result(f.pending), f"training client {f.client_id}",
+                           self.cfg.system.max_failures, lambda: self._submit([f], self.bases[f.version]))
         i = int(np.flatnonzero(res.client_ids == f.client_id)[0])
         if int(res.samples_processed[i]) != f.samples:
             raise RuntimeError("a worker processed a different number of samples than planned at dispatch")
@@ -286,7 +274,7 @@ class AsyncServer:
     # ------------------------------------------------------------------ checkpoint
     def snapshot(self) -> Callable[[], dict[str, Any]]:
         """The state between two events, right after a server update (the buffer is empty): cheap
-        copies now, encoded for ``simulator.checkpoint`` only when a checkpoint is written."""
+        copies now, encoded for ``simulator.rundir.checkpoint`` only when a checkpoint is written."""
         events, bases, refs = self.queue.events(), dict(self.bases), dict(self.base_refs)
         scalars = {"version": self.version, "now": self.now, "group": self.group, "seq": self.seq}
         window = {"window_start": self.window_start, "dispatched": self.dispatched, "bytes_up": self.bytes_up,

@@ -8,7 +8,7 @@ Integer (or boolean) labels are classes (non-negative ones are kept as class ind
 max + 1; otherwise the distinct values are numbered in sorted order), string labels are numbered
 0..C-1 in sorted order, float labels are a regression target (output_dim 1, y of shape (n, 1)).
 
-The table is read once into a cache (``simulator.leaf.find_or_build``): the features and labels as
+The table is read once into a cache (``simulator.data.filecache.find_or_build``): the features and labels as
 ``.npy`` arrays with the rows grouped by client, and an index of each client's rows. The driver
 keeps only that index; a worker memory-maps the arrays and reads only its clients' rows.
 Client ids: the distinct client values sorted, clients with fewer than 2 rows dropped, then
@@ -25,11 +25,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
 import torch
+from pyarrow import csv
 
-from simulator.config import ConfigError, DataConfig
-from simulator.data import ClientShard, Split
-from simulator.leaf import cache_candidates, find_or_build, fingerprint, pick_clients
+from simulator.config.schema import ConfigError, DataConfig
+from simulator.data.base import ClientShard, Split
+from simulator.data.filecache import cache_candidates, find_or_build, fingerprint, pick_clients
 from simulator.rng import generator
 
 log = logging.getLogger("metafleet.data")
@@ -66,15 +69,9 @@ def _files(src: Path) -> list[Path]:
 
 def _read(src: Path) -> Any:
     """The whole table as a ``pyarrow.Table`` (only while the cache is built)."""
-    import pyarrow as pa
-
     try:
         if src.is_file() and _is_csv(src):
-            from pyarrow import csv
-
             return csv.read_csv(src)
-        import pyarrow.dataset as ds
-
         return ds.dataset(src, format="parquet").to_table()
     except (pa.ArrowException, OSError, ValueError) as exc:
         kind = "CSV" if _is_csv(src) else "Parquet"
@@ -84,8 +81,6 @@ def _read(src: Path) -> Any:
 
 def _column(table: Any, name: str, key: str, src: Path) -> Any:
     """A column decoded to plain values; a missing column or a missing value is a ConfigError."""
-    import pyarrow as pa
-
     if name not in table.column_names:
         raise ConfigError(f"{key} = {name!r} is not a column of {str(src)!r}; its columns are "
                           f"{', '.join(table.column_names)}; set {key} to one of them")
@@ -100,8 +95,6 @@ def _column(table: Any, name: str, key: str, src: Path) -> Any:
 
 def _labels(col: Any, src: Path, name: str) -> tuple[str, np.ndarray, int, list[str]]:
     """(task, y, output_dim, class names) of the label column."""
-    import pyarrow as pa
-
     t = col.type
     values = col.to_numpy(zero_copy_only=False)
     if pa.types.is_floating(t):
@@ -119,8 +112,6 @@ def _labels(col: Any, src: Path, name: str) -> tuple[str, np.ndarray, int, list[
 
 def _build(src: Path, cfg: DataConfig, out: Path) -> None:
     """Read the table once; write x.npy (float32, rows grouped by client), y.npy and index.npz."""
-    import pyarrow as pa
-
     table = _read(src)
     clients = _column(table, cfg.client_column, "data.client_column", src)
     labels = _column(table, cfg.label_column, "data.label_column", src)
@@ -158,7 +149,6 @@ def _build(src: Path, cfg: DataConfig, out: Path) -> None:
 
 class TableDataset:
     """A client-partitioned table (Parquet or CSV); see the module docstring."""
-
     input_dtype = torch.float32
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:

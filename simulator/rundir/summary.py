@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.config import ExperimentConfig
+from simulator.config.schema import ExperimentConfig
 from simulator.scheduling import DROP_REASONS
 
 

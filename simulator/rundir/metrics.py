@@ -9,8 +9,6 @@ in progress or dead. Parts are flushed every ``metrics.flush_every`` rounds.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simulator.evaluation import STATS
+from simulator.client.evaluation import STATS
+from simulator.rundir.files import atomic_write_bytes
 from simulator.scheduling.policies import DROP_REASONS
 
 _F, _I, _B, _S = pa.float64(), pa.int64(), pa.bool_(), pa.string()
@@ -52,19 +51,6 @@ EVALS_SCHEMA = pa.schema(
 TABLES = {"rounds": ROUNDS_SCHEMA, "clients": CLIENTS_SCHEMA, "evals": EVALS_SCHEMA}
 #: columns that measure real time: they differ between otherwise identical runs
 WALL_CLOCK_COLUMNS = {"rounds": ("wall_time",), "clients": ("compute_time_s", "actor_id"), "evals": ("actor_id",)}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode())
 
 
 class PartitionedTable:

@@ -1,4 +1,4 @@
-"""Pooled labelled datasets split over clients by a partitioner (``simulator.partitioners``).
+"""Pooled labelled datasets split over clients by a partitioner (``simulator.data.partitioners``).
 
 One labelled pool of N samples is partitioned over ``num_clients + eval_clients`` clients with
 ``partitioners.partition`` (iid, Dirichlet label skew, McMahan et al.'s shards, quantity skew; see
@@ -22,9 +22,9 @@ from functools import cached_property
 import numpy as np
 import torch
 
-from simulator import partitioners
-from simulator.config import ConfigError, DataConfig
-from simulator.data import ClientShard, Split
+from simulator.config.schema import ConfigError, DataConfig
+from simulator.data import partitioners
+from simulator.data.base import ClientShard, Split
 from simulator.rng import generator
 
 #: samples per noise block of the Gaussian pool: block b's noise comes from generator(seed, "data", 1, b).

@@ -24,8 +24,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from simulator.config import ConfigError, ExperimentConfig, flatten
-from simulator.metrics import TABLES, atomic_write_bytes
+from simulator.config.schema import ConfigError, ExperimentConfig
+from simulator.config.toml import flatten
+from simulator.rundir.files import atomic_write_bytes
+from simulator.rundir.metrics import TABLES
 
 FILE = "checkpoint.pt"
 FORMAT = 1

@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from simulator.algorithms import ALGORITHMS, LossFn, batch_plan, sgd_steps, split_vector
-from simulator.config import AlgorithmConfig, EvalConfig
-from simulator.data import ClientShard, Split
-from simulator.models import load_flat, num_parameters
+from simulator.algorithms.record import Algorithm, LossFn, split_vector
+from simulator.algorithms.registry import resolve
+from simulator.algorithms.steps import batch_plan, inner_loop
+from simulator.config.schema import AlgorithmConfig, EvalConfig
+from simulator.data.base import ClientShard, Split
+from simulator.params import load_flat, num_parameters, unflatten
 
 
 @dataclass(frozen=True)
@@ -40,23 +42,16 @@ def _score(model: nn.Module, data: Split, loss: LossFn, task: str) -> tuple[floa
         return float(loss(out, data.y)), acc
 
 
-def adaptation_rates(model: nn.Module, alpha: torch.Tensor) -> list[torch.Tensor]:
-    """A flat vector of per-parameter learning rates as one tensor per parameter, shaped like it."""
-    out, start = [], 0
-    for p in model.parameters():
-        out.append(alpha[start:start + p.numel()].reshape(p.shape).to(p.device, p.dtype))
-        start += p.numel()
-    return out
-
-
 def evaluate_client(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: EvalConfig,
-                    algo: AlgorithmConfig, rng: np.random.Generator, loss: LossFn, task: str) -> ClientEval:
-    """Score the server vector ``theta`` on the client's query split before and after adapting on its support."""
-    params, alpha = split_vector(ALGORITHMS[algo.name], theta, num_parameters(model))
+                    algo: AlgorithmConfig, rng: np.random.Generator, loss: LossFn, task: str,
+                    algorithm: Algorithm | None = None) -> ClientEval:
+    """Score the server vector ``theta`` on the client's query split before and after adapting on its support
+    (``algorithm``: the record of ``algo``, resolved when not given)."""
+    params, alpha = split_vector(algorithm or resolve(algo), theta, num_parameters(model))
     load_flat(model, params)
     loss_pre, metric_pre = _score(model, shard.query, loss, task)
     plan = batch_plan(rng, len(shard.support), algo.batch_size, cfg.adapt_steps)
-    sgd_steps(model, shard.support, plan, cfg.adapt_lr if alpha is None else adaptation_rates(model, alpha), loss)
+    inner_loop(model, shard.support, plan, cfg.adapt_lr if alpha is None else unflatten(model, alpha), loss)
     loss_post, metric_post = _score(model, shard.query, loss, task)
     return ClientEval(loss_pre, loss_post, metric_pre, metric_post)
 

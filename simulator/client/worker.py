@@ -15,53 +15,29 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from simulator.algorithms import ALGORITHMS, loss_function, vector_size
-from simulator.config import AlgorithmConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig
-from simulator.data import ClientShard, make_dataset
-from simulator.evaluation import evaluate_client
-from simulator.models import build_model, num_parameters
+from simulator.algorithms.record import vector_size
+from simulator.algorithms.registry import resolve
+from simulator.algorithms.stacked import VectorizedCohort, unsupported_reason
+from simulator.algorithms.steps import loss_function
+from simulator.client.evaluation import evaluate_client
+from simulator.contract import EvalResult, TrainResult, WorkerSpec
+from simulator.data.base import ClientShard
+from simulator.data.registry import make_dataset
+from simulator.models import build_model
+from simulator.params import num_parameters
 from simulator.rng import generator, generators
-from simulator.vectorized import VectorizedCohort, unsupported_reason
 
 log = logging.getLogger("metafleet.worker")
 
-#: algorithms that differentiate through their inner gradient steps (double backward)
-SECOND_ORDER = frozenset({"maml", "metasgd"})
 #: clients per vectorized computation on a CPU: stacking more than a few hundred clients' parameters
 #: outgrows the caches (`python -m benchmarks.chunks --clients 10000 --chunks 100 256 1000 10000`, anchor
 #: workload, 1 thread: 204, 206, 226 and 424 us per client)
 CPU_CHUNK = 256
-
-
-class WorkerFailure(RuntimeError):
-    """A backend lost work it could not recover (workers died more than ``system.max_failures``
-    times in a round): the driver stops the run cleanly, resumable from its last checkpoint."""
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a worker needs to rebuild data and model by itself (small, picklable)."""
-
-    seed: int
-    data: DataConfig
-    model: ModelConfig
-    algorithm: AlgorithmConfig
-    eval: EvalConfig
-    threads: int
-    shard_cache: int
-    vectorize: bool = True
-    shard_cache_mb: float = 512.0
-
-    @classmethod
-    def from_config(cls, cfg: ExperimentConfig) -> WorkerSpec:
-        return cls(cfg.seed, cfg.data, cfg.model, cfg.algorithm, cfg.eval, cfg.system.threads,
-                   cfg.system.shard_cache, cfg.system.vectorize, cfg.system.shard_cache_mb)
 
 
 def _nbytes(shard: ClientShard) -> int:
@@ -69,30 +45,6 @@ def _nbytes(shard: ClientShard) -> int:
     ``shard.all``, the two concatenated)."""
     return 2 * sum(t.element_size() * t.nelement() for split in (shard.support, shard.query)
                    for t in (split.x, split.y))
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    """One cohort chunk's updates; row i of every array belongs to ``client_ids[i]``."""
-
-    worker_id: int
-    client_ids: np.ndarray
-    vectors: np.ndarray          # k x P float32
-    num_samples: np.ndarray      # local data size n_i
-    samples_processed: np.ndarray
-    loss_before: np.ndarray
-    loss_after: np.ndarray
-    compute_time_s: np.ndarray   # real seconds spent on each client
-
-
-@dataclass(frozen=True)
-class EvalResult:
-    worker_id: int
-    client_ids: np.ndarray
-    loss_pre: np.ndarray
-    loss_post: np.ndarray
-    metric_pre: np.ndarray
-    metric_post: np.ndarray
 
 
 def configure_threads(threads: int) -> None:
@@ -114,7 +66,7 @@ class ClientWorker:
         self.dataset = make_dataset(spec.data, spec.seed)
         self.model = build_model(spec.model, self.dataset.input_dim, self.dataset.output_dim, spec.seed)
         self.model.to(self.device)
-        self.algorithm = ALGORITHMS[spec.algorithm.name]
+        self.algorithm = resolve(spec.algorithm)
         #: the server vector's length: the model's parameters (Meta-SGD: and their learned rates)
         self.vector_size = vector_size(self.algorithm, num_parameters(self.model))
         self.loss = loss_function(self.dataset.task)
@@ -165,7 +117,7 @@ class ClientWorker:
     def _kernels(self) -> Iterator[None]:
         """cuDNN's fused RNN kernels have no double backward: second-order steps of an RNN on a GPU use
         the native kernels (same maths); only ``cudnn.enabled`` is switched, and restored after."""
-        if not (self.device.type == "cuda" and self.spec.algorithm.name in SECOND_ORDER
+        if not (self.device.type == "cuda" and self.algorithm.second_order
                 and any(isinstance(m, nn.RNNBase) for m in self.model.modules())):
             yield
             return
@@ -220,7 +172,7 @@ class ClientWorker:
         for cid in client_ids:
             rng = generator(self.spec.seed, "eval_batches", round_idx, int(cid))
             evals.append(evaluate_client(self.model, params, self.shard(int(cid)), self.spec.eval,
-                                         self.spec.algorithm, rng, self.loss, self.dataset.task))
+                                         self.spec.algorithm, rng, self.loss, self.dataset.task, self.algorithm))
         col = lambda attr: np.array([getattr(e, attr) for e in evals], np.float64)  # noqa: E731
         return EvalResult(self.worker_id, np.asarray(client_ids, dtype=np.int64), col("loss_pre"),
                           col("loss_post"), col("metric_pre"), col("metric_post"))

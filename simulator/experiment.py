@@ -1,16 +1,24 @@
-"""Validation of an ``ExperimentConfig``: value ranges and combinations of keys.
+"""The validated experiment: ``load_config``, ``from_dict`` and ``replace`` build an ``ExperimentConfig``
+from TOML, a dict or dotted-key changes, and check every value range and combination of keys; each
+failure is one ``ConfigError`` naming the key and the fix (the CLI exits with code 2).
 
-Called once by ``config.from_dict``; every failure is a ``ConfigError`` naming the key and the fix.
+The choices of ``data.name``, ``model.name`` and ``algorithm.name`` are the keys of the dataset, model
+and algorithm registries, so this module sits above them in the import graph (the schema itself,
+``simulator.config``, is at the bottom). An algorithm's own keys are checked and its defaults filled in by
+its record's ``configure``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
-from simulator.config import (
-    _DATASET_ONLY,
+from simulator.algorithms.registry import ALGORITHMS, resolve
+from simulator.config.schema import (
     CHOICES,
     DATASET_KEYS,
+    DATASET_ONLY,
     ConfigError,
     DataConfig,
     Distribution,
@@ -18,6 +26,40 @@ from simulator.config import (
     overselect_cohort,
     section,
 )
+from simulator.config.toml import build, parse_overrides, read_toml, set_dotted, to_dict
+from simulator.data.registry import DATASETS
+from simulator.models import MODELS
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    """Read ``path`` (TOML; None for the quickstart), apply ``key.sub=value`` overrides, validate."""
+    raw = read_toml(path) if path is not None else {}
+    return from_dict(set_dotted(raw, parse_overrides(overrides)))
+
+
+def replace(cfg: ExperimentConfig, **changes: Any) -> ExperimentConfig:
+    """``dataclasses.replace`` with dotted keys, validated: ``replace(cfg, **{"system.actors": 2})``."""
+    return from_dict(set_dotted(to_dict(cfg), changes))
+
+
+def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Build and validate an ``ExperimentConfig`` from a nested dict (parsed TOML)."""
+    cfg = build(raw)
+    if cfg.data.path and not Path(cfg.data.path).expanduser().is_absolute():
+        # actors (on other nodes too) read the data themselves: give them a path independent of their cwd
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
+                                                                path=str(Path(cfg.data.path).expanduser().resolve())))
+    validate(cfg, raw.get("data", {}) if isinstance(raw.get("data"), dict) else {})
+    given = raw.get("algorithm", {}) if isinstance(raw.get("algorithm"), dict) else {}
+    algorithm = resolve(cfg.algorithm)
+    if cfg.algorithm.factory:
+        if "name" in given and given["name"] != algorithm.name:
+            raise ConfigError(f"algorithm.name = {given['name']!r} but algorithm.factory = {cfg.algorithm.factory!r} "
+                              f"returns the algorithm {algorithm.name!r}; drop algorithm.name")
+        cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name=algorithm.name))
+    if algorithm.configure is not None:
+        cfg = algorithm.configure(cfg, frozenset(given))
+    return cfg
 
 
 def _require(ok: bool, message: str) -> None:
@@ -26,15 +68,18 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
-    for key, options in CHOICES.items():
+    """Every range and combination of keys (``raw_data``: the [data] keys the user set)."""
+    choices = {**CHOICES, "data.name": tuple(DATASETS), "model.name": tuple(MODELS),
+               "algorithm.name": tuple(ALGORITHMS)}
+    for key, options in choices.items():
         first, *rest = key.split(".")
         value: Any = section(cfg, first)
         for attr in rest:
             value = getattr(value, attr)
-        if key == "model.name" and cfg.model.factory:
+        if (key == "model.name" and cfg.model.factory) or (key == "algorithm.name" and cfg.algorithm.factory):
             continue
         _require(value in options, f"{key} = {value!r} is not supported; choose one of {', '.join(options)}")
-    wrong = sorted((_DATASET_ONLY - DATASET_KEYS[cfg.data.name]) & raw_data.keys())
+    wrong = sorted((DATASET_ONLY - DATASET_KEYS[cfg.data.name]) & raw_data.keys())
     if wrong:
         owners = [n for n, keys in DATASET_KEYS.items() if wrong[0] in keys]
         raise ConfigError(f"data.{wrong[0]} applies to data.name = {' or '.join(map(repr, owners))}, "
@@ -54,8 +99,8 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
              "data.samples_per_client must be >= 2 so that each client has a train and a test sample")
     _require(0 < d.test_fraction < 1, f"data.test_fraction must be in (0, 1), got {d.test_fraction}")
     _require(all(h >= 1 for h in cfg.model.hidden), f"model.hidden widths must be >= 1, got {list(cfg.model.hidden)}")
-    _require(not cfg.model.factory or ":" in cfg.model.factory,
-             f"model.factory = {cfg.model.factory!r} must look like 'package.module:function'")
+    for key, factory in (("model.factory", cfg.model.factory), ("algorithm.factory", cfg.algorithm.factory)):
+        _require(not factory or ":" in factory, f"{key} = {factory!r} must look like 'package.module:function'")
     _require(a.local_steps >= 1, f"algorithm.local_steps must be >= 1, got {a.local_steps}")
     _require(a.local_lr > 0, f"algorithm.local_lr must be > 0, got {a.local_lr}")
     _require(a.batch_size >= 0, f"algorithm.batch_size must be >= 0 (0 = full batch), got {a.batch_size}")
@@ -65,16 +110,6 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     _require(a.hf_delta > 0, f"algorithm.hf_delta must be > 0, got {a.hf_delta}")
     _require(a.switch_round >= 0, f"algorithm.switch_round must be >= 0 (0 = half of the rounds), got {a.switch_round}")
     _require(a.finetune_server_lr > 0, f"algorithm.finetune_server_lr must be > 0, got {a.finetune_server_lr}")
-    if a.name == "pfedavg":
-        _require(a.server_optimizer == "sgd",
-                 "algorithm.name = \"pfedavg\" runs FedAvg with server SGD (set algorithm.server_momentum, e.g. 0.9) "
-                 "and then Adam fine-tuning at algorithm.finetune_server_lr; set algorithm.server_optimizer = \"sgd\"")
-        _require(a.switch_round < cfg.rounds,
-                 f"algorithm.switch_round = {a.switch_round} is not before rounds = {cfg.rounds}, so pfedavg would "
-                 "never fine-tune; lower algorithm.switch_round (0 = half of the rounds)")
-        _require(not (cfg.system.mode == "async" and cfg.async_.rule == "fedasync"),
-                 "algorithm.name = \"pfedavg\" needs a server optimizer to switch phases, which async.rule = "
-                 "\"fedasync\" does not have; use async.rule = \"fedbuff\"")
     _require(cfg.clients.per_round >= 1, f"clients.per_round must be >= 1, got {cfg.clients.per_round}")
     _require(cfg.clients.per_round <= d.num_clients,
              f"clients.per_round = {cfg.clients.per_round} is larger than data.num_clients = {d.num_clients}; "

@@ -1,6 +1,10 @@
 """``metafleet`` command line: ``metafleet run [CONFIG.toml] [--set key.sub=value ...] [--out DIR]``, and
 ``metafleet run --resume RUN_DIR``, and ``metafleet plot | report | compare | data`` (``analysis.commands``).
 
+This is the composition root: the one module that knows the core (``simulator``), the backends
+(``actors``) and ``analysis``. ``simulator`` never imports ``actors`` or ``analysis``, and ``analysis``
+never imports ``actors``; this module sits above all three (the console script ``metafleet`` is its ``main``).
+
 Bad input (config, flags, model factory, cluster address) is reported as one line naming the
 key and the fix, with exit code 2 and no traceback, before any run directory is created.
 """
@@ -15,10 +19,20 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulator.config import ConfigError, ExperimentConfig, dumps_toml, from_dict, load_config, to_dict
-from simulator.metrics import atomic_write_bytes
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-EXIT_BAD_INPUT = 2
+from actors.backends import make_backend
+from analysis import commands
+from simulator.algorithms.registry import ALGORITHMS
+from simulator.config.schema import EXIT_BAD_INPUT, ConfigError, ExperimentConfig
+from simulator.config.toml import dumps_toml, to_dict
+from simulator.experiment import from_dict, load_config, replace
+from simulator.rounds.context import prepare
+from simulator.rounds.run import run
+from simulator.rundir import checkpoint
+from simulator.rundir.files import atomic_write_bytes
+
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 
@@ -26,7 +40,11 @@ EXIT_INTERRUPTED = 130
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metafleet", description="Ray-parallel federated meta-learning simulator")
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run an experiment (the built-in quickstart when no CONFIG is given)")
+    algorithms = "\n".join(f"  {name:<14}{a.summary}" for name, a in ALGORITHMS.items())
+    run = sub.add_parser("run", help="run an experiment (the built-in quickstart when no CONFIG is given)",
+                         formatter_class=argparse.RawDescriptionHelpFormatter,
+                         epilog=f"algorithms (--set algorithm.name=...):\n{algorithms}\n  or --set "
+                                "algorithm.factory=\"package.module:function\" returning your own Algorithm record")
     run.add_argument("config", nargs="?", help="experiment TOML file (default: Reptile on sinusoid, 1,000 clients)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key with a TOML value, e.g. --set model.hidden=[64] (repeatable)")
@@ -37,9 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no live progress bar (one line per eval instead)")
     run.add_argument("--no-plots", action="store_true", help="do not write the standard figures at the end")
     run.add_argument("-v", "--verbose", action="store_true", help="log worker placement and Ray messages")
-    from analysis.commands import add_parsers
-
-    add_parsers(sub)
+    commands.add_parsers(sub)
     return parser
 
 
@@ -90,16 +106,6 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def _progress(cfg: ExperimentConfig, enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
     progress = Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False)
@@ -120,9 +126,6 @@ def _progress(cfg: ExperimentConfig, enabled: bool):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from actors import make_backend
-    from simulator.driver import prepare, run
-
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
         if args.resume:
@@ -130,7 +133,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
         if args.address is not None:
-            cfg = cfg.replace(**{"system.address": args.address})
+            cfg = replace(cfg, **{"system.address": args.address})
         prepared = prepare(cfg)
         if not args.resume:
             run_dir = _run_dir(cfg, args.out)
@@ -141,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # Ctrl-C while Ray starts: nothing was written yet
         print("metafleet: interrupted before the first round; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
-    try:
+    with backend:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.toml", dumps_toml(to_dict(cfg)).encode())
         workers = backend.describe()
@@ -152,8 +155,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
         with progress:
             summary = run(cfg, backend, run_dir, prepared, on_round, resume=bool(args.resume))
-    finally:
-        backend.close()
     if not args.no_plots and summary["rounds_completed"]:
         _write_figures(run_dir)
     _print_summary(summary, run_dir)
@@ -165,8 +166,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     """The config of the run to resume (its config.toml plus --set), checked against its checkpoint."""
-    from simulator import checkpoint
-
     run_dir = Path(args.resume)
     if args.config or args.out:
         raise ConfigError("--resume continues a run with its own config.toml; drop the CONFIG argument and --out "
@@ -187,10 +186,8 @@ def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
 
 
 def _write_figures(run_dir: Path) -> None:
-    from analysis.commands import figures_of_run
-
     try:
-        paths = figures_of_run(run_dir)
+        paths = commands.figures_of_run(run_dir)
     except Exception as exc:  # a figure must never cost the user a finished run's exit status
         logging.getLogger("metafleet.cli").warning("could not draw the figures (%s: %s); the metrics are intact, "
                                                    "retry with `metafleet plot %s`", type(exc).__name__, exc, run_dir)
@@ -202,8 +199,6 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "run":
         return cmd_run(args)
-    from analysis import commands
-
     return {"plot": commands.cmd_plot, "report": commands.cmd_report, "compare": commands.cmd_compare,
             "data": commands.cmd_data}[args.command](args)
 

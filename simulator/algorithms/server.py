@@ -1,0 +1,104 @@
+"""The server side of every algorithm: its explicit state and the optimizer applied to the pseudo-gradient.
+
+The server keeps a ``ServerState`` (model vector, step count = model version, optimizer moments) and
+applies g, the pseudo-gradient of the aggregated client vectors (``record.pseudo_gradient``), with the
+rule of the current ``ServerPhase``: SGD with optional momentum (FedAvgM, Hsu et al. 2019), or Adam
+(Kingma & Ba 2015) on the pseudo-gradient, as FedOpt does (Reddi et al. 2021). An algorithm whose rule
+changes mid-run (Personalized FedAvg) declares a ``schedule`` in its record; moments start afresh at the
+first version of each phase, and the phase is a function of ``state.step`` alone, so a state replaced
+from outside (FedAsync, a resumed checkpoint) keeps it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from simulator.algorithms.record import Algorithm, ServerPhase, phase_at
+from simulator.algorithms.registry import resolve
+from simulator.config.schema import AlgorithmConfig
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """The server's model and optimizer moments; ``step`` counts applied server updates."""
+
+    theta: torch.Tensor
+    step: int = 0
+    momentum: torch.Tensor | None = None   # SGD momentum buffer
+    exp_avg: torch.Tensor | None = None    # Adam first moment
+    exp_avg_sq: torch.Tensor | None = None  # Adam second moment
+
+
+def sgd_step(state: ServerState, g: torch.Tensor, lr: float, momentum: float = 0.0) -> ServerState:
+    """theta <- theta - lr * b, b = momentum * b + g (b = g when momentum is 0; FedAvgM, Hsu et al. 2019)."""
+    buf = g if momentum == 0 or state.momentum is None else momentum * state.momentum + g
+    return ServerState(state.theta - lr * buf, state.step + 1, buf if momentum else None)
+
+
+def adam_step(state: ServerState, g: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8) -> ServerState:
+    """Adam (Kingma & Ba 2015, Alg. 1) on the pseudo-gradient, bias-corrected, as FedOpt's server optimizer.
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;  theta <- theta - lr * m_hat / (sqrt(v_hat) + eps).
+    """
+    b1, b2 = betas
+    t = state.step + 1
+    m = (1 - b1) * g if state.exp_avg is None else b1 * state.exp_avg + (1 - b1) * g
+    v = (1 - b2) * g * g if state.exp_avg_sq is None else b2 * state.exp_avg_sq + (1 - b2) * g * g
+    m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+    return ServerState(state.theta - lr * m_hat / (v_hat.sqrt() + eps), t, None, m, v)
+
+
+def initial_vector(cfg: AlgorithmConfig, model_vector: torch.Tensor,
+                   algorithm: Algorithm | None = None) -> torch.Tensor:
+    """The server's initial vector: the model's flat parameters (plus, for algorithms that meta-learn more
+    than an initialization, their extra parameters); ``algorithm`` defaults to ``cfg``'s record.
+
+    Meta-SGD (Li et al. 2017, Sec. 3): [theta ; alpha], alpha = ``local_lr`` for every parameter."""
+    if (algorithm or resolve(cfg)).learns_lr:
+        return torch.cat([model_vector, torch.full_like(model_vector, cfg.local_lr)])
+    return model_vector
+
+
+class ServerOptimizer:
+    """An algorithm's server: client weighting and the server step of the current phase applied to a
+    ``ServerState``; ``state.step`` is the model version. ``algorithm`` defaults to the record ``cfg``
+    names (``registry.resolve``)."""
+
+    def __init__(self, theta: torch.Tensor, cfg: AlgorithmConfig, algorithm: Algorithm | None = None) -> None:
+        self.cfg = cfg
+        self.algo = algorithm or resolve(cfg)
+        self.state = ServerState(theta.detach().clone())
+
+    @property
+    def phase(self) -> ServerPhase:
+        """The server rule that applies an update to the current model version."""
+        return phase_at(self.algo, self.cfg, self.state.step)
+
+    @property
+    def finetuning(self) -> bool:
+        """Whether the current version is past the algorithm's first phase (pfedavg: Reptile fine-tuning)."""
+        return self.phase.start > 0
+
+    def client_weight(self, num_samples: int) -> float:
+        """Aggregation weight of a client update applied at the current model version."""
+        return float(num_samples) if self.phase.weighting == "samples" else 1.0
+
+    def step(self, g: torch.Tensor) -> torch.Tensor:
+        g = g.to(self.state.theta.dtype)
+        st, ph = self.state, self.phase
+        fresh = st.step == ph.start  # the first step of a phase: its optimizer's moments start afresh
+        local = ServerState(st.theta, st.step - ph.start, None if fresh else st.momentum,
+                            None if fresh else st.exp_avg, None if fresh else st.exp_avg_sq)
+        if ph.optimizer == "adam":
+            new = adam_step(local, g, ph.lr)
+        else:
+            new = sgd_step(local, g, ph.lr, ph.momentum)
+        self.state = ServerState(new.theta, st.step + 1, new.momentum, new.exp_avg, new.exp_avg_sq)
+        return self.params
+
+    @property
+    def params(self) -> torch.Tensor:
+        return self.state.theta.clone()

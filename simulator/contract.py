@@ -1,0 +1,146 @@
+"""The contract between the rounds (the driver) and the backends that run client work.
+
+A backend runs cohorts of client updates and evaluations against one model version and returns one
+result per chunk of clients; the driver never learns how (Ray actors in ``actors.pool``, one in-process
+worker in ``actors.inline``). What crosses the seam is typed here: ``WorkerSpec`` (everything a worker
+needs to rebuild data and model by itself), ``TrainResult`` and ``EvalResult`` (row i belongs to
+``client_ids[i]``), ``WorkerFailure`` (work lost beyond ``system.max_failures``), and how a cohort is cut
+into one call per worker (``split_cohort``). A backend is a context manager: ``with make_backend(cfg) as
+backend: ...`` releases its workers (and a Ray it started) whatever happens.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from simulator.config.schema import AlgorithmConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig
+
+
+class WorkerFailure(RuntimeError):
+    """A backend lost work it could not recover (workers died more than ``system.max_failures``
+    times in a round): the driver stops the run cleanly, resumable from its last checkpoint."""
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a worker needs to rebuild data and model by itself (small, picklable)."""
+
+    seed: int
+    data: DataConfig
+    model: ModelConfig
+    algorithm: AlgorithmConfig
+    eval: EvalConfig
+    threads: int
+    shard_cache: int
+    vectorize: bool = True
+    shard_cache_mb: float = 512.0
+
+    @classmethod
+    def from_config(cls, cfg: ExperimentConfig) -> WorkerSpec:
+        return cls(cfg.seed, cfg.data, cfg.model, cfg.algorithm, cfg.eval, cfg.system.threads,
+                   cfg.system.shard_cache, cfg.system.vectorize, cfg.system.shard_cache_mb)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """One cohort chunk's updates; row i of every array belongs to ``client_ids[i]``."""
+
+    worker_id: int
+    client_ids: np.ndarray
+    vectors: np.ndarray          # k x P float32
+    num_samples: np.ndarray      # local data size n_i
+    samples_processed: np.ndarray
+    loss_before: np.ndarray
+    loss_after: np.ndarray
+    compute_time_s: np.ndarray   # real seconds: the chunk's time divided over its clients when trained together
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    worker_id: int
+    client_ids: np.ndarray
+    loss_pre: np.ndarray
+    loss_post: np.ndarray
+    metric_pre: np.ndarray
+    metric_post: np.ndarray
+
+
+class Pending(Protocol):
+    """A submitted chunk of training work, until ``Backend.result`` fetches it."""
+
+    client_ids: list[int]
+
+
+#: the two kinds of client work a backend runs
+Method = Literal["train", "evaluate"]
+#: a batch-stream key for all clients of a call (the round), or one key per client (async refill groups)
+Keys = int | np.ndarray
+
+
+class Backend(abc.ABC):
+    """Runs client work for the driver; see the module docstring. ``train`` and ``evaluate`` dispatch every
+    chunk at once and yield results as they complete (any order: the driver reorders them); ``submit`` and
+    ``result`` split training into dispatch and a blocking fetch of one chunk (the asynchronous mode)."""
+
+    num_workers: int
+
+    @abc.abstractmethod
+    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> Iterator[TrainResult]:
+        """Update every client of ``client_ids`` from the server vector ``theta``."""
+
+    @abc.abstractmethod
+    def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: np.ndarray) -> Iterator[EvalResult]:
+        """Score ``theta`` on held-out clients before and after adaptation."""
+
+    @abc.abstractmethod
+    def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[Pending]:
+        """Dispatch training as one call per chunk; the chunks run while the caller goes on."""
+
+    @abc.abstractmethod
+    def result(self, pending: Any) -> TrainResult:
+        """Block until one submitted chunk is done."""
+
+    @abc.abstractmethod
+    def describe(self) -> list[dict[str, object]]:
+        """Each worker's device, pid and host."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the workers (idempotent)."""
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def split_cohort(client_ids: np.ndarray, workers: int, max_chunk: int = 0) -> list[tuple[int, list[int]]]:
+    """Split a cohort into (worker index, client ids) calls: equal sizes, stable placement.
+
+    Clients are ordered by (id mod workers, id) before being cut into equal contiguous chunks,
+    so a client mostly lands on the same worker round after round (its cached shard is reused)
+    while every worker gets the same number of clients. ``max_chunk`` > 0 caps the clients per
+    call (``system.clients_per_actor``); extra chunks go round-robin to the workers.
+    """
+    ids = np.asarray(client_ids, dtype=np.int64)
+    if ids.size == 0:
+        return []
+    ordered = ids[np.lexsort((ids, ids % workers))]
+    chunks = workers if max_chunk <= 0 else max(workers, -(-ids.size // max_chunk))
+    chunks = min(chunks, ids.size)
+    return [(i % workers, part.tolist()) for i, part in enumerate(np.array_split(ordered, chunks))]
+
+
+def split_work(client_ids: np.ndarray, keys: Keys, workers: int,
+               max_chunk: int = 0) -> list[tuple[int, list[int], int | list[int]]]:
+    """``split_cohort`` carrying each client's stream key along: (worker, ids, key or keys) per call."""
+    if isinstance(keys, int | np.integer):
+        return [(w, ids, int(keys)) for w, ids in split_cohort(client_ids, workers, max_chunk)]
+    lookup = dict(zip(np.asarray(client_ids, np.int64).tolist(), np.asarray(keys, np.int64).tolist(), strict=True))
+    return [(w, ids, [lookup[c] for c in ids]) for w, ids in split_cohort(client_ids, workers, max_chunk)]

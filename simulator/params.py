@@ -1,0 +1,58 @@
+"""Flat parameter vectors and per-parameter tensors, converted both ways: the one place that does it.
+
+The server model travels as one flat float32 vector; a worker writes it into its module
+(``load_flat``) or cuts it into name -> tensor dicts (``unflatten``) for functional steps, and client
+steps concatenate their results back into a vector (``flatten``). Meta-SGD's learned rates
+(Li et al. 2017) are a second vector of the same layout, cut the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: parameter name -> tensor, in ``model.named_parameters()`` order (optionally with a leading client dimension)
+Params = dict[str, torch.Tensor]
+
+
+def flat_params(model: nn.Module) -> torch.Tensor:
+    """All trainable parameters as one detached, contiguous float32 CPU vector."""
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().to("cpu", torch.float32).clone()
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Number of trainable values: the length of ``flat_params(model)``."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def load_flat(model: nn.Module, theta: torch.Tensor) -> None:
+    """Copy a flat vector into the model's parameters (in place; ``theta`` itself is never aliased)."""
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            n = p.numel()
+            p.copy_(theta[offset:offset + n].view_as(p))
+            offset += n
+    if offset != theta.numel():
+        raise ValueError(f"theta has {theta.numel()} values, the model {offset} parameters")
+
+
+def unflatten(model: nn.Module, vector: torch.Tensor, clients: int = 0) -> Params:
+    """A flat vector as one tensor per parameter, shaped like it, on the parameter's device and dtype
+    (views of ``vector`` where those already match). ``clients`` > 0: each tensor expanded along a new
+    leading client dimension and copied, one independent copy per client (the vectorized path)."""
+    out, start = {}, 0
+    for name, p in model.named_parameters():
+        piece = vector[start:start + p.numel()].reshape(p.shape)
+        out[name] = piece.expand(clients, *p.shape).clone() if clients else piece.to(p.device, p.dtype)
+        start += p.numel()
+    return out
+
+
+def flatten(tensors: Params | list[torch.Tensor] | tuple[torch.Tensor, ...], clients: bool = False) -> torch.Tensor:
+    """Tensors (a parameter dict, or a list such as gradients) concatenated into one detached vector;
+    ``clients``: each tensor has a leading client dimension, and the result is one row per client."""
+    values = list(tensors.values()) if isinstance(tensors, dict) else list(tensors)
+    if clients:
+        return torch.cat([t.detach().reshape(t.shape[0], -1) for t in values], dim=1)
+    return torch.cat([t.detach().reshape(-1) for t in values])

@@ -1,0 +1,157 @@
+"""What every mode of a run shares: the prepared inputs, and the run's context (config, backend, server
+optimizer, devices, metrics writer, history, checkpoints, evaluation on held-out clients).
+
+``prepare`` builds and checks everything that can fail on bad input before a run directory exists;
+``RunContext`` is what the synchronous rounds (``rounds.sync``) and the asynchronous server
+(``rounds.asynchronous``) are written against. The backend is passed in: nothing here imports Ray.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from simulator.algorithms.record import Algorithm, planned_samples
+from simulator.algorithms.registry import resolve
+from simulator.algorithms.server import ServerOptimizer, ServerState, initial_vector
+from simulator.config.schema import ExperimentConfig
+from simulator.config.toml import to_dict
+from simulator.contract import Backend, EvalResult, Keys, TrainResult
+from simulator.data.base import FederatedDataset
+from simulator.data.registry import make_dataset
+from simulator.experiment import from_dict
+from simulator.models import build_model, check_output_shape
+from simulator.params import flat_params
+from simulator.rounds.retry import with_retries
+from simulator.rounds.rows import eval_columns, ids_text, ordered
+from simulator.rundir import checkpoint
+from simulator.rundir.metrics import MetricsWriter
+from simulator.scheduling import Devices, Profiles, client_durations, select_eval_clients
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a run needs before it starts, built once: the initial parameters, the dataset (a pooled
+    dataset's partition is computed here), and the device model (traces are read here)."""
+
+    theta0: torch.Tensor
+    dataset: FederatedDataset
+    devices: Devices
+
+
+def prepare(cfg: ExperimentConfig) -> Prepared:
+    """Build and check everything that can fail on bad input before any run directory exists: a bad
+    model factory, a model that does not fit the data, a pool too small for its clients, or unusable
+    device traces raise ConfigError here."""
+    dataset = make_dataset(cfg.data, cfg.seed)
+    model = build_model(cfg.model, dataset.input_dim, dataset.output_dim, cfg.seed)
+    check_output_shape(model, dataset.input_dim, dataset.output_dim, getattr(dataset, "input_dtype", torch.float32))
+    theta0 = initial_vector(cfg.algorithm, flat_params(model))
+    return Prepared(theta0, dataset, Devices(cfg.devices, cfg.seed))
+
+
+def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDataset, devices: Devices,
+                 client_ids: np.ndarray, model_bytes: int) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
+    """Device profiles, local sizes, planned samples and simulated durations of some clients: what the
+    driver knows about a client's update at dispatch (updates are as large as the model)."""
+    sizes = [dataset.split_sizes(int(c)) for c in client_ids]
+    samples = np.array([planned_samples(algo, cfg.algorithm, s, q) for s, q in sizes], np.int64)
+    profiles = devices.profiles(client_ids)
+    durations = client_durations(profiles, samples, model_bytes, model_bytes)
+    return profiles, np.array([s + q for s, q in sizes], np.int64), samples, durations
+
+
+RoundCallback = Callable[[dict[str, Any]], None]
+StateFn = dict[str, Any] | Callable[[], dict[str, Any]]
+
+
+class RunContext:
+    """What every mode shares: config, backend, server optimizer, devices, metrics, history and the
+    checkpoint of the last completed round (``resumed`` holds the one a resumed run starts from)."""
+
+    def __init__(self, cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepared | None,
+                 on_round: RoundCallback | None, resume: bool = False) -> None:
+        self.cfg, self.backend, self.on_round, self.run_dir = cfg, backend, on_round, run_dir
+        self.algo = resolve(cfg.algorithm)
+        prepared = prepared or prepare(cfg)
+        self.opt = ServerOptimizer(prepared.theta0, cfg.algorithm, self.algo)
+        self.dataset, self.devices = prepared.dataset, prepared.devices
+        p = self.opt.params
+        self.model_bytes = self.update_bytes = p.numel() * p.element_size()
+        self.eval_ids = select_eval_clients(cfg.seed, cfg.data.num_clients, cfg.data.eval_clients, cfg.eval.clients)
+        self.resumed = checkpoint.load(run_dir) if resume else None
+        if self.resumed:
+            checkpoint.check_compatible(from_dict(self.resumed["config"]), cfg, run_dir)
+        if resume:  # rows written after the checkpoint are recomputed
+            checkpoint.truncate_metrics(run_dir, self.resumed["next_round"] if self.resumed else 0)
+            (run_dir / "summary.json").unlink(missing_ok=True)
+        self.history: list[dict[str, Any]] = checkpoint.history(run_dir) if resume else []
+        self.writer = MetricsWriter(run_dir, cfg.metrics.flush_every)
+        self.start = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
+        if self.resumed:
+            self.opt.state = ServerState(**self.resumed["opt"])
+        self.snapshot: tuple[int, dict[str, Any], StateFn] | None = None
+        if self.resumed:  # until the first round completes, Ctrl-C keeps the checkpoint it started from
+            self.snapshot = (self.resumed["next_round"], self.resumed["opt"], dict(self.resumed))
+        self.saved_round = self.resumed["next_round"] if self.resumed else 0
+
+    def completed(self, next_round: int, state: StateFn) -> None:
+        """Round ``next_round - 1`` is complete and its rows committed: remember the state to resume
+        from (a dict, or a function building it only when a checkpoint is written), and write the
+        checkpoint when one is due."""
+        self.snapshot = (next_round, checkpoint.dataclass_state(self.opt.state), state)
+        every = self.cfg.checkpoint_every
+        if every and next_round % every == 0 and next_round > self.saved_round:
+            self.save_checkpoint()
+        if self.on_round is not None:
+            self.on_round(self.history[-1])
+
+    def save_checkpoint(self) -> None:
+        """Flush the committed metrics, then write the last completed round's state (in that order:
+        a checkpoint never refers to rows that are not on disk)."""
+        self.writer.flush()
+        if self.snapshot is None:
+            return
+        next_round, opt, state = self.snapshot
+        state = state() if callable(state) else state
+        checkpoint.save(self.run_dir, {**state, "config": to_dict(self.cfg), "next_round": next_round, "opt": opt})
+        self.saved_round = next_round
+
+    def train(self, theta: torch.Tensor, keys: Keys, client_ids: np.ndarray) -> list[TrainResult]:
+        """Every chunk of one training call, re-run as a whole when client work raised (``retry``)."""
+        return with_retries(lambda: list(self.backend.train(theta.numpy(), keys, client_ids)),
+                            f"train of clients {ids_text(client_ids)}", self.cfg.system.max_failures)
+
+    def plan(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
+        return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes)
+
+    def evaluate(self, theta: torch.Tensor, r: int) -> EvalResult | None:
+        if not len(self.eval_ids):
+            return None
+        chunks = with_retries(lambda: list(self.backend.evaluate(theta.numpy(), r, self.eval_ids)),
+                              f"evaluate of clients {ids_text(self.eval_ids)}", self.cfg.system.max_failures)
+        col, workers = ordered(chunks, self.eval_ids)
+        ev = EvalResult(-1, self.eval_ids, col("loss_pre"), col("loss_post"), col("metric_pre"), col("metric_post"))
+        self.writer.tables["evals"].extend({
+            "round": np.full(len(self.eval_ids), r), "client_id": self.eval_ids, "actor_id": workers,
+            "loss_pre": ev.loss_pre, "loss_post": ev.loss_post, "metric_pre": ev.metric_pre,
+            "metric_post": ev.metric_post})
+        return ev
+
+    def eval_due(self, r: int) -> bool:
+        return r % self.cfg.eval.every == 0 or r == self.cfg.rounds - 1
+
+    def record_round(self, row: dict[str, Any], theta: torch.Tensor) -> None:
+        """Evaluate when due, then append the round's row (eval columns filled in)."""
+        r = row["round"]
+        row.update(eval_columns(self.evaluate(theta, r) if self.eval_due(r) else None))
+        row["wall_time"] = time.perf_counter() - self.start
+        self.writer.tables["rounds"].append(row)
+        self.writer.end_round(r)
+        self.history.append(row)

@@ -1,0 +1,44 @@
+"""Re-running client work that raised: the one retry rule of both modes.
+
+Every client update and evaluation is a pure function of (model version, client id, seed), so work whose
+client code raised (an error inside the worker or its Ray task: out of memory, a flaky data read) can
+simply run again. ``with_retries`` tries it up to ``system.max_failures`` more times, logging each
+failure; after that the run stops with ``WorkerFailure``, its last completed round checkpointed, so that
+it can be resumed once the cause is fixed. Work lost with its worker (a dead actor) is the backend's to
+recover (``actors.pool``), and a ``WorkerFailure`` it raises is never retried here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TypeVar
+
+from simulator.contract import WorkerFailure
+
+log = logging.getLogger("metafleet.driver")
+
+T = TypeVar("T")
+
+
+def first_line(exc: BaseException) -> str:
+    """``ErrorType: first line of its message``."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
+def with_retries(attempt: Callable[[], T], what: str, limit: int, resubmit: Callable[[], None] | None = None) -> T:
+    """``attempt()``, re-run after a failure (``resubmit()`` first, when the work must be dispatched again) up
+    to ``limit`` more times; ``what`` names the work in the log and in the ``WorkerFailure`` that ends it."""
+    error = ""
+    for i in range(limit + 1):
+        try:
+            return attempt()
+        except WorkerFailure:
+            raise
+        except Exception as exc:  # an error inside the client's work (worker or Ray task)
+            error = first_line(exc)
+            log.warning("%s failed (attempt %d of %d): %s", what, i + 1, limit + 1, error)
+            if resubmit is not None and i < limit:
+                resubmit()
+    raise WorkerFailure(f"{what} failed {limit + 1} times, last with {error}; fix the cause (data, model, memory), "
+                        "raise system.max_failures, then continue with `metafleet run --resume RUN_DIR`")

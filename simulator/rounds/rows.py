@@ -1,0 +1,84 @@
+"""Rows of the metrics tables that both modes write, and putting a backend's chunk results back in order.
+
+A round's results arrive chunk by chunk in whatever order the workers finish; ``ordered`` puts them back
+into cohort order before anything is aggregated or written, so the sums (and the tables) never depend on
+the number of actors or on Ray's completion order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from simulator.client.evaluation import STATS, summarize
+from simulator.contract import EvalResult
+from simulator.scheduling import Profiles
+
+
+def ordered(chunks: list[Any], client_ids: np.ndarray) -> tuple[Callable[[str], np.ndarray], np.ndarray]:
+    """Put chunk results back into cohort order, whatever order they completed in.
+
+    Returns a getter for a concatenated, reordered field, and each row's worker id.
+    """
+    got = np.concatenate([c.client_ids for c in chunks])
+    order = np.argsort(got, kind="stable")
+    if len(got) == len(client_ids):
+        order = order[np.minimum(np.searchsorted(got[order], client_ids), len(got) - 1)]
+    if len(got) != len(client_ids) or not np.array_equal(got[order], client_ids):
+        raise RuntimeError("the backend did not return exactly one result per client of the cohort")
+    workers = np.concatenate([np.full(len(c.client_ids), c.worker_id) for c in chunks])
+    in_order = bool(np.array_equal(order, np.arange(len(order))))
+
+    def field(name: str) -> np.ndarray:  # no copy where possible: a round's vectors can be gigabytes
+        values = [getattr(c, name) for c in chunks]
+        joined = values[0] if len(values) == 1 else np.concatenate(values)
+        return joined if in_order else joined[order]
+
+    return field, workers[order]
+
+
+def eval_columns(ev: EvalResult | None) -> dict[str, float]:
+    cols: dict[str, float] = {}
+    for what, when in (("loss", "pre"), ("loss", "post"), ("metric", "pre"), ("metric", "post")):
+        stats = summarize(getattr(ev, f"{what}_{when}")) if ev is not None else dict.fromkeys(STATS, math.nan)
+        for s, v in stats.items():
+            cols[f"eval_{what}_{when}{'' if s == 'mean' else '_' + s}"] = v
+    return cols
+
+
+def ids_text(ids: np.ndarray, limit: int = 8) -> str:
+    shown = ", ".join(str(int(c)) for c in ids[:limit])
+    return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)})"
+
+
+def finite_updates(vectors: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Rows whose update vector and loss are all finite (a NaN/inf update never touches the model)."""
+    return np.isfinite(vectors).all(axis=1) & np.isfinite(losses)
+
+
+def client_rows(r: int, ids: np.ndarray, profiles: Profiles, n_samples: np.ndarray, start: np.ndarray,
+                finish: np.ndarray, reasons: np.ndarray, start_version: np.ndarray, staleness: np.ndarray,
+                staleness_weight: np.ndarray, trained: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Columns of clients.parquet for some clients; training columns are NaN / -1 / 0 for clients
+    that were not trained (``trained`` holds actor_id, samples_processed, weight, losses, norms, time)."""
+    k = len(ids)
+    t = trained or nan_columns(k)
+    return {"round": np.full(k, r), "client_id": ids, "num_samples": n_samples, **t, "sim_start": start,
+            "sim_duration_s": finish - start, "sim_finish": finish, "start_version": start_version,
+            "staleness": staleness, "staleness_weight": staleness_weight, "dropped": reasons != "",
+            "drop_reason": reasons, "compute_speed": profiles.compute_speed, "up_bw": profiles.up_bw,
+            "down_bw": profiles.down_bw}
+
+
+def nan_columns(k: int) -> dict[str, np.ndarray]:
+    """clients.parquet's training columns for clients that were not trained (NaN / -1 / 0)."""
+    return {"actor_id": np.full(k, -1, np.int64), "samples_processed": np.zeros(k, np.int64),
+            "weight": np.full(k, np.nan), "loss_before": np.full(k, np.nan), "loss_after": np.full(k, np.nan),
+            "update_norm": np.full(k, np.nan), "compute_time_s": np.full(k, np.nan)}
+
+
+def take_profiles(p: Profiles, mask: np.ndarray) -> Profiles:
+    return Profiles(p.client_ids[mask], p.compute_speed[mask], p.up_bw[mask], p.down_bw[mask])
