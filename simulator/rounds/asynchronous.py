@@ -39,9 +39,9 @@ from simulator.algorithms.record import pseudo_gradient
 from simulator.algorithms.server import ServerState
 from simulator.rounds.context import RunContext
 from simulator.rounds.retry import with_retries
-from simulator.rounds.rows import client_rows, finite_updates
+from simulator.rounds.rows import client_rows, finite_updates, round_row
 from simulator.rundir.checkpoint import plain
-from simulator.scheduling import Event, EventQueue, Profiles, drop_counts, sample_clients
+from simulator.scheduling import Event, EventQueue, Profiles, sample_clients
 
 log = logging.getLogger("metafleet.async")
 
@@ -198,15 +198,10 @@ class AsyncServer:
             self.bases.pop(self.version - 1, None)
         for f in flights:
             self._release(f.version)
-        losses = np.array([f.result["loss_after"] for f in flights])
-        counts = drop_counts(self.reasons)
-        row = {"round": self.updates, "model_version": self.version, "sim_time": self.now,
-               "round_sim_duration": self.now - self.window_start, "num_sampled": self.dispatched,
-               "num_completed": len(flights), "num_dropped": sum(counts.values()), **counts,
-               "staleness_mean": float(tau.mean()), "staleness_max": float(tau.max()),
-               "bytes_up": self.bytes_up, "bytes_down": self.bytes_down, "train_loss": float(losses.mean()),
-               "train_loss_before": float(np.mean([f.result["loss_before"] for f in flights])),
-               "update_norm": float(torch.linalg.vector_norm(self.theta - old))}
+        row = round_row(self.updates, self.version, self.now, self.window_start, self.dispatched, self.reasons, tau,
+                        self.bytes_up, self.bytes_down, np.array([f.result["loss_after"] for f in flights]),
+                        np.array([f.result["loss_before"] for f in flights]),
+                        float(torch.linalg.vector_norm(self.theta - old)))
         self._write_clients()
         self.buffer = []
         ctx.record_round(row, self.theta)

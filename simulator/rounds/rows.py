@@ -15,7 +15,7 @@ import numpy as np
 
 from simulator.client.evaluation import STATS, summarize
 from simulator.contract import EvalResult
-from simulator.scheduling import Profiles
+from simulator.scheduling import Profiles, drop_counts
 
 
 def ordered(chunks: list[Any], client_ids: np.ndarray) -> tuple[Callable[[str], np.ndarray], np.ndarray]:
@@ -47,6 +47,23 @@ def eval_columns(ev: EvalResult | None) -> dict[str, float]:
         for s, v in stats.items():
             cols[f"eval_{what}_{when}{'' if s == 'mean' else '_' + s}"] = v
     return cols
+
+
+def round_row(r: int, version: int, now: float, start: float, sampled: int, reasons: np.ndarray | list[str],
+              staleness: np.ndarray, bytes_up: int, bytes_down: int, losses: np.ndarray, losses_before: np.ndarray,
+              update_norm: float) -> dict[str, Any]:
+    """One rounds.parquet row (evaluation columns and wall time are added by ``RunContext.record_round``):
+    ``reasons`` one drop reason per sampled client ("" = counted), ``staleness`` one value per aggregated
+    update, ``losses`` their losses after (and before) local work; NaN where nothing was aggregated."""
+    drops = drop_counts(reasons)
+    return {"round": r, "model_version": version, "sim_time": now, "round_sim_duration": now - start,
+            "num_sampled": sampled, "num_completed": int(staleness.size), "num_dropped": sum(drops.values()), **drops,
+            "staleness_mean": float(staleness.mean()) if staleness.size else math.nan,
+            "staleness_max": float(staleness.max()) if staleness.size else math.nan,
+            "bytes_up": bytes_up, "bytes_down": bytes_down,
+            "train_loss": float(np.mean(losses)) if losses.size else math.nan,
+            "train_loss_before": float(np.mean(losses_before)) if losses.size else math.nan,
+            "update_norm": update_norm}
 
 
 def ids_text(ids: np.ndarray, limit: int = 8) -> str:

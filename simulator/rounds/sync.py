@@ -17,8 +17,8 @@ import torch
 from simulator.algorithms.aggregation import weighted_mean
 from simulator.algorithms.record import pseudo_gradient
 from simulator.rounds.context import RunContext
-from simulator.rounds.rows import client_rows, finite_updates, nan_columns, ordered, take_profiles
-from simulator.scheduling import VirtualClock, cohort_size, drop_counts, plan_round, sample_cohort
+from simulator.rounds.rows import client_rows, finite_updates, nan_columns, ordered, round_row, take_profiles
+from simulator.scheduling import VirtualClock, cohort_size, plan_round, sample_cohort
 
 
 def sync_rounds(ctx: RunContext) -> None:
@@ -71,14 +71,8 @@ def sync_rounds(ctx: RunContext) -> None:
                     r, ids[part], take_profiles(profiles, part), n_samples[part], np.full(k, t0), plan.finish[part],
                     reason[part], np.full(k, base), np.zeros(k, np.int64), np.where(counted[part], 1.0, np.nan),
                     {name: values[part] for name, values in trained.items()}))
-        drops = drop_counts(reason)
-        ctx.record_round({
-            "round": r, "model_version": version, "sim_time": clock.now, "round_sim_duration": clock.now - t0,
-            "num_sampled": ids.size, "num_completed": int(counted.sum()), "num_dropped": sum(drops.values()),
-            **drops, "staleness_mean": 0.0 if counted.any() else math.nan,
-            "staleness_max": 0.0 if counted.any() else math.nan,
-            "bytes_up": ctx.update_bytes * int(plan.kept.sum()), "bytes_down": ctx.model_bytes * int(online.sum()),
-            "train_loss": float(np.mean(losses)) if losses.size else math.nan,
-            "train_loss_before": float(np.mean(losses_before)) if losses.size else math.nan,
-            "update_norm": update_norm}, theta)
+        row = round_row(r, version, clock.now, t0, ids.size, reason, np.zeros(int(counted.sum())),
+                        ctx.update_bytes * int(plan.kept.sum()), ctx.model_bytes * int(online.sum()), losses,
+                        losses_before, update_norm)
+        ctx.record_round(row, theta)
         ctx.completed(r + 1, {"version": version, "clock": clock.now})
