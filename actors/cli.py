@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,15 +27,13 @@ from actors.backends import make_backend
 from analysis import commands
 from simulator.algorithms.registry import ALGORITHMS
 from simulator.config.schema import EXIT_BAD_INPUT, ConfigError, ExperimentConfig
-from simulator.config.toml import dumps_toml, to_dict
 from simulator.experiment import from_dict, load_config, replace
 from simulator.rounds.context import prepare
 from simulator.rounds.run import run
-from simulator.rundir import checkpoint
-from simulator.rundir.files import atomic_write_bytes
+from simulator.rundir import checkpoint, lock
+from simulator.rundir.files import RunDirWriteError
 
 EXIT_FAILED = 1
-EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +61,10 @@ def _parser() -> argparse.ArgumentParser:
 def _run_dir(cfg: ExperimentConfig, out: str | None) -> Path:
     if out:
         path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        if path.is_dir() and (writer := lock.holder(path)):
+            raise ConfigError(f"--out {out!r} is being written by {writer}; wait for that run to end, or choose "
+                              "another directory")
+        if path.exists() and (not path.is_dir() or not lock.is_unused(path)):
             raise ConfigError(f"--out {out!r} already exists and is not an empty directory; "
                               "choose a new directory (each run writes into its own)")
         return path
@@ -125,43 +127,75 @@ def _progress(cfg: ExperimentConfig, enabled: bool):
     return progress, on_round
 
 
+class _Stop:
+    """SIGINT, SIGTERM and SIGHUP all stop a run the same way: as Ctrl-C does (the rounds stop after the last
+    completed one, whose metrics and checkpoint are written, then the summary), and the exit code is
+    128 + the signal's number (130, 143, 129)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.signum = signal.SIGINT
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        raise KeyboardInterrupt
+
+    def __enter__(self) -> _Stop:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signum)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    try:
-        if args.resume:
-            cfg, run_dir = _resume_config(args)
-        else:
-            cfg = load_config(args.config, args.overrides)
-        if args.address is not None:
-            cfg = replace(cfg, **{"system.address": args.address})
-        prepared = prepare(cfg)
-        if not args.resume:
-            run_dir = _run_dir(cfg, args.out)
-        backend = make_backend(cfg)
-    except ConfigError as exc:
-        print(f"metafleet: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # Ctrl-C while Ray starts: nothing was written yet
-        print("metafleet: interrupted before the first round; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    with backend:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.toml", dumps_toml(to_dict(cfg)).encode())
-        workers = backend.describe()
-        devices = sorted({str(w["device"]) for w in workers})
-        print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} clients "
-              f"({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) on "
-              f"{', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
-        progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
-        with progress:
-            summary = run(cfg, backend, run_dir, prepared, on_round, resume=bool(args.resume))
+    with _Stop() as stop:
+        try:
+            if args.resume:
+                cfg, run_dir = _resume_config(args)
+            else:
+                cfg = load_config(args.config, args.overrides)
+            if args.address is not None:
+                cfg = replace(cfg, **{"system.address": args.address})
+            prepared = prepare(cfg)
+            if not args.resume:
+                run_dir = _run_dir(cfg, args.out)
+            backend = make_backend(cfg)
+        except ConfigError as exc:
+            print(f"metafleet: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        except KeyboardInterrupt:  # Ctrl-C while Ray starts: nothing was written yet
+            print("metafleet: interrupted before the first round; nothing was written", file=sys.stderr)
+            return stop.exit_code
+        try:
+            with backend:
+                workers = backend.describe()
+                devices = sorted({str(w["device"]) for w in workers})
+                print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} "
+                      f"clients ({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) "
+                      f"on {', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
+                progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
+                with progress:
+                    summary = run(cfg, backend, run_dir, prepared, on_round, resume=bool(args.resume))
+        except (ConfigError, RunDirWriteError) as exc:  # another writer holds the directory, or it is not writable
+            print(f"metafleet: error: {exc}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if not args.no_plots and summary["rounds_completed"]:
         _write_figures(run_dir)
     _print_summary(summary, run_dir)
     if summary["status"] == "failed":
         print(f"metafleet: error: {summary['error']}", file=sys.stderr)
         return EXIT_FAILED
-    return EXIT_INTERRUPTED if summary["status"] == "interrupted" else 0
+    return stop.exit_code if summary["status"] == "interrupted" else 0
 
 
 def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
@@ -170,6 +204,9 @@ def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     if args.config or args.out:
         raise ConfigError("--resume continues a run with its own config.toml; drop the CONFIG argument and --out "
                           "(change rounds or execution keys with --set)")
+    if writer := lock.holder(run_dir):
+        raise ConfigError(f"--resume {args.resume!r}: the run is being written by {writer}; resume it once "
+                          "that process has ended")
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"--resume {args.resume!r} is not a metafleet run directory (no config.toml); pass a "
                           "directory written by `metafleet run`")

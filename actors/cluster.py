@@ -1,7 +1,10 @@
 """Connecting to Ray: a local Ray started for the run, or a cluster named by ``system.address``.
 
-``connect`` is the one place metafleet starts or joins Ray; an unreachable address fails fast with one
-clear line instead of Ray's endless retries.
+``connect`` is the one place metafleet starts or joins Ray. With ``system.address = ""`` (the default) a
+run joins the cluster that ``RAY_ADDRESS`` names when that is set, and otherwise always starts its own
+local Ray (``ray.init(address="local")``): it never joins a cluster it merely finds on the machine (another
+user's, or a dead one recorded in Ray's ``ray_current_cluster`` file). An unreachable address fails fast
+with one clear line instead of Ray's endless retries.
 """
 
 from __future__ import annotations
@@ -23,24 +26,35 @@ def log_level() -> int:
     return logging.getLogger("metafleet").getEffectiveLevel()
 
 
+def address_of(system: SystemConfig) -> str:
+    """The cluster a run joins: ``system.address``, else ``RAY_ADDRESS``; "" = start a local Ray of its own."""
+    return system.address or os.environ.get("RAY_ADDRESS", "").strip()
+
+
 def connect(system: SystemConfig) -> bool:
-    """Start a local Ray (address "") or join a cluster; returns True if this call started it."""
-    _probe(system.address)
+    """Start a local Ray (no address) or join a cluster; returns True if this call started or joined it."""
+    address = address_of(system)
+    _probe(address)
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray's own messages follow metafleet's verbosity (`metafleet run -v` shows them)
     ray_level = log_level() if log_level() <= logging.INFO else logging.ERROR
-    kwargs: dict[str, object] = {"include_dashboard": False, "logging_level": ray_level, "configure_logging": True}
-    if system.address:
-        kwargs["address"] = system.address
-        if system.ship_code:
-            kwargs["runtime_env"] = {"py_modules": PACKAGES}
+    kwargs: dict[str, object] = {"include_dashboard": False, "logging_level": ray_level, "configure_logging": True,
+                                 "address": address or "local"}
+    if address and system.ship_code:
+        kwargs["runtime_env"] = {"py_modules": PACKAGES}
     try:
         ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"system.address = {system.address!r}: cannot connect to a Ray cluster ({exc}); "
-                          "start one with `ray start --head`, or use --address '' for a local Ray") from None
+    except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        if not address:
+            raise ConfigError(f"could not start a local Ray ({type(exc).__name__}: {first}); check free memory "
+                              "and disk space under the temp directory, or join a running cluster with --address "
+                              "HOST:PORT") from None
+        key = "system.address" if system.address else "RAY_ADDRESS"
+        raise ConfigError(f"{key} = {address!r}: cannot connect to a Ray cluster ({first}); start one with "
+                          "`ray start --head`, or use --address '' for a local Ray") from None
     return True
 
 

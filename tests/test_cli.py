@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -31,7 +33,7 @@ def test_run_writes_a_complete_run_directory(tmp_path, capsys):
     code = main(["run", "--out", str(out), "--no-progress", *_args(small_overrides() + INLINE)])
     assert code == 0
     assert {p.name for p in out.iterdir()} == {"config.toml", "rounds.parquet", "clients.parquet", "checkpoint.pt",
-                                               "evals.parquet", "summary.json", "figures"}
+                                               "evals.parquet", "summary.json", "figures", ".lock"}
     figures = {p.name for p in (out / "figures").iterdir()}
     assert {"loss_by_round.png", "loss_by_sim_time.png", "personalization_gain.png", "client_cdf.png"} <= figures
     assert "accuracy_by_round.png" not in figures  # sinusoid is regression
@@ -223,3 +225,75 @@ def test_sigkilled_metafleet_run_resumes_to_the_uninterrupted_result(tmp_path):
         a, b = (pd.read_parquet(d / f"{table}.parquet").drop(columns=list(WALL_CLOCK_COLUMNS[table]))
                 for d in (ref, killed))
         pd.testing.assert_frame_equal(a, b, check_exact=True, obj=table)
+
+
+# ---------------------------------------------------------------- one writer, signals, a run's own Ray
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG = small_overrides(**{"rounds": 400, "eval.every": 1000, "system.backend": "inline", "metrics.flush_every": 1})
+
+
+def _cli(*argv: str, env: dict[str, str] | None = None, **kw) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "actors.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert path.exists(), f"{path} never appeared: {proc.stderr.read() if proc.poll() is not None else ''}"
+
+
+def _files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def test_a_second_metafleet_run_on_a_live_directory_is_refused_then_sigterm_stops_the_first(tmp_path, capsys):
+    out = tmp_path / "run"
+    first = _cli("run", "--out", str(out), "--no-progress", "--no-plots", *_args(LONG))
+    _wait_for(out / "rounds.parquet" / "part-00001.parquet", first)
+    for argv in (["run", "--out", str(out), *_args(LONG)], ["run", "--resume", str(out), "--set", "rounds=500"]):
+        assert main([*argv, "--no-progress"]) == 2  # the same --out, and a resume of the live run
+        err = capsys.readouterr().err
+        assert f"is being written by process {first.pid} on" in err and err.count("\n") == 1, err
+    first.send_signal(signal.SIGTERM)  # handled like Ctrl-C: last completed round kept, summary, exit 143
+    assert first.wait(timeout=60) == 128 + signal.SIGTERM, first.stderr.read()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and 0 < summary["rounds_completed"] < 400
+    assert pd.read_parquet(out / "rounds.parquet")["round"].tolist() == list(range(summary["rounds_completed"]))
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from simulator.rundir.lock import exclusive\n"
+                               "with exclusive(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(600)",
+                               str(out)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    before = _files(out)
+    assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 2
+    assert f"process {holder.pid}" in capsys.readouterr().err and _files(out) == before  # byte for byte
+    holder.kill()  # SIGKILL: the kernel releases the lock, nothing stale is left
+    holder.wait()
+    done = summary["rounds_completed"] + 2
+    assert main(["run", "--resume", str(out), "--set", f"rounds={done}", "--no-progress", "--no-plots"]) == 0
+    assert pd.read_parquet(out / "rounds.parquet")["round"].tolist() == list(range(done))
+
+
+def test_the_default_ray_is_the_runs_own_never_a_cluster_found_on_the_machine(tmp_path):
+    temp = Path(tempfile.mkdtemp(prefix="mf-", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
+    try:
+        (temp / "ray").mkdir()
+        (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:9\n")  # a dead cluster, as Ray records one
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp)}
+        start = time.monotonic()
+        proc = _cli("run", "--out", str(tmp_path / "run"), "--no-progress", "--no-plots",
+                    *_args(small_overrides(**{"system.actors": 1})), env=env)
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err
+        assert time.monotonic() - start < 200
+        assert any((temp / "ray").glob("session_*"))  # it started its own local Ray, under RAY_TMPDIR
+        bad = _cli("run", "--out", str(tmp_path / "bad"), *_args(small_overrides()),
+                   env=env | {"RAY_ADDRESS": "127.0.0.1:9"})
+        _, err = bad.communicate(timeout=120)  # RAY_ADDRESS is honoured, and a dead one is one clear line
+        assert bad.returncode == 2 and "nothing answers there" in err and "Traceback" not in err, err
+        assert not (tmp_path / "bad").exists()
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)

@@ -92,7 +92,7 @@ class RunContext:
             checkpoint.truncate_metrics(run_dir, self.resumed["next_round"] if self.resumed else 0)
             (run_dir / "summary.json").unlink(missing_ok=True)
         self.history: list[dict[str, Any]] = checkpoint.history(run_dir) if resume else []
-        self.writer = MetricsWriter(run_dir, cfg.metrics.flush_every)
+        self.writer = MetricsWriter(run_dir, cfg.metrics.flush_every, self.history[-1]["round"] if self.history else -1)
         self.start = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
         if self.resumed:
             self.opt.state = ServerState(**self.resumed["opt"])
@@ -111,6 +111,11 @@ class RunContext:
             self.save_checkpoint()
         if self.on_round is not None:
             self.on_round(self.history[-1])
+
+    def committed_history(self) -> list[dict[str, Any]]:
+        """The rows of the rounds whose metrics are committed (a stop between the two drops the last one)."""
+        last = self.writer.committed_round
+        return [row for row in self.history if row["round"] <= last]
 
     def save_checkpoint(self) -> None:
         """Flush the committed metrics, then write the last completed round's state (in that order:
@@ -153,5 +158,5 @@ class RunContext:
         row.update(eval_columns(self.evaluate(theta, r) if self.eval_due(r) else None))
         row["wall_time"] = time.perf_counter() - self.start
         self.writer.tables["rounds"].append(row)
+        self.history.append(row)  # counted only once committed: ``committed_history``
         self.writer.end_round(r)
-        self.history.append(row)

@@ -1,8 +1,13 @@
 """Files of a run directory written whole: atomically (temporary name, fsync, rename), so that a reader or a
-killed run never sees half a file; ``summary.json`` and the label histogram of a partitioned dataset."""
+killed run never sees half a file; ``summary.json`` and the label histogram of a partitioned dataset.
+
+A write that fails (a full disk, a file system turned read-only, a permission taken away) removes its
+temporary file and raises ``RunDirWriteError``: the run then stops after its last complete round with a
+``failed`` summary, and ``metafleet run --resume`` continues it exactly once the cause is fixed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,13 +18,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 
+class RunDirWriteError(RuntimeError):
+    """A file of the run directory could not be written (its ``errno`` is the cause's: ENOSPC for a full disk)."""
+
+    def __init__(self, path: Path, exc: OSError) -> None:
+        super().__init__(f"could not write {path} ({exc.strerror or exc})")
+        self.errno = exc.errno
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole: a temporary file, fsync, then rename over ``path``."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):  # a half-written temporary file must not hold the space
+            tmp.unlink()
+        raise RunDirWriteError(path, exc) from exc
 
 
 def write_json(path: Path, obj: Any) -> None:

@@ -61,7 +61,6 @@ class PartitionedTable:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
         self._parts = len(list(directory.glob("part-*.parquet")))
-        self._committed = 0
 
     def append(self, row: dict[str, Any]) -> None:
         missing = self.schema.names - row.keys()
@@ -85,16 +84,16 @@ class PartitionedTable:
         atomic_write_bytes(self.directory / f"part-{self._parts:05d}.parquet", sink.getvalue().to_pybytes())
         self._parts += 1
         self._columns = {name: [] for name in self.schema.names}
-        self._committed = 0
 
-    def commit(self) -> None:
-        """Mark the buffered rows as belonging to completed rounds."""
-        self._committed = len(self._columns[self.schema.names[0]])
+    @property
+    def buffered(self) -> int:
+        """Rows appended since the last flush."""
+        return len(self._columns[self.schema.names[0]])
 
-    def rollback(self) -> None:
-        """Drop rows appended since the last ``commit`` (a round that did not complete)."""
-        for rows in self._columns.values():
-            del rows[self._committed:]
+    def truncate(self, rows: int) -> None:
+        """Keep only the first ``rows`` buffered rows."""
+        for values in self._columns.values():
+            del values[rows:]
 
     def _array(self, name: str) -> pa.Array:
         kind = self.schema.field(name).type
@@ -104,22 +103,36 @@ class PartitionedTable:
 
 
 class MetricsWriter:
-    def __init__(self, run_dir: Path, flush_every: int) -> None:
+    """The three tables of a run, committed a round at a time and flushed every ``flush_every`` rounds.
+
+    ``committed`` is (the last committed round, the buffered rows of each table that belong to committed
+    rounds), replaced in one assignment: a round is committed whole or not at all, wherever a
+    KeyboardInterrupt (Ctrl-C, SIGTERM) lands, so the rows on disk after a stop are exactly those of the
+    rounds the summary counts. ``last_round``: the last round already on disk (a resumed run)."""
+
+    def __init__(self, run_dir: Path, flush_every: int, last_round: int = -1) -> None:
         self.flush_every = flush_every
         self.tables = {name: PartitionedTable(run_dir / f"{name}.parquet", schema) for name, schema in TABLES.items()}
+        self.committed: tuple[int, dict[str, int]] = (last_round, dict.fromkeys(self.tables, 0))
+
+    @property
+    def committed_round(self) -> int:
+        return self.committed[0]
 
     def end_round(self, round_idx: int) -> None:
         """The round's rows are complete: commit them, and flush every ``flush_every`` rounds."""
-        for table in self.tables.values():
-            table.commit()
+        self.committed = (round_idx, {name: table.buffered for name, table in self.tables.items()})
         if (round_idx + 1) % self.flush_every == 0:
             self.flush()
 
     def rollback(self) -> None:
         """Forget the rows of a round that did not complete (Ctrl-C or a worker failure mid-round)."""
-        for table in self.tables.values():
-            table.rollback()
+        for name, table in self.tables.items():
+            table.truncate(self.committed[1][name])
 
     def flush(self) -> None:
+        """Write the committed rows (the caller never flushes a round's rows before ``end_round``)."""
+        self.rollback()
         for table in self.tables.values():
             table.flush()
+        self.committed = (self.committed[0], dict.fromkeys(self.tables, 0))
