@@ -31,7 +31,7 @@ from simulator.experiment import from_dict, load_config, replace
 from simulator.rounds.context import prepare
 from simulator.rounds.run import run
 from simulator.rundir import checkpoint, lock
-from simulator.rundir.files import RunDirWriteError
+from simulator.rundir.files import RunDirWriteError, check_creatable
 
 EXIT_FAILED = 1
 
@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run_dir(cfg: ExperimentConfig, out: str | None) -> Path:
+    """The run directory to create (``--out``, or ``runs/NAME-TIMESTAMP``), checked before anything is written."""
     if out:
         path = Path(out)
         if path.is_dir() and (writer := lock.holder(path)):
@@ -67,13 +68,19 @@ def _run_dir(cfg: ExperimentConfig, out: str | None) -> Path:
         if path.exists() and (not path.is_dir() or not lock.is_unused(path)):
             raise ConfigError(f"--out {out!r} already exists and is not an empty directory; "
                               "choose a new directory (each run writes into its own)")
+        check_creatable(path, "--out")
         return path
+    runs = Path("runs")
+    if runs.exists() and not runs.is_dir():
+        raise ConfigError(f"{str(runs.resolve())!r} is a file, so run directories cannot go under runs/; move it, "
+                          "or pass --out DIR")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = Path("runs") / f"{cfg.name}-{stamp}"
+    path = runs / f"{cfg.name}-{stamp}"
     suffix = 1
     while path.exists():
-        path = Path("runs") / f"{cfg.name}-{stamp}-{suffix}"
+        path = runs / f"{cfg.name}-{stamp}-{suffix}"
         suffix += 1
+    check_creatable(path, "run directory")
     return path
 
 
@@ -210,6 +217,7 @@ def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
     if not (run_dir / "config.toml").is_file():
         raise ConfigError(f"--resume {args.resume!r} is not a metafleet run directory (no config.toml); pass a "
                           "directory written by `metafleet run`")
+    checkpoint.check_resumable(run_dir)
     started = load_config(run_dir / "config.toml")
     cfg = load_config(run_dir / "config.toml", args.overrides)
     checkpoint.check_compatible(started, cfg, run_dir)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,9 +46,11 @@ from ray.exceptions import (
 )
 
 from actors.cluster import connect, log_level
+from actors.watchdog import Watchdog
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import ConfigError, SystemConfig
 from simulator.contract import Backend, EvalResult, Keys, Method, TrainResult, WorkerFailure, WorkerSpec, split_work
+from simulator.rounds.retry import ANSI
 
 log = logging.getLogger("metafleet.pool")
 
@@ -166,6 +169,16 @@ def _first_line(exc: BaseException) -> str:
     return f"{text} {why.split('. ')[0].rstrip('.')}." if why else text
 
 
+def creation_error(exc: BaseException) -> str:
+    """The error an actor's constructor raised, as ``ErrorType: message``, out of Ray's remote traceback."""
+    lines = [ANSI.sub("", ln).rstrip() for ln in str(exc).splitlines()]
+    raised = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", ln)]
+    if not raised:
+        return _first_line(exc)
+    kind, _, message = raised[-1].partition(":")
+    return f"{kind.rsplit('.', 1)[-1]}:{message}"
+
+
 FIX = ("check memory and node health (`ray status`, the Ray logs), raise system.max_failures, "
        "and resume with `metafleet run --resume RUN_DIR`")
 
@@ -181,13 +194,19 @@ class RayPool(Backend):
         self._opts = {"num_cpus": system.cpus_per_actor, "num_gpus": system.gpus_per_actor, "max_restarts": 0}
         self._slots: list[_Slot] = []
         self._next = 0  # round-robin over survivors for chunks whose actor could not be replaced
+        self._watchdog = Watchdog(system.call_timeout_s)
+        self._stuck: dict[int, str] = {}  # actors the watchdog killed -> why
         self._owns_ray = connect(system)
         actors: list[Any] = []
         try:
             res = ray.cluster_resources()
             n = pool_size(system, per_round, res.get("CPU", 0.0), res.get("GPU", 0.0))
             actors.extend(self._start(i, self._fault) for i in range(n))
-            infos = ray.get([a.describe.remote() for a in actors])
+            try:
+                infos = ray.get([a.describe.remote() for a in actors])
+            except RayActorError as exc:  # the worker raised while it built its data or model
+                raise ConfigError(f"the client actors could not start: {creation_error(exc)}; fix the config or "
+                                  "the factory (every Ray node must be able to import it)") from None
         except BaseException:
             for a in actors:
                 ray.kill(a)
@@ -222,6 +241,7 @@ class RayPool(Backend):
             slot = self._slots[w]
             pending.append(RayPending(ids, _call(slot.actor, method, batch.model_ref, k, ids), keys=k,
                                       slot=slot, actor=slot.actor, batch=batch))
+            self._watchdog.started(slot.actor, pending[-1].ref, len(ids))
         return pending
 
     def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
@@ -231,14 +251,26 @@ class RayPool(Backend):
         """Block until this chunk is done (the others keep running), running it again if its actor
         died; its references (result, and the model once no chunk of its batch needs it) are released."""
         while pending.ref is not None:
-            self._fetch(pending)
+            # wait on the actor's calls up to this one: seeing the earlier ones finish is its progress
+            refs = self._watchdog.outstanding(pending.ref)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._watchdog.wait_s(), fetch_local=False)
+            for ref in ready:
+                if ref != pending.ref:
+                    self._watchdog.done(ref, timed=False)
+            if pending.ref in ready:
+                self._fetch(pending)
+            else:
+                self._kill_overdue()
         return pending.value
 
     def _completed(self, pending: list[RayPending]) -> Iterator[Any]:
         """Yield the dispatched chunks' results as they complete (``ray.wait``), re-running lost ones."""
         waiting = {p.ref: p for p in pending}
         while waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1)
+            done, _ = ray.wait(list(waiting), num_returns=1, timeout=self._watchdog.wait_s())
+            if not done:
+                self._kill_overdue()
+                continue
             p = waiting.pop(done[0])
             if self._fetch(p):
                 yield p.value
@@ -257,17 +289,39 @@ class RayPool(Backend):
         try:
             p.value = ray.get(p.ref)
         except LOST as exc:
+            self._watchdog.done(p.ref)
             self._recover(p, exc)
             return False
+        self._watchdog.done(p.ref)
         p.ref = p.slot = p.actor = p.batch = None
         return True
+
+    def _kill_overdue(self) -> None:
+        """Kill every actor whose oldest call is past its deadline (``actors.watchdog``): its calls then fail
+        as lost ones do, and are run again on its replacement."""
+        for key, deadline in self._watchdog.overdue():
+            slot = next((s for s in self._slots if id(s.actor) == key), None)
+            if slot is None:
+                continue
+            refs = self._watchdog.calls(key)  # calls that finished unseen (the async mode waits on one actor)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+            if ready:
+                for ref in refs[:len(ready)]:  # an actor finishes its calls in order
+                    self._watchdog.done(ref, timed=False)
+                continue
+            why = f"a call ran past its {deadline:.0f} s deadline (system.call_timeout_s)"
+            self._stuck[key] = why
+            log.warning("actor %d (pid %s on %s): %s; killing it", slot.worker_id, slot.info.get("pid"),
+                        slot.info.get("host"), why)
+            self._watchdog.dropped(slot.actor)
+            ray.kill(slot.actor, no_restart=True)
 
     def _recover(self, p: RayPending, exc: BaseException) -> None:
         """Count the lost call against its batch, replace its actor (once per death), resubmit it."""
         batch, slot = p.batch, p.slot
         assert batch is not None and slot is not None
         batch.failures += 1
-        reason = _first_line(exc)
+        reason = self._stuck.get(id(p.actor)) or _first_line(exc)
         if batch.failures > self.system.max_failures:
             raise WorkerFailure(
                 f"actor {slot.worker_id} (pid {slot.info.get('pid')} on {slot.info.get('host')}) lost its "
@@ -286,6 +340,7 @@ class RayPool(Backend):
                     self.system.max_failures)
         p.slot, p.actor = slot, slot.actor
         p.ref = _call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids)
+        self._watchdog.started(slot.actor, p.ref, len(p.client_ids))
 
     def _replace(self, slot: _Slot, reason: str) -> None:
         """Start a new actor with the slot's worker id, or drop the slot when the cluster lost the room."""

@@ -26,9 +26,16 @@ from simulator.config.schema import (
     overselect_cohort,
     section,
 )
-from simulator.config.toml import build, parse_overrides, read_toml, set_dotted, to_dict
+from simulator.config.toml import build, parse_overrides, read_toml, set_dotted, shown, to_dict
 from simulator.data.registry import DATASETS
 from simulator.models import MODELS
+
+#: the longest run name in UTF-8 bytes (a run directory is NAME-YYYYmmdd-HHMMSS[-N], within a file name's 255)
+MAX_NAME = 200
+#: the most clients one round may sample
+MAX_PER_ROUND = 10_000_000
+#: client ids 0 .. num_clients + eval_clients - 1 must fit int64, with room to spare
+MAX_CLIENT_ID = 2**62
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -85,7 +92,11 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
         raise ConfigError(f"data.{wrong[0]} applies to data.name = {' or '.join(map(repr, owners))}, "
                           f"not {cfg.data.name!r}; remove it")
     d, a, s, e = cfg.data, cfg.algorithm, cfg.system, cfg.eval
-    _require(bool(cfg.name.strip()) and "/" not in cfg.name, "name must be a non-empty string without '/'")
+    name = cfg.name
+    _require(bool(name.strip()) and len(name.encode()) <= MAX_NAME and name not in (".", "..")
+             and "/" not in name and "\0" not in name,
+             f"name = {shown(name)} must be 1 to {MAX_NAME} bytes without '/' or NUL (it names the run "
+             "directory); choose a shorter or plainer name")
     _require(cfg.seed >= 0, f"seed must be >= 0, got {cfg.seed}")
     _require(cfg.rounds >= 1, f"rounds must be >= 1, got {cfg.rounds}")
     _require(cfg.checkpoint_every >= 0,
@@ -111,6 +122,12 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     _require(a.switch_round >= 0, f"algorithm.switch_round must be >= 0 (0 = half of the rounds), got {a.switch_round}")
     _require(a.finetune_server_lr > 0, f"algorithm.finetune_server_lr must be > 0, got {a.finetune_server_lr}")
     _require(cfg.clients.per_round >= 1, f"clients.per_round must be >= 1, got {cfg.clients.per_round}")
+    _require(cfg.clients.per_round <= MAX_PER_ROUND,
+             f"clients.per_round = {cfg.clients.per_round} is more than {MAX_PER_ROUND:,} (a round's per-client "
+             "rows are held in memory); lower it")
+    _require(d.num_clients + d.eval_clients <= MAX_CLIENT_ID,
+             f"data.num_clients + data.eval_clients = {d.num_clients + d.eval_clients} is more than 2**62 (client "
+             "ids are 64-bit integers); lower them")
     _require(cfg.clients.per_round <= d.num_clients,
              f"clients.per_round = {cfg.clients.per_round} is larger than data.num_clients = {d.num_clients}; "
              "lower clients.per_round or raise data.num_clients")
@@ -124,6 +141,8 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     _require(s.shard_cache_mb > 0, f"system.shard_cache_mb must be > 0 (MiB of cached shards per worker), "
                                    f"got {s.shard_cache_mb}")
     _require(s.max_failures >= 0, f"system.max_failures must be >= 0, got {s.max_failures}")
+    _require(s.call_timeout_s >= 0, f"system.call_timeout_s must be >= 0 (seconds; 0 = no deadline), "
+                                    f"got {s.call_timeout_s}")
     _require(e.every >= 1, f"eval.every must be >= 1, got {e.every}")
     _require(e.clients >= 0, f"eval.clients must be >= 0, got {e.clients}")
     _require(e.clients <= d.eval_clients,

@@ -107,6 +107,19 @@ BAD = [
     (["--set", "algorithm.name=\"pfedavg\"", "--set", "algorithm.server_optimizer=\"adam\""],
      "algorithm.server_optimizer = \"sgd\""),
     (["--set", "algorithm.name=\"pfedavg\"", "--set", "algorithm.switch_round=400"], "algorithm.switch_round"),
+    # numbers that overflow, names that cannot name a directory, places a run directory cannot go
+    (["--set", "seed=18446744073709551616"], "seed = 18446744073709551616 is out of range"),
+    (["--set", "rounds=1180591620717411303424"], "rounds = 1180591620717411303424 is out of range"),
+    (["--set", "clients.per_round=9223372036854775807"], "clients.per_round"),
+    (["--set", "data.num_clients=9223372036854775000"], "data.num_clients + data.eval_clients"),
+    (["--set", "name=\"" + "n" * 300 + "\""], "(302 characters) must be 1 to 200 bytes without '/' or NUL"),
+    (["--set", "name=\"a\\u0000b\""], "must be 1 to 200 bytes without '/' or NUL"),
+    (["--set", "name=\"runs/../x\""], "must be 1 to 200 bytes without '/' or NUL"),
+    (["{tmp}/huge_name.toml"], "must be 1 to 200 bytes"),
+    (["/proc/self/mem"], "cannot be read"),
+    (["--out", "/proc/metafleet-never"], "refuses new files"),
+    (["--out", "{tmp}/bad.toml/run"], "which is a file, not a directory"),
+    (["--out", "{tmp}/dangling"], "is a link to nothing"),
 ]
 
 FILES = {
@@ -115,6 +128,7 @@ FILES = {
     "corrupt.parquet": "this is not parquet\n",
     "no_label.csv": "client_id,x0,x1\na,0.5,1.0\na,0.1,0.2\nb,0.3,0.4\nb,0.7,0.8\n",
     "corrupt_trace.csv": "client,speed\n1,fast\n",
+    "huge_name.toml": "name = \"" + "x" * 100_000 + "\"\n",
 }
 
 
@@ -123,6 +137,7 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys, monkeypatch, argv,
     for name, text in FILES.items():
         (tmp_path / name).write_text(text)
     (tmp_path / "empty_leaf").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     monkeypatch.chdir(tmp_path)  # a default run directory would appear under ./runs
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     out = tmp_path / "never"
@@ -130,9 +145,17 @@ def test_bad_input_exits_2_with_one_message(tmp_path, capsys, monkeypatch, argv,
     err = capsys.readouterr().err
     assert code == 2
     assert needle in err
-    assert err.startswith("metafleet: error:") and err.count("\n") == 1
+    assert err.startswith("metafleet: error:") and err.count("\n") == 1 and len(err) < 1000
     assert "Traceback" not in err
-    assert not out.exists() and not (tmp_path / "runs").exists()
+    assert not out.exists() and not (tmp_path / "runs").exists() and not (tmp_path / "nowhere").exists()
+    assert not list(tmp_path.glob(".metafleet-probe-*"))
+
+
+def test_a_runs_path_that_is_a_file_is_bad_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("not a directory")
+    assert main(["run", "--no-progress", *_args(INLINE)]) == 2
+    assert "is a file, so run directories cannot go under runs/" in capsys.readouterr().err
 
 
 def test_malformed_toml_and_existing_out_dir(tmp_path, capsys):
@@ -174,6 +197,10 @@ def _listing(run_dir: Path) -> dict[str, int]:
 
 RESUME_BAD = [
     (["--resume", "{tmp}"], "is not a metafleet run directory"),
+    (["--resume", "{truncated}", "--set", "rounds=8"], "rounds.parquet/part-00000.parquet cannot be read"),
+    (["--resume", "{garbage}", "--set", "rounds=8"], "clients.parquet/part-00001.parquet cannot be read"),
+    (["--resume", "{tmpdir}", "--set", "rounds=8"], ".checkpoint.pt.tmp (a temporary file of an interrupted"),
+    (["--resume", "{ckdir}", "--set", "rounds=8"], "checkpoint.pt is not a regular file"),
     (["--resume", "{run}", "--set", "algorithm.local_lr=0.5"], "algorithm.local_lr was 0.02 when the run started"),
     (["--resume", "{run}", "--set", "data.num_clients=30"], "data.num_clients was 24"),
     (["--resume", "{run}", "{tmp}/other.toml"], "drop the CONFIG argument"),
@@ -185,15 +212,23 @@ RESUME_BAD = [
 @pytest.mark.parametrize(("argv", "needle"), RESUME_BAD, ids=[b[1] for b in RESUME_BAD])
 def test_bad_resume_exits_2_and_leaves_the_run_untouched(tmp_path, capsys, finished_run, argv, needle):
     (tmp_path / "other.toml").write_text("rounds = 3\n")
-    corrupt = tmp_path / "corrupt"
-    shutil.copytree(finished_run, corrupt)
-    (corrupt / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    before = _listing(finished_run), _listing(corrupt)
-    argv = [a.format(tmp=tmp_path, run=finished_run, corrupt=corrupt) for a in argv]
+    damaged = {name: tmp_path / name for name in ("corrupt", "truncated", "garbage", "tmpdir", "ckdir")}
+    for d in damaged.values():
+        shutil.copytree(finished_run, d)
+    (damaged["corrupt"] / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    part = damaged["truncated"] / "rounds.parquet" / "part-00000.parquet"
+    part.write_bytes(part.read_bytes()[:100])
+    (damaged["garbage"] / "clients.parquet" / "part-00001.parquet").write_bytes(b"garbage" * 100)
+    (damaged["tmpdir"] / ".checkpoint.pt.tmp").mkdir()
+    (damaged["ckdir"] / "checkpoint.pt").unlink()
+    (damaged["ckdir"] / "checkpoint.pt").mkdir()
+    before = {d: _files(d) for d in (finished_run, *damaged.values())}
+    argv = [a.format(tmp=tmp_path, run=finished_run, **damaged) for a in argv]
     assert main(["run", "--no-progress", *argv]) == 2
     err = capsys.readouterr().err
     assert needle in err and err.startswith("metafleet: error:") and err.count("\n") == 1
-    assert (_listing(finished_run), _listing(corrupt)) == before
+    assert {d: _files(d) for d in before} == before  # byte for byte
+    assert (damaged["tmpdir"] / ".checkpoint.pt.tmp").is_dir() and (damaged["ckdir"] / "checkpoint.pt").is_dir()
 
 
 def test_resume_extends_a_finished_run(tmp_path, finished_run):

@@ -108,6 +108,7 @@ class SystemConfig:
     shard_cache_mb: float = 512.0  # ... and at most this many MiB of them
     vectorize: bool = True     # train a cohort's clients together with torch.func.vmap where the model allows
     max_failures: int = 3      # lost worker calls (actor or node death) retried per round before the run stops
+    call_timeout_s: float = 600.0  # a worker call this long past its start is stuck: its actor is replaced (0 = off)
     # round policy, in simulated time
     mode: str = "sync"
     deadline_s: float = 0.0

@@ -28,6 +28,15 @@ from simulator.config.schema import (
     section,
 )
 
+#: the range every integer key must fit (the metrics tables store them as int64)
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters: an error message stays one readable line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
 
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """Nested plain dict (tuples become lists), as written to ``config.toml``."""
@@ -118,8 +127,11 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not INT64[0] <= value <= INT64[1]:
+                raise ConfigError(f"{key} = {shown(value)} is out of range: it must fit a 64-bit integer "
+                                  f"({INT64[0]} to {INT64[1]})")
             return value
-        raise ConfigError(f"{key} must be an integer, got {value!r}")
+        raise ConfigError(f"{key} must be an integer, got {shown(value)}")
     if annotation is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             if not math.isfinite(value):
@@ -129,7 +141,7 @@ def coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key} must be a string, got {value!r}; quote it, e.g. {key}=\"...\"")
+        raise ConfigError(f"{key} must be a string, got {shown(value)}; quote it, e.g. {key}=\"...\"")
     if dataclasses.is_dataclass(annotation):
         if isinstance(value, dict):
             return build_section(key, annotation, value)
@@ -175,7 +187,7 @@ def build(raw: dict[str, Any]) -> ExperimentConfig:
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
-    """A TOML file as a nested dict; a missing or malformed file is a ``ConfigError``."""
+    """A TOML file as a nested dict; a missing, unreadable or malformed file is a ``ConfigError``."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a TOML file")
@@ -183,6 +195,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid TOML: {exc}; fix the syntax") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({exc.strerror or exc}); pass a readable "
+                          "TOML file") from None
 
 
 def parse_overrides(overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ recover (``actors.pool``), and a ``WorkerFailure`` it raises is never retried he
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -21,9 +22,18 @@ log = logging.getLogger("metafleet.driver")
 T = TypeVar("T")
 
 
+#: terminal colour codes, which Ray puts in its remote error messages
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
 def first_line(exc: BaseException) -> str:
-    """``ErrorType: first line of its message``."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    """``ErrorType: first line of its message``, without colour codes. For an error a Ray task re-raised,
+    the client code's own exception (Ray's ``cause``), not the remote traceback around it."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException) and cause is not exc:
+        exc = cause
+    text = ANSI.sub("", str(exc)).strip()
+    return f"{type(exc).__name__}: {(text.splitlines() or [''])[0][:300]}"
 
 
 def with_retries(attempt: Callable[[], T], what: str, limit: int, resubmit: Callable[[], None] | None = None) -> T:

@@ -36,7 +36,7 @@ FORMAT = 1
 RESUMABLE_KEYS = frozenset({
     "rounds", "checkpoint_every", "metrics.flush_every", "system.backend", "system.actors",
     "system.cpus_per_actor", "system.gpus_per_actor", "system.clients_per_actor", "system.address",
-    "system.ship_code", "system.shard_cache", "system.shard_cache_mb", "system.max_failures",
+    "system.ship_code", "system.shard_cache", "system.shard_cache_mb", "system.max_failures", "system.call_timeout_s",
 })
 
 
@@ -94,6 +94,33 @@ def check_compatible(old: ExperimentConfig, new: ExperimentConfig, run_dir: Path
             "change): drop the change, or start a new run with --out")
 
 
+def check_resumable(run_dir: Path) -> None:
+    """Everything a resume will read or replace, checked before it touches anything: the checkpoint (and any
+    temporary file of a killed write) is a regular file, and every metrics part file is a readable Parquet
+    file with a ``round`` column. A ``ConfigError`` names the first broken file and what to do."""
+    where = f"--resume {str(run_dir)!r}"
+    path = run_dir / FILE
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"{where}: {FILE} is not a regular file; remove it to restart the run from round 0")
+    for tmp in run_dir.glob(".*.tmp"):
+        if not tmp.is_file():
+            raise ConfigError(f"{where}: {tmp.name} (a temporary file of an interrupted write) is not a regular "
+                              "file; remove it, then resume")
+    for name in TABLES:
+        directory = run_dir / f"{name}.parquet"
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"{where}: {directory.name} is not a directory of part files; the run's metrics are "
+                              "damaged, start a new run with --out")
+        for part in sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []:
+            try:
+                pq.read_table(part, columns=["round"])
+            except Exception as exc:  # truncated, replaced or not Parquet at all
+                first = (str(exc).strip().splitlines() or [""])[0][:160]
+                raise ConfigError(f"{where}: {name}.parquet/{part.name} cannot be read ({type(exc).__name__}: "
+                                  f"{first}); restore it from a copy, or start the run again with --out "
+                                  "(nothing was changed)") from None
+
+
 def truncate_metrics(run_dir: Path, next_round: int) -> None:
     """Keep only rows of rounds < ``next_round`` in every metrics table: part files holding later rows
     are rewritten (atomically) without them, and leftover temporary files are removed."""
@@ -134,5 +161,5 @@ def history(run_dir: Path) -> list[dict[str, Any]]:
     return pq.read_table(directory).sort_by("round").to_pylist()
 
 
-__all__ = ["FILE", "RESUMABLE_KEYS", "check_compatible", "dataclass_state", "history", "load", "save",
-           "truncate_metrics"]
+__all__ = ["FILE", "RESUMABLE_KEYS", "check_compatible", "check_resumable", "dataclass_state", "history", "load",
+           "save", "truncate_metrics"]

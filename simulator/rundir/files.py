@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from simulator.config.schema import ConfigError
 
 
 class RunDirWriteError(RuntimeError):
@@ -24,6 +27,27 @@ class RunDirWriteError(RuntimeError):
     def __init__(self, path: Path, exc: OSError) -> None:
         super().__init__(f"could not write {path} ({exc.strerror or exc})")
         self.errno = exc.errno
+
+
+def check_creatable(path: Path, key: str) -> None:
+    """That the run directory ``path`` can be created and written here, before anything is: not at a
+    dangling link, not under a regular file, and its nearest existing parent takes a new directory (a probe
+    directory is made and removed: read-only and virtual file systems refuse it). A ``ConfigError`` naming
+    ``key`` otherwise."""
+    if path.is_symlink() and not path.exists():
+        raise ConfigError(f"{key} {str(path)!r} is a link to nothing ({os.readlink(path)!r}); choose another "
+                          "directory or remove the link")
+    parent = path if path.exists() else path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"{key} {str(path)!r} is under {str(parent)!r}, which is a file, not a directory; "
+                          "choose another directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".metafleet-probe-", dir=parent))
+    except OSError as exc:
+        raise ConfigError(f"{key} {str(path)!r} cannot be written: {str(parent)!r} refuses new files "
+                          f"({exc.strerror or exc}); choose a writable directory") from None
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

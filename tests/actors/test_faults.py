@@ -22,6 +22,7 @@ from conftest import small_overrides
 from actors.backends import make_backend
 from actors.pool import FAULT_ENV
 from simulator.client.worker import ClientWorker
+from simulator.config.schema import ConfigError
 from simulator.contract import WorkerFailure, WorkerSpec
 from simulator.experiment import load_config
 from simulator.params import flat_params
@@ -63,16 +64,17 @@ def sync_expected(tmp_path_factory) -> dict[str, pd.DataFrame]:
 
 def _faulty_run(tmp_path: Path, overrides: list[str], kills: dict[int, str]) -> list[dict[str, object]]:
     """A Ray run with 2 actors; after round r, ``kills[r]`` kills an actor: "sigkill" (actor 0's pid, from
-    a thread, so it lands while the next round runs) or "ray.kill" (the last actor). Returns the pool's
-    description at the end."""
+    a thread, so it lands while the next round runs), "sigstop" (actor 0 stopped for good: only the
+    watchdog can end its call) or "ray.kill" (the last actor). Returns the pool's description at the end."""
     cfg = load_config(None, overrides + ["system.backend=\"ray\"", "system.actors=2"])
     threads: list[threading.Thread] = []
 
     def on_round(row: dict[str, object]) -> None:
         how = kills.get(int(row["round"]))
-        if how == "sigkill":
+        if how in ("sigkill", "sigstop"):
             pid = int(pool.describe()[0]["pid"])
-            threads.append(threading.Thread(target=os.kill, args=(pid, signal.SIGKILL)))
+            sig = signal.SIGKILL if how == "sigkill" else signal.SIGSTOP
+            threads.append(threading.Thread(target=os.kill, args=(pid, sig)))
             threads[-1].start()
         elif how == "ray.kill":
             import ray
@@ -147,3 +149,34 @@ def test_node_removal_mid_run(sync_expected, tmp_path):
     assert [d["node"] for d in out["after"]] == [n for n in out["nodes_before"] if n != out["worker_node"]]
     assert "not replaced, continuing with 1 actor(s)" in proc.stderr
     _assert_same(sync_expected, tmp_path / "ray")
+
+
+def test_a_worker_that_cannot_start_is_one_config_error(ray_session):
+    cfg = load_config(None, small_overrides(**{"model.factory": "tests.actors.actor_only_factory:model",
+                                               "system.actors": 1}))
+    with pytest.raises(ConfigError) as err:
+        make_backend(cfg)
+    msg = str(err.value)
+    assert msg.startswith("the client actors could not start: ConfigError: model.factory = ") and "\n" not in msg
+    assert "raised RuntimeError: only in the actor: no such device (simulated)" in msg and "\x1b" not in msg
+
+
+def test_client_code_raising_in_an_actor_fails_the_run_with_its_own_one_line_error(ray_session, tmp_path):
+    cfg = load_config(None, small_overrides(**{"algorithm.factory": "tests.actors.actor_only_factory:failing_algorithm",
+                                               "system.actors": 1, "system.max_failures": 1}))
+    with make_backend(cfg) as pool:
+        summary = run(cfg, pool, tmp_path / "run")
+    assert summary["status"] == "failed" and summary["rounds_completed"] == 0
+    assert "failed 2 times, last with MemoryError: CUDA out of memory (simulated);" in summary["error"]
+    assert "\x1b" not in summary["error"] and "\n" not in summary["error"] and "ray::" not in summary["error"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "fedbuff"])
+def test_a_stopped_actor_is_caught_by_the_watchdog_and_the_run_is_unchanged(ray_session, tmp_path, caplog, mode):
+    base = small_overrides(rounds=4 if mode == "sync" else 5) + ([] if mode == "sync" else FEDBUFF)
+    expected = _inline(tmp_path, base)
+    with caplog.at_level(logging.WARNING, logger="metafleet.pool"):
+        info = _faulty_run(tmp_path, base + ["system.call_timeout_s=6.0"], {1: "sigstop"})
+    _assert_same(expected, tmp_path / "ray")
+    assert [d["restarts"] for d in info] == [1, 0]  # the stopped actor was killed and replaced
+    assert caplog.text.count("ran past its 6 s deadline (system.call_timeout_s); killing it") == 1

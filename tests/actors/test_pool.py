@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from actors.pool import pool_size
+from actors.watchdog import Watchdog
 from simulator.config.schema import ConfigError, SystemConfig
 
 
@@ -35,3 +36,33 @@ def test_pool_size(kw, per_round, cpus, gpus, expected):
 def test_pool_size_rejects_what_does_not_fit(kw, cpus, gpus, key):
     with pytest.raises(ConfigError, match=key):
         pool_size(sys(**kw), 10, cpus, gpus)
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_watchdog_deadlines_in_exact_numbers():
+    clock, a, b = _Clock(), object(), object()
+    dog = Watchdog(10.0, clock)
+    assert dog.wait_s() is None and dog.overdue() == []
+    dog.started(a, "a1", 4)
+    dog.started(a, "a2", 4)  # queued behind a1: its clock starts when a1 is seen done
+    clock.now = 104.0
+    dog.started(b, "b1", 2)
+    assert dog.wait_s() == 6.0 and dog.outstanding("a2") == ["a1", "a2"] and dog.outstanding("a1") == ["a1"]
+    clock.now = 108.0
+    dog.done("a1")  # 8 s for 4 clients: 2 s per client, so a 4-client call may take SLACK x 8 = 160 s
+    assert dog.per_client == 2.0 and dog.calls(id(a)) == ["a2"]
+    assert dog.wait_s() == pytest.approx(104.0 + 20.0 * 2.0 * 2 - 108.0)  # b1's deadline is now the nearest
+    clock.now = 104.0 + 80.0 + 0.5
+    assert dog.overdue() == [(id(b), 80.0)]
+    dog.dropped(b)
+    assert dog.overdue() == [] and dog.outstanding("b1") == ["b1"]
+    dog.done("a2", timed=False)  # seen late: no speed is measured from it
+    assert dog.per_client == 2.0 and dog.wait_s() is None
+    assert Watchdog(0.0, clock).wait_s() is None  # call_timeout_s = 0: no deadlines
