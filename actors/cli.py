@@ -134,19 +134,28 @@ def _progress(cfg: ExperimentConfig, enabled: bool):
     return progress, on_round
 
 
+class _Abort(BaseException):
+    """A second stop signal: leave at once (the run resumes from its last checkpoint)."""
+
+
 class _Stop:
     """SIGINT, SIGTERM and SIGHUP all stop a run the same way: as Ctrl-C does (the rounds stop after the last
     completed one, whose metrics and checkpoint are written, then the summary), and the exit code is
-    128 + the signal's number (130, 143, 129)."""
+    128 + the signal's number (130, 143, 129). A second signal while the run stops leaves at once, without a
+    traceback; what the last checkpoint holds is kept, and ``--resume`` continues from it."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self) -> None:
         self.signum = signal.SIGINT
+        self.stopping = False
         self._previous: dict[int, Any] = {}
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.signum = signum
+        if self.stopping:
+            raise _Abort
+        self.stopping = True
         raise KeyboardInterrupt
 
     def __enter__(self) -> _Stop:
@@ -165,37 +174,47 @@ class _Stop:
 
 def cmd_run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
-    with _Stop() as stop:
+    with _Stop() as stop:  # for the whole command, figures and summary included
         try:
-            if args.resume:
-                cfg, run_dir = _resume_config(args)
-            else:
-                cfg = load_config(args.config, args.overrides)
-            if args.address is not None:
-                cfg = replace(cfg, **{"system.address": args.address})
-            prepared = prepare(cfg)
-            if not args.resume:
-                run_dir = _run_dir(cfg, args.out)
-            backend = make_backend(cfg)
-        except ConfigError as exc:
-            print(f"metafleet: error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
-        except KeyboardInterrupt:  # Ctrl-C while Ray starts: nothing was written yet
-            print("metafleet: interrupted before the first round; nothing was written", file=sys.stderr)
+            return _run(args, stop)
+        except _Abort:
+            print("metafleet: stopped at once (a second signal); `metafleet run --resume RUN_DIR` continues from "
+                  "its last checkpoint", file=sys.stderr)
             return stop.exit_code
-        try:
-            with backend:
-                workers = backend.describe()
-                devices = sorted({str(w["device"]) for w in workers})
-                print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} "
-                      f"clients ({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) "
-                      f"on {', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
-                progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
-                with progress:
-                    summary = run(cfg, backend, run_dir, prepared, on_round, resume=bool(args.resume))
-        except (ConfigError, RunDirWriteError) as exc:  # another writer holds the directory, or it is not writable
-            print(f"metafleet: error: {exc}", file=sys.stderr)
-            return EXIT_BAD_INPUT
+
+
+def _run(args: argparse.Namespace, stop: _Stop) -> int:
+    """``metafleet run``: config, run directory and backend first (bad input is one line), then the run."""
+    try:
+        if args.resume:
+            cfg, run_dir = _resume_config(args)
+        else:
+            cfg = load_config(args.config, args.overrides)
+        if args.address is not None:
+            cfg = replace(cfg, **{"system.address": args.address})
+        prepared = prepare(cfg)
+        if not args.resume:
+            run_dir = _run_dir(cfg, args.out)
+        backend = make_backend(cfg)
+    except ConfigError as exc:
+        print(f"metafleet: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C while Ray starts: nothing was written yet
+        print("metafleet: interrupted before the first round; nothing was written", file=sys.stderr)
+        return stop.exit_code
+    try:
+        with backend:
+            workers = backend.describe()
+            devices = sorted({str(w["device"]) for w in workers})
+            print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} "
+                  f"clients ({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) "
+                  f"on {', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
+            progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
+            with progress:
+                summary = run(cfg, backend, run_dir, prepared, on_round, resume=bool(args.resume))
+    except (ConfigError, RunDirWriteError) as exc:  # another writer holds the directory, or it is not writable
+        print(f"metafleet: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if not args.no_plots and summary["rounds_completed"]:
         _write_figures(run_dir)
     _print_summary(summary, run_dir)

@@ -332,3 +332,15 @@ def test_the_default_ray_is_the_runs_own_never_a_cluster_found_on_the_machine(tm
         assert not (tmp_path / "bad").exists()
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_two_quick_ctrl_c_exit_promptly_without_a_traceback_and_the_run_resumes(tmp_path):
+    out = tmp_path / "run"
+    proc = _cli("run", "--out", str(out), "--no-progress", "--no-plots", *_args(LONG))
+    _wait_for(out / "rounds.parquet" / "part-00001.parquet", proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)  # the second lands while the first one's stop is under way (or just after)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
+    assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
+    assert pd.read_parquet(out / "rounds.parquet")["round"].tolist() == list(range(400))

@@ -25,8 +25,10 @@ from simulator.rng import generator
 
 log = logging.getLogger("metafleet.data")
 
-#: bump when the cache layout changes: old caches are then ignored (and rebuilt)
-CACHE_VERSION = 1
+#: bump when the cache layout changes: old caches are then ignored (and rebuilt); 2: with a manifest
+CACHE_VERSION = 2
+#: written last into a finished cache: every file's size, and the index's SHA-256
+MANIFEST = "manifest.txt"
 #: a temporary build directory this old is a killed build's leftover
 STALE_BUILD_S = 86400.0
 
@@ -46,13 +48,52 @@ def cache_candidates(home: Path, tag: str) -> list[Path]:
     return [home / ".metafleet-cache" / tag, user / "metafleet" / tag]
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file's size and the index's SHA-256 (the index is small; the arrays are checked by size),
+    as tab-separated lines after a version header."""
+    lines = [f"{p.name}\t{p.stat().st_size}\t{_sha256(p) if p.name == 'index.npz' else '-'}"
+             for p in sorted(directory.iterdir()) if p.is_file()]
+    (directory / MANIFEST).write_text(f"metafleet-cache {CACHE_VERSION}\n" + "\n".join(lines) + "\n")
+
+
+def damage(directory: Path) -> str | None:
+    """Why a finished cache is not intact (a file missing, of another size, or an index changed), or None."""
+    try:
+        header, *lines = (directory / MANIFEST).read_text().splitlines()
+        files = [(name, int(size), digest) for name, size, digest in (line.split("\t") for line in lines)]
+    except (OSError, ValueError, UnicodeDecodeError):
+        return f"its {MANIFEST} is missing or unreadable"
+    if header != f"metafleet-cache {CACHE_VERSION}":
+        return f"its {MANIFEST} is of another cache version"
+    for name, size, digest in files:
+        path = directory / name
+        try:
+            actual = path.stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, the manifest {size}"
+        if digest != "-" and _sha256(path) != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
 def find_or_build(candidates: list[Path], build: Callable[[Path], None], key: str) -> Path:
-    """The first complete cache (one holding ``index.npz``) of ``candidates``, else one built by
-    ``build(tmp)`` in a fresh temporary directory of the first writable candidate's parent and renamed
-    into place: a killed build leaves no half cache, and of concurrent builders the first rename wins."""
+    """The first intact cache of ``candidates``, else one built by ``build(tmp)`` in a fresh temporary
+    directory of the first writable candidate's parent, given a manifest and renamed into place: a killed
+    build leaves no half cache, of concurrent builders the first rename wins, and a cache damaged since
+    (a file truncated or replaced) is detected by its manifest and rebuilt."""
     for c in candidates:
-        if (c / "index.npz").is_file():
-            return c
+        if c.is_dir():
+            why = damage(c)
+            if why is None:
+                return c
+            log.warning("%s: the dataset cache %s is damaged (%s); rebuilding it", key, c, why)
+            shutil.rmtree(c, ignore_errors=True)
     errors = []
     for c in candidates:
         try:
@@ -64,11 +105,12 @@ def find_or_build(candidates: list[Path], build: Callable[[Path], None], key: st
         log.warning("%s: building the dataset cache %s (once: later runs and the workers reuse it)", key, c)
         try:
             build(tmp)
+            write_manifest(tmp)
             tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared dataset's cache from other users
             try:
                 tmp.rename(c)
             except OSError:
-                if not (c / "index.npz").is_file():  # not a concurrent builder's finished cache
+                if damage(c) is not None:  # not a concurrent builder's finished cache
                     raise
         except OSError as exc:
             raise ConfigError(f"{key}: could not write the dataset cache in {c.parent} ({exc}); "

@@ -110,7 +110,13 @@ def _encode(x: Any, y: Any, f: Path, root: Path, user: str) -> tuple[str, np.nda
     if xa.ndim < 2 or ya.ndim != 1 or not np.isfinite(ya).all() or (ya != np.round(ya)).any() or (ya < 0).any():
         raise _bad(root, f"{f}: user {user!r}: x must be lists of numbers and y non-negative integer labels",
                    "fix or regenerate the file")
-    return "numeric", xa.reshape(len(xa), -1), ya.astype(np.int64)
+    flat = xa.reshape(len(xa), -1)
+    finite = np.isfinite(flat)
+    if not finite.all():
+        i = int(np.flatnonzero(~finite.all(axis=1))[0])
+        raise _bad(root, f"{f}: user {user!r}, sample {i}: x holds a non-finite value ({flat[i][~finite[i]][0]})",
+                   "fix or remove those samples (metafleet never trains on NaN or infinite features)")
+    return "numeric", flat, ya.astype(np.int64)
 
 
 def _read(f: Path, root: Path) -> dict[str, Any]:

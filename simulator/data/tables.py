@@ -110,6 +110,16 @@ def _labels(col: Any, src: Path, name: str) -> tuple[str, np.ndarray, int, list[
     return "classification", y.astype(np.int64), len(classes), [str(c) for c in classes]
 
 
+def _check_finite(values: np.ndarray, src: Path, what: str, clients: Any) -> None:
+    """A NaN or infinite value (also a float too large for float32) is bad input naming row and client."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ConfigError(f"data.path = {str(src)!r}: {what} holds a non-finite value ({values[row]}) in row {row} "
+                          f"(client {clients[row].as_py()!r}) and {int(bad.sum()) - 1} more rows; fix or drop them "
+                          "(metafleet never trains on NaN or infinite values)")
+
+
 def _build(src: Path, cfg: DataConfig, out: Path) -> None:
     """Read the table once; write x.npy (float32, rows grouped by client), y.npy and index.npz."""
     table = _read(src)
@@ -128,6 +138,8 @@ def _build(src: Path, cfg: DataConfig, out: Path) -> None:
                           + (f"{', '.join(bad)} are not; drop or encode them" if bad else
                              "there are no other columns; add feature columns"))
     task, y, output_dim, class_names = _labels(labels, src, cfg.label_column)
+    if task == "regression":
+        _check_finite(y, src, f"data.label_column = {cfg.label_column!r}", clients)
     names, which = np.unique(clients.to_numpy(zero_copy_only=False), return_inverse=True)
     order = np.argsort(which, kind="stable")
     counts = np.bincount(which, minlength=len(names)).astype(np.int64)
@@ -137,7 +149,10 @@ def _build(src: Path, cfg: DataConfig, out: Path) -> None:
         if col.null_count:
             raise ConfigError(f"data.path = {str(src)!r}: feature column {n!r} has {col.null_count} missing "
                               "values; fill or drop them")
-        x[:, j] = col.to_numpy(zero_copy_only=False).astype(np.float32)[order]
+        with np.errstate(over="ignore"):  # a value too large for float32 becomes inf, reported just below
+            values = col.to_numpy(zero_copy_only=False).astype(np.float32)
+        _check_finite(values, src, f"feature column {n!r}", clients)
+        x[:, j] = values[order]
     del table, clients, labels
     np.save(out / "x.npy", x)
     np.save(out / "y.npy", y[order])

@@ -17,7 +17,7 @@ from conftest import run_with_backend, small_overrides
 from simulator.config.schema import ConfigError, DataConfig
 from simulator.data import leaf
 from simulator.data.base import eval_client_ids
-from simulator.data.filecache import find_or_build
+from simulator.data.filecache import find_or_build, write_manifest
 from simulator.data.leaf import VOCAB, LeafDataset
 from simulator.data.registry import make_dataset
 from simulator.experiment import load_config
@@ -154,7 +154,8 @@ def test_cache_is_built_once_and_workers_read_only_the_npy_rows(tmp_path, monkey
     shards = [worker.shard(c) for c in (5, 0, 5)]
     assert torch.equal(shards[0].support.x, first.shard(5).support.x)
     assert opened and not [p for p in opened if p.endswith(".json")]
-    assert {Path(p).name for p in opened} <= {"index.npz", "train_x.npy", "train_y.npy", "test_x.npy", "test_y.npy"}
+    assert {Path(p).name for p in opened} <= {"index.npz", "train_x.npy", "train_y.npy", "test_x.npy", "test_y.npy",
+                                              "manifest.txt"}
     monkeypatch.undo()
     (root / "train" / "part_0.json").write_text((root / "train" / "part_0.json").read_text() + "\n")
     assert LeafDataset(cfg, 0).cache != first.cache  # a changed file is a new cache
@@ -173,6 +174,7 @@ def test_concurrent_builder_wins_and_failed_builds_leave_nothing(tmp_path):
     def racing_build(out: Path) -> None:  # another process renames its finished cache first
         final.mkdir(parents=True)
         (final / "index.npz").write_bytes(b"theirs")
+        write_manifest(final)
         (out / "index.npz").write_bytes(b"ours")
 
     assert find_or_build([final], racing_build, "data.path") == final
@@ -216,6 +218,9 @@ BAD = {
     "inconsistent x lengths": (_ragged, "inconsistent x lengths"),
     "unknown character": (lambda root: _json(root, "train", "part_0.json", {"users": ["a"], "user_data": {
         "a": {"x": ["é" * 80], "y": ["a"]}}}), "not in LEAF's 80-symbol"),
+    "NaN in x": (lambda root: _json(root, "train", "part_0.json", {"users": ["a"], "user_data": {
+        "a": {"x": [[0.5] * 784, [0.5] * 783 + [float("nan")]], "y": [1, 2]}}}),
+        r"user 'a', sample 1: x holds a non-finite value \(nan\)"),
 }
 
 
@@ -252,3 +257,23 @@ def test_a_tiny_run_end_to_end_on_files(tmp_path, dataset):
     assert summary["status"] == "completed" and summary["rounds_completed"] == 4
     assert np.isfinite(summary["final_eval"]["eval_loss_post"])
     assert (tmp_path / "run" / "label_histogram.parquet").exists()
+
+
+@pytest.mark.parametrize("damage", ["index replaced", "array truncated", "manifest lost"])
+def test_a_damaged_cache_is_detected_and_rebuilt(tmp_path, caplog, damage):
+    root = write_leaf(tmp_path / "f", femnist_users())
+    cfg = _cfg(root, 6, 2)
+    first = LeafDataset(cfg, 0)
+    expected = [first.shard(c) for c in range(8)]
+    if damage == "index replaced":  # e.g. by arrays of Python objects, which np.load refuses to unpickle
+        np.savez(first.cache / "index.npz", users=np.array([object()], dtype=object))
+    elif damage == "array truncated":
+        (first.cache / "train_x.npy").write_bytes((first.cache / "train_x.npy").read_bytes()[:-7])
+    else:
+        (first.cache / "manifest.txt").unlink()
+    with caplog.at_level(logging.WARNING, logger="metafleet.data"):
+        again = LeafDataset(cfg, 0)
+    assert "is damaged" in caplog.text and "rebuilding it" in caplog.text and again.cache == first.cache
+    for c, shard in enumerate(expected):
+        assert torch.equal(again.shard(c).support.x, shard.support.x)
+        assert torch.equal(again.shard(c).query.y, shard.query.y)

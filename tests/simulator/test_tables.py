@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -123,6 +124,14 @@ def _write(tmp_path: Path, df: pd.DataFrame, name: str = "d.csv") -> Path:
     return tmp_path / name
 
 
+def _nan_parquet(tmp_path: Path) -> Path:
+    """A Parquet table whose feature b holds a real NaN in row 1 (CSV readers turn "nan" into a missing value)."""
+    table = pa.Table.from_pandas(frame(), preserve_index=False)
+    b = pa.array([1.0, float("nan")] + [0.5] * (table.num_rows - 2), type=pa.float64())
+    pq.write_table(table.set_column(table.schema.get_field_index("b"), "b", b), tmp_path / "d.parquet")
+    return tmp_path / "d.parquet"
+
+
 BAD = {
     "missing file": (lambda p: p / "nope.parquet", {}, "does not exist"),
     "wrong suffix": (lambda p: (p / "d.json").write_text("{}") and p / "d.json", {}, "neither a .parquet nor a .csv"),
@@ -137,6 +146,12 @@ BAD = {
                             r"note \(string\), when \(string\) are not"),
     "no features": (lambda p: _write(p, frame()[["user", "target"]]), {}, "no other columns"),
     "missing labels": (lambda p: _write(p, frame().assign(target=None)), {}, "rows .* have no value"),
+    "NaN feature": (lambda p: _nan_parquet(p), {},
+                    r"feature column 'b' holds a non-finite value \(nan\) in row 1 \(client '.*'\) and 0 more"),
+    "float32 overflow": (lambda p: _write(p, frame().assign(a=[1e39] * len(frame()))), {},
+                         r"feature column 'a' holds a non-finite value \(inf\) in row 0"),
+    "infinite target": (lambda p: _write(p, frame().assign(target=[float("inf")] + [0.5] * (len(frame()) - 1))), {},
+                        r"data\.label_column = 'target' holds a non-finite value \(inf\) in row 0"),
 }
 
 
