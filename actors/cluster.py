@@ -2,9 +2,12 @@
 
 ``connect`` is the one place metafleet starts or joins Ray. With ``system.address = ""`` (the default) a
 run joins the cluster that ``RAY_ADDRESS`` names when that is set, and otherwise always starts its own
-local Ray (``ray.init(address="local")``): it never joins a cluster it merely finds on the machine (another
-user's, or a dead one recorded in Ray's ``ray_current_cluster`` file). An unreachable address fails fast
-with one clear line instead of Ray's endless retries.
+local Ray (``ray.init(address="local")``), with its session files in a directory only this user can enter:
+it never joins a cluster it merely finds on the machine (another user's, or a dead one recorded in Ray's
+``ray_current_cluster`` file). An unreachable address fails fast
+with one clear line instead of Ray's endless retries. A cluster started with ``ray start`` (Ray 2.60) uses
+token authentication, which Ray never sends to an explicitly named address unless ``RAY_AUTH_MODE=token`` is
+set: a refused connection says so.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 import ray
@@ -31,6 +35,15 @@ def address_of(system: SystemConfig) -> str:
     return system.address or os.environ.get("RAY_ADDRESS", "").strip()
 
 
+def private_temp_dir() -> str:
+    """A fresh directory that only this user can enter (0700), for a local Ray's session files: Ray makes
+    its own temp directory world-writable, so it goes one level inside (``<dir>/ray``). Under ``RAY_TMPDIR``
+    when that is set, else the system's temp directory; short, because Ray's socket paths must fit 107 bytes.
+    Left in place after the run, like Ray's own sessions, for its logs."""
+    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    return str(Path(tempfile.mkdtemp(prefix="metafleet-ray-", dir=base)) / "ray")
+
+
 def connect(system: SystemConfig) -> bool:
     """Start a local Ray (no address) or join a cluster; returns True if this call started or joined it."""
     address = address_of(system)
@@ -44,6 +57,8 @@ def connect(system: SystemConfig) -> bool:
                                  "address": address or "local"}
     if address and system.ship_code:
         kwargs["runtime_env"] = {"py_modules": PACKAGES}
+    if not address:
+        kwargs["_temp_dir"] = private_temp_dir()
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
@@ -53,8 +68,15 @@ def connect(system: SystemConfig) -> bool:
                               "and disk space under the temp directory, or join a running cluster with --address "
                               "HOST:PORT") from None
         key = "system.address" if system.address else "RAY_ADDRESS"
-        raise ConfigError(f"{key} = {address!r}: cannot connect to a Ray cluster ({first}); start one with "
-                          "`ray start --head`, or use --address '' for a local Ray") from None
+        probed = ":" in address and not address.startswith("ray://")  # it answered (_probe), then refused us
+        if probed and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+            raise ConfigError(f"{key} = {address!r}: the cluster answers but refused the connection ({first}); a "
+                              "cluster started with `ray start` uses token authentication: export "
+                              "RAY_AUTH_MODE=token, with the cluster's token in ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH "
+                              "or RAY_AUTH_TOKEN (README: Actors, GPUs and clusters)") from None
+        raise ConfigError(f"{key} = {address!r}: cannot connect to a Ray cluster ({first}); check that its token "
+                          "is this one (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN), or start one "
+                          "with `ray start --head`, or use --address '' for a local Ray") from None
     return True
 
 
