@@ -301,7 +301,8 @@ class RayPool(Backend):
         as lost ones do, and are run again on its replacement."""
         for key, deadline in self._watchdog.overdue():
             slot = next((s for s in self._slots if id(s.actor) == key), None)
-            if slot is None:
+            if slot is None:  # an actor already replaced: its calls are being run again elsewhere
+                self._watchdog.forget(key)
                 continue
             refs = self._watchdog.calls(key)  # calls that finished unseen (the async mode waits on one actor)
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
@@ -345,6 +346,7 @@ class RayPool(Backend):
     def _replace(self, slot: _Slot, reason: str) -> None:
         """Start a new actor with the slot's worker id, or drop the slot when the cluster lost the room."""
         old_pid = slot.info.get("pid")
+        self._watchdog.dropped(slot.actor)
         ray.kill(slot.actor, no_restart=True)  # usually dead already; never leave a half-alive one behind
         res = ray.cluster_resources()
         cpus, gpus = res.get("CPU", 0.0), res.get("GPU", 0.0)

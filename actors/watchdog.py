@@ -65,7 +65,11 @@ class Watchdog:
 
     def dropped(self, actor: Any) -> None:
         """Forget an actor (killed or replaced): its calls are resubmitted elsewhere, as new calls."""
-        state = self._actors.pop(id(actor), None)
+        self.forget(id(actor))
+
+    def forget(self, key: int) -> None:
+        """``dropped`` by the actor's key."""
+        state = self._actors.pop(key, None)
         for ref, _ in state.calls if state else ():
             self._owner.pop(ref, None)
 
