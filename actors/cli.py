@@ -17,6 +17,7 @@ import math
 import signal
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ EXIT_FAILED = 1
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metafleet", description="Ray-parallel federated meta-learning simulator")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"metafleet {_version()}")
+    sub = parser.add_subparsers(dest="command")
     algorithms = "\n".join(f"  {name:<14}{a.summary}" for name, a in ALGORITHMS.items())
     run = sub.add_parser("run", help="run an experiment (the built-in quickstart when no CONFIG is given)",
                          formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -259,8 +261,19 @@ def _write_figures(run_dir: Path) -> None:
     print(f"figures: {run_dir}/figures/ ({', '.join(p.name for p in paths)})", file=sys.stderr)
 
 
+def _version() -> str:
+    try:
+        return metadata.version("metafleet")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "(not installed)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # a bare `metafleet`: what it can do
+        parser.print_help()
+        return 0
     if args.command == "run":
         return cmd_run(args)
     return {"plot": commands.cmd_plot, "report": commands.cmd_report, "compare": commands.cmd_compare,

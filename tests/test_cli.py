@@ -346,3 +346,11 @@ def test_two_quick_ctrl_c_exit_promptly_without_a_traceback_and_the_run_resumes(
     assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in err, err
     assert main(["run", "--resume", str(out), "--no-progress", "--no-plots"]) == 0
     assert pd.read_parquet(out / "rounds.parquet")["round"].tolist() == list(range(400))
+
+
+def test_bare_metafleet_prints_help_and_version_is_known(capsys):
+    assert main([]) == 0
+    assert "usage: metafleet" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("metafleet 0.1.0")
