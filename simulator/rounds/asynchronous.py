@@ -140,7 +140,8 @@ class AsyncServer:
         if f.pending is None:
             self.flush_held()
         res = with_retries(lambda: self.ctx.backend.result(f.pending), f"training client {f.client_id}",
-                           self.cfg.system.max_failures, lambda: self._submit([f], self.bases[f.version]))
+                           self.cfg.system.max_failures, lambda: self._submit([f], self.bases[f.version]),
+                           self.ctx.errors_log)
         i = int(np.flatnonzero(res.client_ids == f.client_id)[0])
         if int(res.samples_processed[i]) != f.samples:
             raise RuntimeError("a worker processed a different number of samples than planned at dispatch")

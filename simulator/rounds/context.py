@@ -71,6 +71,10 @@ RoundCallback = Callable[[dict[str, Any]], None]
 StateFn = dict[str, Any] | Callable[[], dict[str, Any]]
 
 
+#: client work that raised, each failure's whole text (remote tracebacks included), appended as it happens
+ERRORS_LOG = "errors.log"
+
+
 class RunContext:
     """What every mode shares: config, backend, server optimizer, devices, metrics, history and the
     checkpoint of the last completed round (``resumed`` holds the one a resumed run starts from)."""
@@ -78,6 +82,7 @@ class RunContext:
     def __init__(self, cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepared | None,
                  on_round: RoundCallback | None, resume: bool = False) -> None:
         self.cfg, self.backend, self.on_round, self.run_dir = cfg, backend, on_round, run_dir
+        self.errors_log = run_dir / ERRORS_LOG
         self.algo = resolve(cfg.algorithm)
         prepared = prepared or prepare(cfg)
         self.opt = ServerOptimizer(prepared.theta0, cfg.algorithm, self.algo)
@@ -131,7 +136,8 @@ class RunContext:
     def train(self, theta: torch.Tensor, keys: Keys, client_ids: np.ndarray) -> list[TrainResult]:
         """Every chunk of one training call, re-run as a whole when client work raised (``retry``)."""
         return with_retries(lambda: list(self.backend.train(theta.numpy(), keys, client_ids)),
-                            f"train of clients {ids_text(client_ids)}", self.cfg.system.max_failures)
+                            f"train of clients {ids_text(client_ids)}", self.cfg.system.max_failures,
+                            log_file=self.errors_log)
 
     def plan(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
         return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes)
@@ -140,7 +146,8 @@ class RunContext:
         if not len(self.eval_ids):
             return None
         chunks = with_retries(lambda: list(self.backend.evaluate(theta.numpy(), r, self.eval_ids)),
-                              f"evaluate of clients {ids_text(self.eval_ids)}", self.cfg.system.max_failures)
+                              f"evaluate of clients {ids_text(self.eval_ids)}", self.cfg.system.max_failures,
+                              log_file=self.errors_log)
         col, workers = ordered(chunks, self.eval_ids)
         ev = EvalResult(-1, self.eval_ids, col("loss_pre"), col("loss_post"), col("metric_pre"), col("metric_post"))
         self.writer.tables["evals"].extend({

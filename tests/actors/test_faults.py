@@ -169,6 +169,8 @@ def test_client_code_raising_in_an_actor_fails_the_run_with_its_own_one_line_err
     assert summary["status"] == "failed" and summary["rounds_completed"] == 0
     assert "failed 2 times, last with MemoryError: CUDA out of memory (simulated);" in summary["error"]
     assert "\x1b" not in summary["error"] and "\n" not in summary["error"] and "ray::" not in summary["error"]
+    log = (tmp_path / "run" / "errors.log").read_text()  # Ray's remote traceback goes here, colour codes removed
+    assert "ray::ClientActor.train()" in log and "CUDA out of memory" in log and "\x1b" not in log
 
 
 @pytest.mark.parametrize("mode", ["sync", "fedbuff"])

@@ -116,6 +116,9 @@ def test_failures_beyond_the_limit_stop_the_run_cleanly_and_it_resumes_exactly(t
     assert summary["status"] == "failed"
     assert "failed 2 times, last with MemoryError: CUDA out of memory (simulated)" in summary["error"]
     assert "--resume" in summary["error"] and "second line" not in summary["error"]
+    log = (tmp_path / "run" / "errors.log").read_text()  # each failure's whole text, for the details
+    assert log.count("failed (attempt") == 2 and "MemoryError: CUDA out of memory (simulated)\nsecond line" in log
+    assert "Traceback (most recent call last)" in log and str(tmp_path / "run" / "errors.log") in summary["error"]
     state = checkpoint.load(tmp_path / "run")
     assert state is not None and state["next_round"] == summary["rounds_completed"]
     assert _go(InlineBackend, tmp_path / "run", resume=True, **extra)["status"] == "completed"
