@@ -71,11 +71,15 @@ class ServerOptimizer:
         self.cfg = cfg
         self.algo = algorithm or resolve(cfg)
         self.state = ServerState(theta.detach().clone())
+        self._phase: tuple[int, ServerPhase] | None = None  # (model version, its phase): asked once per client
 
     @property
     def phase(self) -> ServerPhase:
-        """The server rule that applies an update to the current model version."""
-        return phase_at(self.algo, self.cfg, self.state.step)
+        """The server rule that applies an update to the current model version (computed once per version,
+        whoever replaced ``state``: FedAsync, a resumed checkpoint)."""
+        if self._phase is None or self._phase[0] != self.state.step:
+            self._phase = (self.state.step, phase_at(self.algo, self.cfg, self.state.step))
+        return self._phase[1]
 
     @property
     def finetuning(self) -> bool:
