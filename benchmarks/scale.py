@@ -30,7 +30,6 @@ import pandas as pd
 
 from benchmarks.common import Timer, markdown, write_outputs
 from benchmarks.throughput import ANCHOR
-from simulator.config.toml import dumps_toml, to_dict
 from simulator.contract import WorkerSpec
 from simulator.experiment import load_config
 
@@ -69,9 +68,7 @@ def _block(system: str, rep: int, p: dict[str, Any], out: Path) -> list[dict[str
             run_dir = out / "runs" / f"{system}-k{cfg.clients.per_round}-r{rep}"
             if run_dir.exists():
                 shutil.rmtree(run_dir)
-            run_dir.mkdir(parents=True)
-            (run_dir / "config.toml").write_text(dumps_toml(to_dict(cfg)), encoding="utf-8")
-            summary = run(cfg, backend, run_dir)
+            summary = run(cfg, backend, run_dir)  # writes the whole run directory, config.toml included
             rows.append({"system": system, "per_round": cfg.clients.per_round, "repeat": rep,
                          "actors": len(summary["workers"]),
                          "steady_updates_per_s": float(summary["steady_updates_per_s"]),

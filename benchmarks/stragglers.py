@@ -75,7 +75,6 @@ import pandas as pd
 
 from simulator.algorithms.registry import ALGORITHMS
 from simulator.config.schema import ExperimentConfig
-from simulator.config.toml import dumps_toml, to_dict
 from simulator.experiment import load_config
 from simulator.rounds.context import plan_clients, prepare
 from simulator.scheduling import DROP_REASONS, Event, EventQueue, cohort_size, plan_round, sample_clients, sample_cohort
@@ -229,9 +228,7 @@ def run_one(overrides: tuple[str, ...], run_dir: str) -> tuple[dict[str, Any], p
     path = Path(run_dir)
     if path.exists():
         shutil.rmtree(path)
-    path.mkdir(parents=True)
-    (path / "config.toml").write_text(dumps_toml(to_dict(cfg)), encoding="utf-8")
-    with make_backend(cfg) as backend:
+    with make_backend(cfg) as backend:  # run() writes the whole run directory, config.toml included
         summary = run(cfg, backend, path)
     rounds = pd.read_parquet(path / "rounds.parquet").sort_values("round", ignore_index=True)
     return summary, rounds
