@@ -16,23 +16,20 @@ import logging
 import math
 import signal
 import sys
-import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from actors.backends import make_backend
+from actors import api, sweep
 from analysis import commands
 from simulator.algorithms.registry import ALGORITHMS
 from simulator.config.schema import EXIT_BAD_INPUT, ConfigError, ExperimentConfig
-from simulator.experiment import from_dict, load_config, replace
-from simulator.rounds.context import prepare
-from simulator.rounds.run import run
-from simulator.rundir import checkpoint, lock
-from simulator.rundir.files import RunDirWriteError, check_creatable
+from simulator.rundir.files import RunDirWriteError
+from simulator.study import read_study
 
 EXIT_FAILED = 1
 
@@ -50,40 +47,25 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config key with a TOML value, e.g. --set model.hidden=[64] (repeatable)")
     run.add_argument("--out", help="run directory to create (default: runs/<name>-<timestamp>)")
+    run.add_argument("--name", help="the run's name (default: ALGORITHM-DATASET), used for runs/<name>-<timestamp>")
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint "
                      "(its own config.toml; --set may change rounds and execution keys such as system.actors)")
     run.add_argument("--address", help="Ray address: '' starts a local Ray, 'auto' or HOST:PORT joins a cluster")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar (one line per eval instead)")
     run.add_argument("--no-plots", action="store_true", help="do not write the standard figures at the end")
     run.add_argument("-v", "--verbose", action="store_true", help="log worker placement and Ray messages")
+    sw = sub.add_parser("sweep", help="run a study's trials (grid x zip x seeds) concurrently on one Ray")
+    sw.add_argument("study", nargs="?", help="study TOML: an experiment config plus a [sweep] table")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the base config (repeatable)")
+    sw.add_argument("--out", help="sweep directory to create (default: sweeps/<name>-<timestamp>)")
+    sw.add_argument("--resume", metavar="SWEEP_DIR", help="re-run the trials of a sweep that did not complete, each "
+                    "from its own checkpoint")
+    sw.add_argument("--address", help="Ray address: '' starts a local Ray, 'auto' or HOST:PORT joins a cluster")
+    sw.add_argument("--no-progress", action="store_true", help="no live status table (one line per finished trial)")
+    sw.add_argument("-v", "--verbose", action="store_true", help="log Ray's and Tune's messages")
     commands.add_parsers(sub)
     return parser
-
-
-def _run_dir(cfg: ExperimentConfig, out: str | None) -> Path:
-    """The run directory to create (``--out``, or ``runs/NAME-TIMESTAMP``), checked before anything is written."""
-    if out:
-        path = Path(out)
-        if path.is_dir() and (writer := lock.holder(path)):
-            raise ConfigError(f"--out {out!r} is being written by {writer}; wait for that run to end, or choose "
-                              "another directory")
-        if path.exists() and (not path.is_dir() or not lock.is_unused(path)):
-            raise ConfigError(f"--out {out!r} already exists and is not an empty directory; "
-                              "choose a new directory (each run writes into its own)")
-        check_creatable(path, "--out")
-        return path
-    runs = Path("runs")
-    if runs.exists() and not runs.is_dir():
-        raise ConfigError(f"{str(runs.resolve())!r} is a file, so run directories cannot go under runs/; move it, "
-                          "or pass --out DIR")
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = runs / f"{cfg.name}-{stamp}"
-    suffix = 1
-    while path.exists():
-        path = runs / f"{cfg.name}-{stamp}-{suffix}"
-        suffix += 1
-    check_creatable(path, "run directory")
-    return path
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -183,42 +165,52 @@ def cmd_run(args: argparse.Namespace) -> int:
             print("metafleet: stopped at once (a second signal); `metafleet run --resume RUN_DIR` continues from "
                   "its last checkpoint", file=sys.stderr)
             return stop.exit_code
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()  # the Ray this command started (or its connection to a cluster): none outlives it
+
+
+def _say_ray_starts(address: str) -> None:
+    """Ray takes seconds to start (or to join a cluster): say so before the terminal goes quiet."""
+    print(f"metafleet: {'joining the Ray cluster at ' + address if address else 'starting a local Ray'} "
+          "(a few seconds) ...", file=sys.stderr, flush=True)
 
 
 def _run(args: argparse.Namespace, stop: _Stop) -> int:
     """``metafleet run``: config, run directory and backend first (bad input is one line), then the run."""
     try:
         if args.resume:
-            cfg, run_dir = _resume_config(args)
+            if args.config or args.out:
+                raise ConfigError("--resume continues a run with its own config.toml; drop the CONFIG argument and "
+                                  "--out (change rounds or execution keys with --set)")
+            cfg = api.resume_config(args.resume, args.overrides)
         else:
-            cfg = load_config(args.config, args.overrides)
-        if args.address is not None:
-            cfg = replace(cfg, **{"system.address": args.address})
-        prepared = prepare(cfg)
-        if not args.resume:
-            run_dir = _run_dir(cfg, args.out)
-        backend = make_backend(cfg)
+            cfg = api.experiment(args.config, args.overrides, **({"name": args.name} if args.name else {}))
+        cfg, run_dir, prepared, backend = api.start(cfg, args.resume or args.out, resume=bool(args.resume),
+                                                    address=args.address, on_ray_start=_say_ray_starts)
     except ConfigError as exc:
         print(f"metafleet: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # Ctrl-C while Ray starts: nothing was written yet
         print("metafleet: interrupted before the first round; nothing was written", file=sys.stderr)
         return stop.exit_code
+    workers = backend.describe()
+    devices = sorted({str(w["device"]) for w in workers})
+    print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} "
+          f"clients ({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) "
+          f"on {', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
+    progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
     try:
-        with backend:
-            workers = backend.describe()
-            devices = sorted({str(w["device"]) for w in workers})
-            print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} "
-                  f"clients ({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) "
-                  f"on {', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
-            progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
-            with progress:
-                summary = run(cfg, backend, run_dir, prepared, on_round, resume=bool(args.resume))
+        with progress:
+            result = api.execute(cfg, run_dir, prepared, backend, on_round, resume=bool(args.resume),
+                                 plots=not args.no_plots)
     except (ConfigError, RunDirWriteError) as exc:  # another writer holds the directory, or it is not writable
         print(f"metafleet: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if not args.no_plots and summary["rounds_completed"]:
-        _write_figures(run_dir)
+    summary = result.summary
+    if not args.no_plots and (run_dir / "figures").is_dir():
+        names = sorted(p.name for p in (run_dir / "figures").iterdir())
+        print(f"figures: {run_dir}/figures/ ({', '.join(names)})", file=sys.stderr)
     _print_summary(summary, run_dir)
     if summary["status"] == "failed":
         print(f"metafleet: error: {summary['error']}", file=sys.stderr)
@@ -226,39 +218,37 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
     return stop.exit_code if summary["status"] == "interrupted" else 0
 
 
-def _resume_config(args: argparse.Namespace) -> tuple[ExperimentConfig, Path]:
-    """The config of the run to resume (its config.toml plus --set), checked against its checkpoint."""
-    run_dir = Path(args.resume)
-    if args.config or args.out:
-        raise ConfigError("--resume continues a run with its own config.toml; drop the CONFIG argument and --out "
-                          "(change rounds or execution keys with --set)")
-    if writer := lock.holder(run_dir):
-        raise ConfigError(f"--resume {args.resume!r}: the run is being written by {writer}; resume it once "
-                          "that process has ended")
-    if not (run_dir / "config.toml").is_file():
-        raise ConfigError(f"--resume {args.resume!r} is not a metafleet run directory (no config.toml); pass a "
-                          "directory written by `metafleet run`")
-    checkpoint.check_resumable(run_dir)
-    started = load_config(run_dir / "config.toml")
-    cfg = load_config(run_dir / "config.toml", args.overrides)
-    checkpoint.check_compatible(started, cfg, run_dir)
-    state = checkpoint.load(run_dir)
-    if state is not None:
-        checkpoint.check_compatible(from_dict(state["config"]), cfg, run_dir)
-        if state["next_round"] >= cfg.rounds:
-            raise ConfigError(f"--resume {args.resume!r}: the run already has all {state['next_round']} of "
-                              f"{cfg.rounds} rounds; continue it further with --set rounds=N (N > {cfg.rounds})")
-    return cfg, run_dir
-
-
-def _write_figures(run_dir: Path) -> None:
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``metafleet sweep``: every trial validated first (bad input is one line, exit 2), then run."""
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
-        paths = commands.figures_of_run(run_dir)
-    except Exception as exc:  # a figure must never cost the user a finished run's exit status
-        logging.getLogger("metafleet.cli").warning("could not draw the figures (%s: %s); the metrics are intact, "
-                                                   "retry with `metafleet plot %s`", type(exc).__name__, exc, run_dir)
-        return
-    print(f"figures: {run_dir}/figures/ ({', '.join(p.name for p in paths)})", file=sys.stderr)
+        if args.resume:
+            if args.study or args.out:
+                raise ConfigError("--resume continues a sweep with its own study.toml; drop the STUDY argument and "
+                                  "--out")
+            study = sweep.open_sweep(args.resume, args.overrides)
+        elif not args.study:
+            raise ConfigError("metafleet sweep needs a STUDY.toml (an experiment config plus a [sweep] table), or "
+                              "--resume SWEEP_DIR")
+        else:
+            study = read_study(args.study, args.overrides)
+        print(f"metafleet: sweep of {len(study.trials)} trials; starting Ray ...", file=sys.stderr, flush=True)
+        result = sweep.run_sweep(study, args.out, address=args.address, resume=args.resume,
+                                 progress=not args.no_progress and sys.stderr.isatty())
+    except ConfigError as exc:
+        print(f"metafleet: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    counts = ", ".join(f"{n} {status}" for status, n in sorted(result.counts.items()))
+    print(f"sweep: {len(result.trials)} trials ({counts}); {result.sweep_dir}/ (index.json, trials/)")
+    print(f"compare them: metafleet compare {result.sweep_dir}")
+    if result.counts.get("completed", 0) < len(result.trials):
+        print(f"metafleet: error: not every trial completed (their errors are in each trial's summary.json); "
+              f"`metafleet sweep --resume {result.sweep_dir}` re-runs them", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
 
 
 def _version() -> str:
@@ -276,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "run":
         return cmd_run(args)
+    if args.command == "sweep":
+        return cmd_sweep(args)
     return {"plot": commands.cmd_plot, "report": commands.cmd_report, "compare": commands.cmd_compare,
             "data": commands.cmd_data}[args.command](args)
 

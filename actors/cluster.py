@@ -16,6 +16,7 @@ import logging
 import os
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import ray
@@ -44,12 +45,15 @@ def private_temp_dir() -> str:
     return str(Path(tempfile.mkdtemp(prefix="metafleet-ray-", dir=base)) / "ray")
 
 
-def connect(system: SystemConfig) -> bool:
-    """Start a local Ray (no address) or join a cluster; returns True if this call started or joined it."""
+def connect(system: SystemConfig, on_start: Callable[[str], None] | None = None) -> bool:
+    """Start a local Ray (no address) or join a cluster; returns True if this call started or joined it.
+    ``on_start`` is told the address first ("" = a local Ray), once the address is known to answer."""
     address = address_of(system)
     _probe(address)
     if ray.is_initialized():
         return False
+    if on_start is not None:
+        on_start(address)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     # Ray's own messages follow metafleet's verbosity (`metafleet run -v` shows them)
     ray_level = log_level() if log_level() <= logging.INFO else logging.ERROR

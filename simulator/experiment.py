@@ -52,6 +52,9 @@ def replace(cfg: ExperimentConfig, **changes: Any) -> ExperimentConfig:
 def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Build and validate an ``ExperimentConfig`` from a nested dict (parsed TOML)."""
     cfg = build(raw)
+    if not cfg.name:  # the default name says what runs: ALGORITHM-DATASET (a factory's record names its own)
+        named = resolve(cfg.algorithm).name if cfg.algorithm.factory else cfg.algorithm.name
+        cfg = dataclasses.replace(cfg, name=f"{named}-{cfg.data.name}")
     if cfg.data.path and not Path(cfg.data.path).expanduser().is_absolute():
         # actors (on other nodes too) read the data themselves: give them a path independent of their cwd
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,

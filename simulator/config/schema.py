@@ -173,7 +173,7 @@ class MetricsConfig:
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    name: str = "quickstart"
+    name: str = ""  # "" = ALGORITHM-DATASET
     seed: int = 0
     rounds: int = 300
     checkpoint_every: int = 10  # write the server state every N rounds (async: server updates); 0 = only on Ctrl-C
