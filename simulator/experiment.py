@@ -117,6 +117,10 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     _require(a.batch_size >= 0, f"algorithm.batch_size must be >= 0 (0 = full batch), got {a.batch_size}")
     _require(a.server_lr > 0, f"algorithm.server_lr must be > 0, got {a.server_lr}")
     _require(0 <= a.server_momentum < 1, f"algorithm.server_momentum must be in [0, 1), got {a.server_momentum}")
+    _require(0 <= a.server_beta1 < 1, f"algorithm.server_beta1 must be in [0, 1), got {a.server_beta1}")
+    _require(0 <= a.server_beta2 < 1, f"algorithm.server_beta2 must be in [0, 1), got {a.server_beta2}")
+    _require(a.server_tau > 0, f"algorithm.server_tau must be > 0 (FedOpt's adaptivity, e.g. 0.001), "
+                               f"got {a.server_tau}")
     _require(a.outer_lr >= 0, f"algorithm.outer_lr must be >= 0 (0 = algorithm.local_lr), got {a.outer_lr}")
     _require(a.hf_delta > 0, f"algorithm.hf_delta must be > 0, got {a.hf_delta}")
     _require(a.switch_round >= 0, f"algorithm.switch_round must be >= 0 (0 = half of the rounds), got {a.switch_round}")

@@ -82,6 +82,10 @@ class AlgorithmConfig:
     server_lr: float = 1.0
     server_optimizer: str = "sgd"
     server_momentum: float = 0.0
+    # fedadagrad | fedadam | fedyogi (Reddi et al. 2021, Alg. 2): beta1, beta2 as in their experiments, tau = 1e-3
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
     outer_lr: float = 0.0          # Per-FedAvg's beta (Fallah et al. 2020); 0 = local_lr
     hf_delta: float = 0.001        # Per-FedAvg HF: finite-difference step of the Hessian-vector product
     switch_round: int = 0          # pfedavg: first round of Reptile fine-tuning (0 = half of the rounds)
@@ -208,7 +212,7 @@ def section(cfg: ExperimentConfig, name: str) -> Any:
 #: from their registries: ``simulator.experiment``)
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition": ("iid", "dirichlet", "shards", "quantity"),
-    "algorithm.server_optimizer": ("sgd", "adam"),
+    "algorithm.server_optimizer": ("sgd", "adam", "fedadagrad", "fedadam", "fedyogi"),
     "system.backend": ("ray", "inline"),
     "system.mode": ("sync", "deadline", "overselect", "async"),
     "async.rule": ("fedbuff", "fedasync"),
