@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from simulator.algorithms.fedavg import with_proximal
 from simulator.algorithms.registry import ALGORITHMS, resolve
 from simulator.config.schema import (
     CHOICES,
@@ -204,6 +205,12 @@ def _validate_system(cfg: ExperimentConfig) -> None:
     _require(a.staleness_a >= 0, f"async.staleness_a must be >= 0, got {a.staleness_a}")
     _require(a.staleness_b >= 0, f"async.staleness_b must be >= 0, got {a.staleness_b}")
     _require(0 < a.mixing <= 1, f"async.mixing must be in (0, 1], got {a.mixing}")
+    _require(a.proximal_rho >= 0, f"async.proximal_rho must be >= 0 (0 = off), got {a.proximal_rho}")
+    if a.proximal_rho:
+        _require(s.mode == "async" and a.rule == "fedasync",
+                 f"async.proximal_rho = {a.proximal_rho} is FedAsync's client term; it needs system.mode = \"async\" "
+                 "and async.rule = \"fedasync\" (or set async.proximal_rho = 0)")
+        with_proximal(resolve(cfg.algorithm), a.proximal_rho)  # ConfigError for a client that is not local SGD
     if s.mode == "async" and a.rule == "fedasync":
         _require(cfg.algorithm.server_optimizer == "sgd" and cfg.algorithm.server_momentum == 0,
                  "async.rule = \"fedasync\" mixes models directly (no server optimizer); set "

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from simulator.algorithms.fedavg import with_proximal
 from simulator.algorithms.record import vector_size
 from simulator.algorithms.registry import resolve
 from simulator.algorithms.stacked import VectorizedCohort, unsupported_reason
@@ -66,7 +67,7 @@ class ClientWorker:
         self.dataset = make_dataset(spec.data, spec.seed)
         self.model = build_model(spec.model, self.dataset.input_dim, self.dataset.output_dim, spec.seed)
         self.model.to(self.device)
-        self.algorithm = resolve(spec.algorithm)
+        self.algorithm = with_proximal(resolve(spec.algorithm), spec.proximal_rho)  # FedAsync's client term
         #: the server vector's length: the model's parameters (Meta-SGD: and their learned rates)
         self.vector_size = vector_size(self.algorithm, num_parameters(self.model))
         self.loss = loss_function(self.dataset.task)

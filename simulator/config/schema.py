@@ -160,6 +160,7 @@ class AsyncConfig:
     staleness_a: float = 0.5
     staleness_b: float = 4.0
     mixing: float = 0.6
+    proximal_rho: float = 0.0  # FedAsync's client: f(x) + rho/2 ||x - x_tau||^2 (Xie et al. 2019); 0 = off
 
 
 @dataclass(frozen=True)
