@@ -33,6 +33,8 @@ from simulator.models import MODELS
 
 #: the longest run name in UTF-8 bytes (a run directory is NAME-YYYYmmdd-HHMMSS[-N], within a file name's 255)
 MAX_NAME = 200
+#: the most QSGD levels (compression.levels): a level and its sign fit 17 bits
+MAX_LEVELS = 65535
 #: the most clients one round may sample
 MAX_PER_ROUND = 10_000_000
 #: client ids 0 .. num_clients + eval_clients - 1 must fit int64, with room to spare
@@ -159,6 +161,10 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
              f"data.name = {d.name!r} needs data.path (the dataset's directory or file)")
     _validate_pooled(d)
     _validate_system(cfg)
+    _require(1 <= cfg.compression.levels <= MAX_LEVELS,
+             f"compression.levels must be in [1, {MAX_LEVELS}] (QSGD's s), got {cfg.compression.levels}")
+    _require(0 < cfg.compression.fraction <= 1,
+             f"compression.fraction must be in (0, 1] (the share randk and topk keep), got {cfg.compression.fraction}")
     _require(cfg.metrics.flush_every >= 1, f"metrics.flush_every must be >= 1, got {cfg.metrics.flush_every}")
 
 

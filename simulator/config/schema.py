@@ -150,6 +150,16 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """Compressed uploads (``simulator.compression``): ``method`` "none" | "fp16" | "int8" | "qsgd" (Alistarh et
+    al. 2017, ``levels`` = s) | "randk" | "topk" (Konecny et al. 2016; k = floor(``fraction`` x the vector size))."""
+
+    method: str = "none"
+    levels: int = 16
+    fraction: float = 0.1
+
+
+@dataclass(frozen=True)
 class AsyncConfig:
     """Asynchronous aggregation (``system.mode = "async"``): FedBuff (Nguyen et al. 2022) or
     FedAsync (Xie et al. 2019), with a staleness function s(tau)."""
@@ -188,6 +198,7 @@ class ExperimentConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -218,6 +229,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "system.mode": ("sync", "deadline", "overselect", "async"),
     "async.rule": ("fedbuff", "fedasync"),
     "async.staleness": ("constant", "polynomial", "sqrt", "hinge"),
+    "compression.method": ("none", "fp16", "int8", "qsgd", "randk", "topk"),
     "devices.speed.dist": ("constant", "lognormal", "pareto"),
     "devices.bandwidth.dist": ("constant", "lognormal", "pareto"),
 }
