@@ -6,7 +6,7 @@ cut-off actually drops clients; async FedBuff; async FedAsync) x ``system.vector
 ``inline`` backend with heterogeneous devices (Pareto speeds, dropout, availability), plus a few cells on a 2-actor
 local Ray. The dataset rotates with the mode so that every algorithm runs on regression (sinusoid) and
 classification (synthetic, gaussian with a Dirichlet partition); the meta-gradient algorithms use a server Adam
-(FedAdam) except under FedAsync, which only allows server SGD. pfedavg x fedasync is rejected by the config rules
+(Kingma & Ba's) except under FedAsync, which only allows server SGD. pfedavg x fedasync is rejected by the config rules
 and recorded as skipped. Each cell is one CLI run in a subprocess (``python -m actors.cli run`` when the tree has
 ``actors/cli.py``, else ``simulator.cli``), so the script imports nothing of the project and works on the old and
 the new package layout alike.

@@ -7,7 +7,7 @@ Client side: the simulator's defaults for every algorithm and both datasets (10 
 batch 10 at lr 0.02; evaluation after 10 SGD steps at lr 0.02 on each held-out client's support set).
 Server side: FedAvg and Reptile move theta by the mean client delta with SGD at lr 1.0 (their usual form);
 FOMAML and MAML return meta-gradients, which SGD at lr 1.0 turns into divergence (NaN within 20 rounds on
-the sinusoid in a pilot), so they use Adam at lr 0.01 (FedAdam-style; chosen for stability in that pilot,
+the sinusoid in a pilot), so they use Adam at lr 0.01 (Kingma & Ba's; chosen for stability in that pilot,
 where SGD at 0.1 was also stable and about as good; not tuned for the comparison). With equal client
 sizes (the sinusoid) FedAvg's n_i-weighted mean equals Reptile's plain mean, so those two runs coincide.
 

@@ -18,7 +18,14 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from simulator.config.schema import AlgorithmConfig, DataConfig, EvalConfig, ExperimentConfig, ModelConfig
+from simulator.config.schema import (
+    AlgorithmConfig,
+    CompressionConfig,
+    DataConfig,
+    EvalConfig,
+    ExperimentConfig,
+    ModelConfig,
+)
 
 
 class WorkerFailure(RuntimeError):
@@ -39,11 +46,15 @@ class WorkerSpec:
     shard_cache: int
     vectorize: bool = True
     shard_cache_mb: float = 512.0
+    proximal_rho: float = 0.0   # FedAsync's proximal client term (async.proximal_rho, FedAsync runs only)
+    compression: CompressionConfig = CompressionConfig()  # how uploads are encoded (``simulator.compression``)
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> WorkerSpec:
+        fedasync = cfg.system.mode == "async" and cfg.async_.rule == "fedasync"
         return cls(cfg.seed, cfg.data, cfg.model, cfg.algorithm, cfg.eval, cfg.system.threads,
-                   cfg.system.shard_cache, cfg.system.vectorize, cfg.system.shard_cache_mb)
+                   cfg.system.shard_cache, cfg.system.vectorize, cfg.system.shard_cache_mb,
+                   cfg.async_.proximal_rho if fedasync else 0.0, cfg.compression)
 
 
 @dataclass(frozen=True)

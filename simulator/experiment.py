@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from simulator.algorithms.fedavg import with_proximal
 from simulator.algorithms.registry import ALGORITHMS, resolve
 from simulator.config.schema import (
     CHOICES,
@@ -32,6 +33,8 @@ from simulator.models import MODELS
 
 #: the longest run name in UTF-8 bytes (a run directory is NAME-YYYYmmdd-HHMMSS[-N], within a file name's 255)
 MAX_NAME = 200
+#: the most QSGD levels (compression.levels): a level and its sign fit 17 bits
+MAX_LEVELS = 65535
 #: the most clients one round may sample
 MAX_PER_ROUND = 10_000_000
 #: client ids 0 .. num_clients + eval_clients - 1 must fit int64, with room to spare
@@ -120,6 +123,10 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     _require(a.batch_size >= 0, f"algorithm.batch_size must be >= 0 (0 = full batch), got {a.batch_size}")
     _require(a.server_lr > 0, f"algorithm.server_lr must be > 0, got {a.server_lr}")
     _require(0 <= a.server_momentum < 1, f"algorithm.server_momentum must be in [0, 1), got {a.server_momentum}")
+    _require(0 <= a.server_beta1 < 1, f"algorithm.server_beta1 must be in [0, 1), got {a.server_beta1}")
+    _require(0 <= a.server_beta2 < 1, f"algorithm.server_beta2 must be in [0, 1), got {a.server_beta2}")
+    _require(a.server_tau > 0, f"algorithm.server_tau must be > 0 (FedOpt's adaptivity, e.g. 0.001), "
+                               f"got {a.server_tau}")
     _require(a.outer_lr >= 0, f"algorithm.outer_lr must be >= 0 (0 = algorithm.local_lr), got {a.outer_lr}")
     _require(a.hf_delta > 0, f"algorithm.hf_delta must be > 0, got {a.hf_delta}")
     _require(a.switch_round >= 0, f"algorithm.switch_round must be >= 0 (0 = half of the rounds), got {a.switch_round}")
@@ -157,6 +164,10 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
              f"data.name = {d.name!r} needs data.path (the dataset's directory or file)")
     _validate_pooled(d)
     _validate_system(cfg)
+    _require(1 <= cfg.compression.levels <= MAX_LEVELS,
+             f"compression.levels must be in [1, {MAX_LEVELS}] (QSGD's s), got {cfg.compression.levels}")
+    _require(0 < cfg.compression.fraction <= 1,
+             f"compression.fraction must be in (0, 1] (the share randk and topk keep), got {cfg.compression.fraction}")
     _require(cfg.metrics.flush_every >= 1, f"metrics.flush_every must be >= 1, got {cfg.metrics.flush_every}")
 
 
@@ -203,6 +214,12 @@ def _validate_system(cfg: ExperimentConfig) -> None:
     _require(a.staleness_a >= 0, f"async.staleness_a must be >= 0, got {a.staleness_a}")
     _require(a.staleness_b >= 0, f"async.staleness_b must be >= 0, got {a.staleness_b}")
     _require(0 < a.mixing <= 1, f"async.mixing must be in (0, 1], got {a.mixing}")
+    _require(a.proximal_rho >= 0, f"async.proximal_rho must be >= 0 (0 = off), got {a.proximal_rho}")
+    if a.proximal_rho:
+        _require(s.mode == "async" and a.rule == "fedasync",
+                 f"async.proximal_rho = {a.proximal_rho} is FedAsync's client term; it needs system.mode = \"async\" "
+                 "and async.rule = \"fedasync\" (or set async.proximal_rho = 0)")
+        with_proximal(resolve(cfg.algorithm), a.proximal_rho)  # ConfigError for a client that is not local SGD
     if s.mode == "async" and a.rule == "fedasync":
         _require(cfg.algorithm.server_optimizer == "sgd" and cfg.algorithm.server_momentum == 0,
                  "async.rule = \"fedasync\" mixes models directly (no server optimizer); set "

@@ -28,6 +28,7 @@ PURPOSES: dict[str, int] = {
     "leaf_users": 13,   # the order of a LEAF dataset's users (which are training, which held out)
     "table_split": 14,  # a table client's rows split into support and query
     "table_clients": 15,  # the order of a table's clients
+    "compress": 30,     # a client's compressed upload (QSGD's rounding, randk's indices); 30 leaves 16-29 free
 }
 
 

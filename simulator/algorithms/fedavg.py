@@ -10,6 +10,8 @@
   via Model Agnostic Meta Learning", Sec. 3 / Alg. 1): FedAvg with server momentum SGD until model
   version ``switch_round``, then Reptile fine-tuning (uniform weights) with server Adam at
   ``finetune_server_lr`` whose moments start afresh: the same client step, a server-side schedule.
+- FedAsync's client (Xie et al. 2019, "Asynchronous Federated Optimization", Alg. 1): the same local SGD on
+  f(x) + rho/2 ||x - x_tau||^2, x_tau the model it received (``async.proximal_rho``; ``with_proximal``).
 
 The local step trains on all of a training client's data (support and query splits together).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 
 import numpy as np
 import torch
@@ -32,27 +35,28 @@ from simulator.params import Params, flatten, load_flat
 
 
 def local_sgd_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: AlgorithmConfig,
-                     rng: np.random.Generator, loss: LossFn) -> ClientUpdate:
+                     rng: np.random.Generator, loss: LossFn, rho: float = 0.0) -> ClientUpdate:
     """The FedAvg / Reptile client step (McMahan et al. 2017, Alg. 1 ClientUpdate; Nichol et al. 2018,
     Alg. 2): starting from theta, ``local_steps`` SGD steps on the client's data reach phi_i; returns
-    the delta phi_i - theta."""
+    the delta phi_i - theta. ``rho`` > 0: each step descends f + rho/2 ||x - theta||^2 (FedAsync's client,
+    Xie et al. 2019, Alg. 1)."""
     data = shard.all
     plan = batch_plan(rng, len(data), cfg.batch_size, cfg.local_steps)
     load_flat(model, theta)
     before = full_loss(model, data, loss)
-    phi = flatten(inner_loop(model, data, plan, cfg.local_lr, loss))
+    phi = flatten(inner_loop(model, data, plan, cfg.local_lr, loss, rho=rho))
     after = full_loss(model, data, loss)
     return ClientUpdate(phi - theta.to(data.x.device), before, after, processed(len(data), plan))
 
 
 def local_sgd_cohort(engine: VectorizedCohort, theta: torch.Tensor, shards: Sequence[ClientShard],
-                     rngs: Sequence[np.random.Generator], cfg: AlgorithmConfig) -> list[ClientUpdate]:
+                     rngs: Sequence[np.random.Generator], cfg: AlgorithmConfig, rho: float = 0.0) -> list[ClientUpdate]:
     """``local_sgd_update`` for a whole cohort at once (``simulator.algorithms.stacked``)."""
     data = [s.all for s in shards]
     plans = [batch_plan(r, len(d), cfg.batch_size, cfg.local_steps) for r, d in zip(rngs, data, strict=True)]
 
     def local(params: Params, g: Group) -> Params:
-        return engine.sgd(params, g, cfg.local_steps, cfg.local_lr)
+        return engine.sgd(params, g, cfg.local_steps, cfg.local_lr, rho)
 
     return engine.delta_updates(theta, data, plans, cfg.batch_size, local)
 
@@ -95,3 +99,16 @@ REPTILE = Algorithm("reptile", local_sgd_update, local_sgd_samples, weighting="u
 PFEDAVG = Algorithm("pfedavg", local_sgd_update, local_sgd_samples, weighting="samples", update="delta",
                     vectorized_step=local_sgd_cohort, schedule=pfedavg_schedule, configure=pfedavg_configure,
                     summary="Personalized FedAvg: FedAvg, then Reptile fine-tuning with server Adam")
+
+
+def with_proximal(algorithm: Algorithm, rho: float) -> Algorithm:
+    """``algorithm`` with FedAsync's proximal client (Xie et al. 2019, Alg. 1: local SGD on
+    f(x) + rho/2 ||x - x_tau||^2), sequential and vectorized; ``rho`` 0 returns it unchanged. Only local-SGD
+    clients (``fedavg``, ``reptile``) have that form: any other record raises ConfigError."""
+    if not rho:
+        return algorithm
+    if algorithm.client_step is not local_sgd_update or algorithm.vectorized_step is not local_sgd_cohort:
+        raise ConfigError(f"async.proximal_rho = {rho} adds FedAsync's proximal term to local SGD clients "
+                          f"(fedavg, reptile), not to algorithm {algorithm.name!r}; set async.proximal_rho = 0")
+    return replace(algorithm, client_step=partial(local_sgd_update, rho=rho),
+                   vectorized_step=partial(local_sgd_cohort, rho=rho))

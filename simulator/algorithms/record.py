@@ -61,7 +61,7 @@ class ServerPhase:
 
     start: int
     weighting: str         # "samples" | "uniform"
-    optimizer: str         # "sgd" | "adam"
+    optimizer: str         # "sgd" | "adam" | "fedadagrad" | "fedadam" | "fedyogi"
     lr: float
     momentum: float = 0.0  # SGD only
 

@@ -2,8 +2,10 @@
 
 The server keeps a ``ServerState`` (model vector, step count = model version, optimizer moments) and
 applies g, the pseudo-gradient of the aggregated client vectors (``record.pseudo_gradient``), with the
-rule of the current ``ServerPhase``: SGD with optional momentum (FedAvgM, Hsu et al. 2019), or Adam
-(Kingma & Ba 2015) on the pseudo-gradient, as FedOpt does (Reddi et al. 2021). An algorithm whose rule
+rule of the current ``ServerPhase``: SGD with optional momentum (FedAvgM, Hsu et al. 2019); ``adam``,
+Kingma & Ba's Adam (2015, Alg. 1: bias-corrected, eps added to sqrt(v_hat)) on the pseudo-gradient; or
+``fedadagrad``, ``fedadam`` and ``fedyogi`` exactly as Reddi et al. 2021 ("Adaptive Federated
+Optimization", Alg. 2) print them: no bias correction, tau added to sqrt(v), v_{-1} = tau^2. An algorithm whose rule
 changes mid-run (Personalized FedAvg) declares a ``schedule`` in its record; moments start afresh at the
 first version of each phase, and the phase is a function of ``state.step`` alone, so a state replaced
 from outside (FedAsync, a resumed checkpoint) keeps it.
@@ -27,8 +29,8 @@ class ServerState:
     theta: torch.Tensor
     step: int = 0
     momentum: torch.Tensor | None = None   # SGD momentum buffer
-    exp_avg: torch.Tensor | None = None    # Adam first moment
-    exp_avg_sq: torch.Tensor | None = None  # Adam second moment
+    exp_avg: torch.Tensor | None = None    # first moment m of g (Adam; FedOpt's m_t of Delta_t = -g, negated)
+    exp_avg_sq: torch.Tensor | None = None  # second moment v (Adam; FedOpt's v_t); None = not started
 
 
 def sgd_step(state: ServerState, g: torch.Tensor, lr: float, momentum: float = 0.0) -> ServerState:
@@ -49,6 +51,41 @@ def adam_step(state: ServerState, g: torch.Tensor, lr: float, betas: tuple[float
     v = (1 - b2) * g * g if state.exp_avg_sq is None else b2 * state.exp_avg_sq + (1 - b2) * g * g
     m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
     return ServerState(state.theta - lr * m_hat / (v_hat.sqrt() + eps), t, None, m, v)
+
+
+#: Reddi et al. 2021's adaptive server rules (Alg. 2), by their second-moment update
+FEDOPT = ("fedadagrad", "fedadam", "fedyogi")
+
+
+def fedopt_step(state: ServerState, g: torch.Tensor, rule: str, lr: float, beta1: float, beta2: float,
+                tau: float) -> ServerState:
+    """One server step of FedAdagrad, FedAdam or FedYogi (Reddi et al. 2021, Alg. 2), as printed.
+
+    With Delta_t = -g the average client update (``record.pseudo_gradient``), m_{-1} = 0 and v_{-1} = tau^2
+    (Alg. 2 asks for v_{-1} >= tau^2; the smallest value is taken):
+
+        m_t = beta1 m_{t-1} + (1 - beta1) Delta_t
+        v_t = v_{t-1} + Delta_t^2                                          (FedAdagrad)
+        v_t = v_{t-1} - (1 - beta2) Delta_t^2 sign(v_{t-1} - Delta_t^2)    (FedYogi)
+        v_t = beta2 v_{t-1} + (1 - beta2) Delta_t^2                        (FedAdam)
+        x_{t+1} = x_t + lr m_t / (sqrt(v_t) + tau)
+
+    no bias correction. ``state.exp_avg`` keeps the moment of g, i.e. -m_t (negation is exact), so
+    x_{t+1} = x_t - lr exp_avg / (sqrt(v_t) + tau).
+    """
+    m_prev = torch.zeros_like(g) if state.exp_avg is None else state.exp_avg
+    v_prev = torch.full_like(g, tau * tau) if state.exp_avg_sq is None else state.exp_avg_sq
+    m = beta1 * m_prev + (1 - beta1) * g
+    g2 = g * g
+    if rule == "fedadagrad":
+        v = v_prev + g2
+    elif rule == "fedyogi":
+        v = v_prev - (1 - beta2) * g2 * torch.sign(v_prev - g2)
+    elif rule == "fedadam":
+        v = beta2 * v_prev + (1 - beta2) * g2
+    else:
+        raise ValueError(f"unknown FedOpt rule {rule!r}; choose one of {', '.join(FEDOPT)}")
+    return ServerState(state.theta - lr * m / (v.sqrt() + tau), state.step + 1, None, m, v)
 
 
 def initial_vector(cfg: AlgorithmConfig, model_vector: torch.Tensor,
@@ -98,6 +135,9 @@ class ServerOptimizer:
                             None if fresh else st.exp_avg, None if fresh else st.exp_avg_sq)
         if ph.optimizer == "adam":
             new = adam_step(local, g, ph.lr)
+        elif ph.optimizer in FEDOPT:
+            c = self.cfg
+            new = fedopt_step(local, g, ph.optimizer, ph.lr, c.server_beta1, c.server_beta2, c.server_tau)
         else:
             new = sgd_step(local, g, ph.lr, ph.momentum)
         self.state = ServerState(new.theta, st.step + 1, new.momentum, new.exp_avg, new.exp_avg_sq)

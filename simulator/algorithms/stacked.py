@@ -183,15 +183,20 @@ class VectorizedCohort:
         gather = torch.arange(g.x.shape[0], device=idx.device)[:, None]
         return g.x[gather, idx], g.y[gather, idx]
 
-    def sgd(self, params: Params, g: Group, steps: int, lr: float) -> Params:
+    def sgd(self, params: Params, g: Group, steps: int, lr: float, rho: float = 0.0) -> Params:
         """``steps`` SGD steps on fresh copies of ``params``, updated in place as the sequential path does
-        (one fused ``_foreach_add_(alpha=-lr)`` per step)."""
+        (one fused ``_foreach_add_(alpha=-lr)`` per step); ``rho`` > 0 adds FedAsync's proximal gradient
+        rho (w - w_0) as ``steps.inner_loop`` does (Xie et al. 2019, Alg. 1)."""
         step_grad = self.step_grad(g.plans is None)
         params = {n: p.detach().clone() for n, p in params.items()}
+        anchor = [p.clone() for p in params.values()] if rho else None
         for s in range(steps):
             x, y = self.take(g, s)
             grads = step_grad(params, x, y, g.mask)
-            torch._foreach_add_(list(params.values()), [grads[n] for n in params], alpha=-lr)
+            ordered = [grads[n] for n in params]
+            if anchor is not None:
+                ordered = torch._foreach_add(ordered, torch._foreach_sub(list(params.values()), anchor), alpha=rho)
+            torch._foreach_add_(list(params.values()), ordered, alpha=-lr)
         return params
 
     def full_losses(self, params: Params, g: Group, sizes: list[int]) -> list[float]:

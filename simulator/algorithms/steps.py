@@ -6,7 +6,8 @@ Per-FedAvg's steps (through ``descend``) and the held-out clients' adaptation at
 
     theta' = theta - lr o grad L_batch(theta)
 
-(Finn et al. 2017, Eq. 1; with per-parameter rates, Meta-SGD, Li et al. 2017, Eq. 1), either in place on
+(Finn et al. 2017, Eq. 1; with per-parameter rates, Meta-SGD, Li et al. 2017, Eq. 1; with FedAsync's proximal
+term, Xie et al. 2019, Alg. 1, the gradient of L_batch(theta) + rho/2 ||theta - x_tau||^2), either in place on
 a module's own parameters (first order, nothing kept for differentiation) or functionally on a dict of
 tensors, optionally keeping the graph so that a meta-gradient can differentiate through the steps.
 
@@ -70,12 +71,14 @@ def descend(params: Params, grads: Params, lr: Rate) -> Params:
 
 
 def inner_loop(model: nn.Module, data: Split, plan: Sequence[Batch], lr: Rate, loss: LossFn,
-               fast: Params | None = None, create_graph: bool = False) -> Params:
+               fast: Params | None = None, create_graph: bool = False, rho: float = 0.0) -> Params:
     """Gradient steps theta <- theta - lr o grad L_batch(theta), one per batch of ``plan`` (see the module
     docstring).
 
     ``fast`` None: the steps update the module's own parameters in place, first order (one fused
-    ``_foreach_add_`` per step, or ``_foreach_sub_`` of rate o gradient); returns them by name.
+    ``_foreach_add_`` per step, or ``_foreach_sub_`` of rate o gradient); returns them by name. ``rho`` > 0
+    (in place, one rate only) adds FedAsync's proximal gradient rho (theta - x_tau) to every step, x_tau the
+    parameters the loop started from (Xie et al. 2019, Alg. 1: the client minimises f(x) + rho/2 ||x - x_tau||^2).
     ``fast`` a dict: functional steps from those tensors through ``functional_call``; with ``create_graph``
     the returned tensors stay differentiable with respect to ``fast`` (and to ``lr``, when it requires grad:
     second-order MAML, Meta-SGD)."""
@@ -83,10 +86,15 @@ def inner_loop(model: nn.Module, data: Split, plan: Sequence[Batch], lr: Rate, l
         named = dict(model.named_parameters())
         params = list(named.values())
         rates = None if not isinstance(lr, dict) else [lr[n] for n in named]
+        if rho and rates is not None:
+            raise ValueError("the proximal term takes one learning rate, not per-parameter rates")
+        anchor = [p.detach().clone() for p in params] if rho else None
         for batch in plan:
             x, y = take(data, batch)
             grads = torch.autograd.grad(loss(model(x), y), params)
             with torch.no_grad():
+                if anchor is not None:
+                    grads = torch._foreach_add(grads, torch._foreach_sub(params, anchor), alpha=rho)
                 if rates is None:
                     torch._foreach_add_(params, grads, alpha=-lr)
                 else:

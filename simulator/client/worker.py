@@ -20,11 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from simulator.algorithms.fedavg import with_proximal
 from simulator.algorithms.record import vector_size
 from simulator.algorithms.registry import resolve
 from simulator.algorithms.stacked import VectorizedCohort, unsupported_reason
 from simulator.algorithms.steps import loss_function
 from simulator.client.evaluation import evaluate_client
+from simulator.compression import roundtrip
 from simulator.contract import EvalResult, TrainResult, WorkerSpec
 from simulator.data.base import ClientShard
 from simulator.data.registry import make_dataset
@@ -66,7 +68,7 @@ class ClientWorker:
         self.dataset = make_dataset(spec.data, spec.seed)
         self.model = build_model(spec.model, self.dataset.input_dim, self.dataset.output_dim, spec.seed)
         self.model.to(self.device)
-        self.algorithm = resolve(spec.algorithm)
+        self.algorithm = with_proximal(resolve(spec.algorithm), spec.proximal_rho)  # FedAsync's client term
         #: the server vector's length: the model's parameters (Meta-SGD: and their learned rates)
         self.vector_size = vector_size(self.algorithm, num_parameters(self.model))
         self.loss = loss_function(self.dataset.task)
@@ -159,11 +161,21 @@ class ClientWorker:
         vectors = np.empty((len(updates), self.vector_size), np.float32)
         for i, u in enumerate(updates):
             vectors[i] = u.vector.to("cpu", torch.float32).numpy()
+        if self.spec.compression.method != "none":
+            self._compress(vectors, per_client, client_ids)
         return TrainResult(
             self.worker_id, np.asarray(client_ids, dtype=np.int64), vectors,
             np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.int64),
             np.array([r[2] for r in rows], np.float64), np.array([r[3] for r in rows], np.float64),
             np.array([r[4] for r in rows], np.float64))
+
+    def _compress(self, vectors: np.ndarray, keys: list[int], client_ids: list[int]) -> None:
+        """Each finite row replaced, in place, by what the server decodes of its compressed upload (seeded from
+        (seed, "compress", key, client id)); a non-finite row stays as it is, to be rejected by the driver."""
+        rngs = generators(self.spec.seed, "compress", keys, [int(c) for c in client_ids])
+        for i, rng in enumerate(rngs):
+            if np.isfinite(vectors[i]).all():
+                vectors[i] = roundtrip(vectors[i], self.spec.compression, rng)
 
     def evaluate(self, theta: np.ndarray | torch.Tensor, round_idx: int, client_ids: list[int]) -> EvalResult:
         configure_threads(self.spec.threads)

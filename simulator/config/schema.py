@@ -82,8 +82,12 @@ class AlgorithmConfig:
     server_lr: float = 1.0
     server_optimizer: str = "sgd"
     server_momentum: float = 0.0
+    # fedadagrad | fedadam | fedyogi (Reddi et al. 2021, Alg. 2): beta1, beta2 as in their experiments, tau = 1e-3
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 0.001
     outer_lr: float = 0.0          # Per-FedAvg's beta (Fallah et al. 2020); 0 = local_lr
-    hf_delta: float = 0.001        # Per-FedAvg HF: finite-difference step of the Hessian-vector product
+    hf_delta: float = 1e-5         # Per-FedAvg HF: finite-difference step (benchmarks.hvp_error: 1e-3 is 50% off)
     switch_round: int = 0          # pfedavg: first round of Reptile fine-tuning (0 = half of the rounds)
     finetune_server_lr: float = 0.001  # pfedavg: the fine-tuning phase's server Adam learning rate
     factory: str = ""              # "package.module:function" returning your own ``Algorithm`` record
@@ -146,6 +150,16 @@ class DevicesConfig:
 
 
 @dataclass(frozen=True)
+class CompressionConfig:
+    """Compressed uploads (``simulator.compression``): ``method`` "none" | "fp16" | "int8" | "qsgd" (Alistarh et
+    al. 2017, ``levels`` = s) | "randk" | "topk" (Konecny et al. 2016; k = floor(``fraction`` x the vector size))."""
+
+    method: str = "none"
+    levels: int = 16
+    fraction: float = 0.1
+
+
+@dataclass(frozen=True)
 class AsyncConfig:
     """Asynchronous aggregation (``system.mode = "async"``): FedBuff (Nguyen et al. 2022) or
     FedAsync (Xie et al. 2019), with a staleness function s(tau)."""
@@ -156,6 +170,7 @@ class AsyncConfig:
     staleness_a: float = 0.5
     staleness_b: float = 4.0
     mixing: float = 0.6
+    proximal_rho: float = 0.0  # FedAsync's client: f(x) + rho/2 ||x - x_tau||^2 (Xie et al. 2019); 0 = off
 
 
 @dataclass(frozen=True)
@@ -183,6 +198,7 @@ class ExperimentConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     system: SystemConfig = field(default_factory=SystemConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -208,11 +224,12 @@ def section(cfg: ExperimentConfig, name: str) -> Any:
 #: from their registries: ``simulator.experiment``)
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.partition": ("iid", "dirichlet", "shards", "quantity"),
-    "algorithm.server_optimizer": ("sgd", "adam"),
+    "algorithm.server_optimizer": ("sgd", "adam", "fedadagrad", "fedadam", "fedyogi"),
     "system.backend": ("ray", "inline"),
     "system.mode": ("sync", "deadline", "overselect", "async"),
     "async.rule": ("fedbuff", "fedasync"),
     "async.staleness": ("constant", "polynomial", "sqrt", "hinge"),
+    "compression.method": ("none", "fp16", "int8", "qsgd", "randk", "topk"),
     "devices.speed.dist": ("constant", "lognormal", "pareto"),
     "devices.bandwidth.dist": ("constant", "lognormal", "pareto"),
 }

@@ -20,6 +20,7 @@ import torch
 from simulator.algorithms.record import Algorithm, planned_samples
 from simulator.algorithms.registry import resolve
 from simulator.algorithms.server import ServerOptimizer, ServerState, initial_vector
+from simulator.compression import encoded_bytes
 from simulator.config.schema import ExperimentConfig
 from simulator.config.toml import to_dict
 from simulator.contract import Backend, EvalResult, Keys, TrainResult
@@ -57,13 +58,15 @@ def prepare(cfg: ExperimentConfig) -> Prepared:
 
 
 def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDataset, devices: Devices,
-                 client_ids: np.ndarray, model_bytes: int) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
+                 client_ids: np.ndarray, model_bytes: int,
+                 update_bytes: int | None = None) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
     """Device profiles, local sizes, planned samples and simulated durations of some clients: what the
-    driver knows about a client's update at dispatch (updates are as large as the model)."""
+    driver knows about a client's update at dispatch (an upload of ``update_bytes``, the compressed size;
+    None = as large as the model)."""
     sizes = [dataset.split_sizes(int(c)) for c in client_ids]
     samples = np.array([planned_samples(algo, cfg.algorithm, s, q) for s, q in sizes], np.int64)
     profiles = devices.profiles(client_ids)
-    durations = client_durations(profiles, samples, model_bytes, model_bytes)
+    durations = client_durations(profiles, samples, model_bytes, model_bytes if update_bytes is None else update_bytes)
     return profiles, np.array([s + q for s, q in sizes], np.int64), samples, durations
 
 
@@ -88,7 +91,8 @@ class RunContext:
         self.opt = ServerOptimizer(prepared.theta0, cfg.algorithm, self.algo)
         self.dataset, self.devices = prepared.dataset, prepared.devices
         p = self.opt.params
-        self.model_bytes = self.update_bytes = p.numel() * p.element_size()
+        self.model_bytes = p.numel() * p.element_size()
+        self.update_bytes = encoded_bytes(cfg.compression, p.numel())  # 4 B a value uncompressed, as the model
         self.eval_ids = select_eval_clients(cfg.seed, cfg.data.num_clients, cfg.data.eval_clients, cfg.eval.clients)
         self.resumed = checkpoint.load(run_dir) if resume else None
         if self.resumed:
@@ -140,7 +144,8 @@ class RunContext:
                             log_file=self.errors_log)
 
     def plan(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
-        return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes)
+        return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes,
+                            self.update_bytes)
 
     def evaluate(self, theta: torch.Tensor, r: int) -> EvalResult | None:
         if not len(self.eval_ids):

@@ -31,14 +31,14 @@ def _trace(tmp_path: Path) -> Path:
     return path
 
 
-def _scenario(tmp_path: Path, rule: str, rounds: int = 3, algorithm: str = "reptile"):
+def _scenario(tmp_path: Path, rule: str, rounds: int = 3, algorithm: str = "reptile", **extra):
     # 4 clients, all in flight (max_concurrency = 4): a freed slot can only be refilled by the client
     # that just finished. Each update processes 2 steps x 10 samples = 20 samples: compute 2, 1, 0.5, 0.25 s.
     cfg = load_config(None, small_overrides(**{
         "rounds": rounds, "data.num_clients": 4, "clients.per_round": 4, "system.mode": "async",
         "system.max_concurrency": 4, "async.buffer_size": 2, "async.rule": rule, "async.staleness": "sqrt",
         "devices.trace": str(_trace(tmp_path)), "system.backend": "inline", "eval.every": 100,
-        "algorithm.name": algorithm}))
+        "algorithm.name": algorithm, **extra}))
     with InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
         ctx = RunContext(cfg, backend, tmp_path / "run", None, None)
         theta0 = ctx.opt.params
@@ -97,8 +97,13 @@ def test_fedbuff_four_clients_hand_computed(tmp_path, algorithm, scale):
     assert torch.equal(server.theta, th3)
 
 
-def test_fedasync_mixes_each_update_against_its_start_version(tmp_path):
-    cfg, theta0, server, clients, rounds_df = _scenario(tmp_path, "fedasync", rounds=3)
+@pytest.mark.parametrize("rho", [0.0, 0.5])
+def test_fedasync_mixes_each_update_against_its_start_version(tmp_path, rho):
+    # with async.proximal_rho > 0 each client's update (recomputed by a fresh worker of the same spec) is the
+    # proximal one, pulled toward the start version it received (Xie et al. 2019, Alg. 1)
+    cfg, theta0, server, clients, rounds_df = _scenario(tmp_path, "fedasync", rounds=3,
+                                                        **{"async.proximal_rho": rho})
+    assert WorkerSpec.from_config(cfg).proximal_rho == rho
     # every completion is a server update:
     #   0.25+2c  client 3 (v0, tau 0) -> v1; group 1 re-dispatches client 3 on v1 (finish 0.5+4c)
     #   0.5+2c   client 2 (v0, tau 1) -> v2; group 2: client 2 on v2

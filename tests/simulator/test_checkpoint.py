@@ -113,6 +113,23 @@ def test_ctrl_c_mid_round_writes_a_checkpoint_and_resume_completes_exactly(tmp_p
     _assert_same_run(reference["async" if overrides is ASYNC else "sync"], run_dir)
 
 
+@pytest.mark.parametrize("rule", ["fedyogi", "fedadagrad"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_fedopt_moments_travel_in_the_checkpoint_and_resume_is_exact(tmp_path, rule, mode):
+    overrides = (SYNC if mode == "sync" else ASYNC) + [f'algorithm.server_optimizer="{rule}"',
+                                                       "algorithm.server_lr=0.05"]
+    _run(overrides, tmp_path / "reference")
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, overrides)
+    run_dir.mkdir()
+    with InterruptAt(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        assert run(cfg, backend, run_dir)["status"] == "interrupted"
+    state = checkpoint.load(run_dir)
+    assert state["opt"]["exp_avg"] is not None and state["opt"]["exp_avg_sq"] is not None
+    assert _run(overrides, run_dir, resume=True)["status"] == "completed"
+    _assert_same_run(tmp_path / "reference", run_dir)
+
+
 def test_checkpoint_holds_the_server_state_and_loads_weights_only(tmp_path):
     overrides = small_overrides(**{**COMMON, "algorithm.server_optimizer": "adam", "rounds": 4})
     _run(overrides, tmp_path)

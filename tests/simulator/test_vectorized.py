@@ -133,6 +133,9 @@ def test_the_stacked_forward_gives_the_updates_of_the_vmapped_one(algorithm, ext
         unit_roundoff = np.finfo(np.float32).eps / 2
         atol = a.local_lr * samples * width * unit_roundoff / a.hf_delta * np.abs(vmapped.vectors).max()
     np.testing.assert_allclose(stacked.vectors, vmapped.vectors, rtol=1e-5, atol=atol)
-    for field in ("loss_before", "loss_after"):
-        np.testing.assert_allclose(getattr(stacked, field), getattr(vmapped, field), rtol=1e-5, atol=1e-7)
+    # the losses after local work are first order in the weights: their differences grow as the vectors' do,
+    # 1 / delta; 1e-5 held at delta = 1e-3
+    loss_rtol = 1e-5 * max(1.0, 1e-3 / cfg.algorithm.hf_delta) if algorithm == "perfedavg_hf" else 1e-5
+    np.testing.assert_allclose(stacked.loss_before, vmapped.loss_before, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(stacked.loss_after, vmapped.loss_after, rtol=loss_rtol, atol=1e-7)
     assert np.abs(stacked.vectors).max() > 0
