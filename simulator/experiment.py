@@ -11,6 +11,7 @@ its record's ``configure``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from simulator.config.schema import (
     DataConfig,
     Distribution,
     ExperimentConfig,
+    TrackingConfig,
     overselect_cohort,
     section,
 )
@@ -62,6 +64,7 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         # actors (on other nodes too) read the data themselves: give them a path independent of their cwd
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
                                                                 path=str(Path(cfg.data.path).expanduser().resolve())))
+    cfg = dataclasses.replace(cfg, tracking=resolve_tracking(cfg.tracking))
     validate(cfg, raw.get("data", {}) if isinstance(raw.get("data"), dict) else {})
     given = raw.get("algorithm", {}) if isinstance(raw.get("algorithm"), dict) else {}
     algorithm = resolve(cfg.algorithm)
@@ -73,6 +76,38 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     if algorithm.configure is not None:
         cfg = algorithm.configure(cfg, frozenset(given))
     return cfg
+
+
+#: a URI scheme ("file:", "http:", "sqlite:"); MLflow's bare names below are URIs too
+URI_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:")
+MLFLOW_BARE_URIS = frozenset({"databricks", "databricks-uc", "uc"})
+
+
+def resolve_tracking(t: TrackingConfig) -> TrackingConfig:
+    """Relative tracking locations made absolute (as ``data.path``): ``config.toml`` records where the run logged,
+    so ``--resume`` from another directory continues there. A TensorBoard directory other than "run" becomes an
+    absolute path; an MLflow store given as a path or a relative ``file:`` URI becomes an absolute ``file://`` URI."""
+    _validate_tracking(t)
+    board = t.tensorboard
+    if board.strip() and board != "run":
+        board = str(Path(board).expanduser().resolve())
+    uri = t.mlflow_uri
+    if uri.strip() and uri not in MLFLOW_BARE_URIS:
+        if not URI_SCHEME.match(uri):
+            uri = Path(uri).expanduser().resolve().as_uri()
+        elif uri.startswith("file:") and not uri.startswith("file://"):
+            uri = Path(uri[len("file:"):]).expanduser().resolve().as_uri()
+    return dataclasses.replace(t, tensorboard=board, mlflow_uri=uri)
+
+
+def _validate_tracking(t: TrackingConfig) -> None:
+    for key, value in (("tracking.tensorboard", t.tensorboard), ("tracking.mlflow_uri", t.mlflow_uri)):
+        _require(value == value.strip() and "\0" not in value,
+                 f"{key} = {shown(value)} has leading or trailing spaces or a NUL; write the bare location "
+                 "(\"\" turns it off)")
+    _require(not t.mlflow_uri or bool(t.mlflow_experiment.strip()),
+             "tracking.mlflow_experiment must name an MLflow experiment when tracking.mlflow_uri is set, got \"\"; "
+             "e.g. tracking.mlflow_experiment=\"metafleet\"")
 
 
 def _require(ok: bool, message: str) -> None:

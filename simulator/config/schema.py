@@ -187,6 +187,16 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking (``actors.tracking``): execution-only keys, never part of a run's numbers, so they
+    may change on ``--resume``. "" turns a tracker off."""
+
+    tensorboard: str = ""      # "run" = RUN_DIR/tensorboard; a directory DIR = DIR/<run directory's name>
+    mlflow_uri: str = ""       # an MLflow tracking URI: "file:./mlruns" (a local store), "http://host:5000", ...
+    mlflow_experiment: str = "metafleet"
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = ""  # "" = ALGORITHM-DATASET
     seed: int = 0
@@ -202,6 +212,7 @@ class ExperimentConfig:
     async_: AsyncConfig = field(default_factory=AsyncConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
 
 #: the top-level keys; every other TOML table is a section, mapped to its dataclass by ``SECTIONS``

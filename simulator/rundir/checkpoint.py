@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from simulator.config.schema import ConfigError, ExperimentConfig
+from simulator.config.schema import ConfigError, ExperimentConfig, TrackingConfig
 from simulator.config.toml import flatten
 from simulator.rundir.files import atomic_write_bytes
 from simulator.rundir.metrics import TABLES
@@ -37,6 +37,7 @@ RESUMABLE_KEYS = frozenset({
     "rounds", "checkpoint_every", "metrics.flush_every", "system.backend", "system.actors",
     "system.cpus_per_actor", "system.gpus_per_actor", "system.clients_per_actor", "system.address",
     "system.ship_code", "system.shard_cache", "system.shard_cache_mb", "system.max_failures", "system.call_timeout_s",
+    *(f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)),
 })
 
 

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import tomllib
 
 import pytest
 
-from simulator.config.schema import ConfigError, ExperimentConfig
+from simulator.config.schema import ConfigError, ExperimentConfig, TrackingConfig
 from simulator.config.toml import dumps_toml, flatten, parse_value, to_dict
 from simulator.experiment import from_dict, load_config, replace
+from simulator.rundir import checkpoint
 
 
 def test_defaults_equal_dataclass_defaults():
@@ -423,3 +425,34 @@ def test_fedasync_with_adam_is_fine_outside_async_mode():
     assert load_config(None, ["async.rule=fedasync", "algorithm.server_optimizer=adam"]).async_.rule == "fedasync"
     cfg = load_config(None, ['system.mode="async"', "algorithm.server_optimizer=adam"])
     assert cfg.async_.rule == "fedbuff"
+
+
+def test_tracking_locations_become_absolute_so_a_resume_logs_to_the_same_place(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ['tracking.tensorboard="tb"', 'tracking.mlflow_uri="file:./mlruns"'])
+    assert cfg.tracking.tensorboard == str(tmp_path / "tb")
+    assert cfg.tracking.mlflow_uri == (tmp_path / "mlruns").as_uri()
+    assert load_config(None, ['tracking.mlflow_uri="mlruns"']).tracking.mlflow_uri == (tmp_path / "mlruns").as_uri()
+    kept = load_config(None, ['tracking.tensorboard="run"', 'tracking.mlflow_uri="http://127.0.0.1:5000"'])
+    assert (kept.tracking.tensorboard, kept.tracking.mlflow_uri) == ("run", "http://127.0.0.1:5000")
+    assert from_dict(to_dict(cfg)) == cfg  # config.toml records the resolved values; reading them changes nothing
+    assert load_config(None).tracking == TrackingConfig("", "", "metafleet")
+
+
+@pytest.mark.parametrize(("overrides", "key"), [
+    (['tracking.tensorboard=" tb"'], "tracking.tensorboard"),
+    (['tracking.mlflow_uri="file:./mlruns "'], "tracking.mlflow_uri"),
+    (['tracking.mlflow_uri="file:./mlruns"', 'tracking.mlflow_experiment=""'], "tracking.mlflow_experiment"),
+    (['tracking.tensorbord="run"'], "did you mean 'tracking.tensorboard'"),
+])
+def test_bad_tracking_keys_are_one_config_error_naming_the_key(overrides, key):
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, overrides)
+
+
+def test_tracking_keys_may_change_on_resume(tmp_path):
+    cfg = load_config(None)
+    changed = replace(cfg, **{"tracking.tensorboard": "run", "tracking.mlflow_uri": "http://127.0.0.1:5000",
+                              "tracking.mlflow_experiment": "other"})
+    checkpoint.check_compatible(cfg, changed, tmp_path)
+    assert {f"tracking.{f}" for f in ("tensorboard", "mlflow_uri", "mlflow_experiment")} <= checkpoint.RESUMABLE_KEYS
