@@ -31,6 +31,7 @@ import ray
 
 from actors.backends import make_backend
 from actors.cluster import connect
+from actors.tracking import Trackers, open_trackers
 from analysis.commands import figures_of_run
 from analysis.load import load_run
 from simulator.config.schema import ConfigError, ExperimentConfig
@@ -162,11 +163,7 @@ def resume_config(run_dir: str | Path, overrides: Mapping[str, Any] | Iterable[s
     return cfg
 
 
-def _callbacks(on_round: RoundCallback | Iterable[RoundCallback] | None) -> RoundCallback | None:
-    if on_round is None:
-        return None
-    calls = [on_round] if callable(on_round) else list(on_round)
-
+def _callbacks(calls: list[RoundCallback]) -> RoundCallback:
     def each(row: dict[str, Any]) -> None:
         for call in calls:
             call(row)
@@ -174,34 +171,57 @@ def _callbacks(on_round: RoundCallback | Iterable[RoundCallback] | None) -> Roun
     return each
 
 
+@dataclass(frozen=True)
+class Started:
+    """A run whose inputs are checked and whose backend and trackers are open (``start``), not yet run."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    prepared: Prepared
+    backend: Backend
+    trackers: Trackers
+    resume: bool
+
+
 def start(cfg: ExperimentConfig, out: str | Path | None = None, resume: bool = False, address: str | None = None,
-          on_ray_start: Callable[[str], None] | None = None) -> tuple[ExperimentConfig, Path, Prepared, Backend]:
+          on_ray_start: Callable[[str], None] | None = None) -> Started:
     """Everything that can fail on bad input, before the first write: the config (``address`` overrides
-    ``system.address``), the dataset and model (``prepare``), the run directory and the backend. A Ray
-    backend joins the Ray this process already runs, else starts (or joins) one that stays up;
-    ``on_ray_start`` is told so first, with the address joined ("" = a local Ray of its own)."""
+    ``system.address``), the dataset and model (``prepare``), the run directory, the trackers
+    (``[tracking]``) and the backend. A Ray backend joins the Ray this process already runs, else starts (or
+    joins) one that stays up; ``on_ray_start`` is told so first, with the address ("" = a local Ray)."""
     if address is not None:
         cfg = replace(cfg, **{"system.address": address})
     prepared = prepare(cfg)
     run_dir = Path(out) if resume and out is not None else new_run_dir(cfg, out)
-    if cfg.system.backend == "ray" and not ray.is_initialized():
-        connect(cfg.system, on_ray_start)  # started here, not by the pool: it outlives this run, for the next one
-    return cfg, run_dir, prepared, make_backend(cfg)
+    trackers = open_trackers(cfg, run_dir)
+    try:
+        if cfg.system.backend == "ray" and not ray.is_initialized():
+            connect(cfg.system, on_ray_start)  # started here, not by the pool: it outlives this run, for the next
+        backend = make_backend(cfg)
+    except BaseException:
+        trackers.close()
+        raise
+    return Started(cfg, run_dir, prepared, backend, trackers, resume)
 
 
-def execute(cfg: ExperimentConfig, run_dir: Path, prepared: Prepared, backend: Backend,
-            on_round: RoundCallback | Iterable[RoundCallback] | None = None, resume: bool = False,
+def execute(started: Started, on_round: RoundCallback | Iterable[RoundCallback] | None = None,
             plots: bool = True) -> Result:
-    """Run a started experiment (``start``) to its end, then draw its standard figures (``plots``)."""
-    with backend:
-        summary = run_rounds(cfg, backend, run_dir, prepared, _callbacks(on_round), resume=resume)
-    if plots and summary["rounds_completed"]:
-        try:
-            figures_of_run(run_dir)
-        except Exception as exc:  # a figure must never cost the user a finished run
-            log.warning("could not draw the figures (%s: %s); the metrics are intact, retry with `metafleet plot "
-                        "%s`", type(exc).__name__, exc, run_dir)
-    return Result(run_dir, summary, cfg)
+    """Run a started experiment (``start``) to its end, then draw its standard figures (``plots``) and hand
+    them, with the summary, to the trackers."""
+    s = started
+    calls = ([] if on_round is None else [on_round] if callable(on_round) else list(on_round))
+    with s.trackers, s.backend:
+        summary = run_rounds(s.cfg, s.backend, s.run_dir, s.prepared, _callbacks([s.trackers.on_round, *calls]),
+                             resume=s.resume)
+        figures: list[Path] = []
+        if plots and summary["rounds_completed"]:
+            try:
+                figures = figures_of_run(s.run_dir)
+            except Exception as exc:  # a figure must never cost the user a finished run
+                log.warning("could not draw the figures (%s: %s); the metrics are intact, retry with `metafleet "
+                            "plot %s`", type(exc).__name__, exc, s.run_dir)
+        s.trackers.finish(summary, figures)
+    return Result(s.run_dir, summary, s.cfg)
 
 
 def run(cfg: ExperimentConfig | Source = None, out: str | Path | None = None, *,
@@ -213,8 +233,7 @@ def run(cfg: ExperimentConfig | Source = None, out: str | Path | None = None, *,
     (status "interrupted"; ``resume`` continues it)."""
     if not isinstance(cfg, ExperimentConfig):
         cfg = experiment(cfg)
-    cfg, run_dir, prepared, backend = start(cfg, out, address=address)
-    return execute(cfg, run_dir, prepared, backend, on_round, plots=plots)
+    return execute(start(cfg, out, address=address), on_round, plots=plots)
 
 
 def resume(run_dir: str | Path, overrides: Mapping[str, Any] | Iterable[str] = (), *,
@@ -223,5 +242,4 @@ def resume(run_dir: str | Path, overrides: Mapping[str, Any] | Iterable[str] = (
     """Continue a stopped or killed run from its last checkpoint; ``rounds=N`` (or ``overrides``) extends it.
     The finished run is identical to one never interrupted."""
     cfg = resume_config(run_dir, {**_changes(overrides), **keys})
-    cfg, path, prepared, backend = start(cfg, run_dir, resume=True, address=address)
-    return execute(cfg, path, prepared, backend, on_round, resume=True, plots=plots)
+    return execute(start(cfg, run_dir, resume=True, address=address), on_round, plots=plots)

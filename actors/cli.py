@@ -12,6 +12,7 @@ key and the fix, with exit code 2 and no traceback, before any run directory is 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import signal
@@ -51,6 +52,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint "
                      "(its own config.toml; --set may change rounds and execution keys such as system.actors)")
     run.add_argument("--address", help="Ray address: '' starts a local Ray, 'auto' or HOST:PORT joins a cluster")
+    run.add_argument("--tensorboard", metavar="DIR", help="log to TensorBoard: 'run' = RUN_DIR/tensorboard, or a "
+                     "directory (= --set tracking.tensorboard=...; needs the [tensorboard] extra)")
+    run.add_argument("--mlflow", metavar="URI", help="log to MLflow at this tracking URI, e.g. file:./mlruns "
+                     "(= --set tracking.mlflow_uri=...; needs the [mlflow] extra)")
     run.add_argument("--no-progress", action="store_true", help="no live progress bar (one line per eval instead)")
     run.add_argument("--no-plots", action="store_true", help="do not write the standard figures at the end")
     run.add_argument("-v", "--verbose", action="store_true", help="log worker placement and Ray messages")
@@ -178,6 +183,9 @@ def _say_ray_starts(address: str) -> None:
 
 def _run(args: argparse.Namespace, stop: _Stop) -> int:
     """``metafleet run``: config, run directory and backend first (bad input is one line), then the run."""
+    for key, value in (("tracking.tensorboard", args.tensorboard), ("tracking.mlflow_uri", args.mlflow)):
+        if value is not None:
+            args.overrides.append(f"{key}={json.dumps(value)}")
     try:
         if args.resume:
             if args.config or args.out:
@@ -186,15 +194,16 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
             cfg = api.resume_config(args.resume, args.overrides)
         else:
             cfg = api.experiment(args.config, args.overrides, **({"name": args.name} if args.name else {}))
-        cfg, run_dir, prepared, backend = api.start(cfg, args.resume or args.out, resume=bool(args.resume),
-                                                    address=args.address, on_ray_start=_say_ray_starts)
+        started = api.start(cfg, args.resume or args.out, resume=bool(args.resume), address=args.address,
+                            on_ray_start=_say_ray_starts)
     except ConfigError as exc:
         print(f"metafleet: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:  # Ctrl-C while Ray starts: nothing was written yet
         print("metafleet: interrupted before the first round; nothing was written", file=sys.stderr)
         return stop.exit_code
-    workers = backend.describe()
+    cfg, run_dir = started.cfg, started.run_dir
+    workers = started.backend.describe()
     devices = sorted({str(w["device"]) for w in workers})
     print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} "
           f"clients ({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) "
@@ -202,8 +211,7 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
     progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
     try:
         with progress:
-            result = api.execute(cfg, run_dir, prepared, backend, on_round, resume=bool(args.resume),
-                                 plots=not args.no_plots)
+            result = api.execute(started, on_round, plots=not args.no_plots)
     except (ConfigError, RunDirWriteError) as exc:  # another writer holds the directory, or it is not writable
         print(f"metafleet: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -137,8 +137,7 @@ def _run_trial(config: dict[str, Any], payload: dict[str, tuple[dict[str, Any], 
         if row.get(METRIC) == row.get(METRIC):  # an evaluation round (not NaN, not None)
             tune.report({"round": row["round"], METRIC: row[METRIC], "node": node})
 
-    cfg, path, prepared, backend = api.start(cfg, path, resume=resume)
-    result = api.execute(cfg, path, prepared, backend, report, resume=resume, plots=False)
+    result = api.execute(api.start(cfg, path, resume=resume), report, plots=False)
     final = (result.summary.get("final_eval") or {}).get(METRIC)
     tune.report({"round": result.summary["rounds_completed"], METRIC: final, "node": node,
                  "status": result.status})
