@@ -57,8 +57,9 @@ def test_a_differing_optimizer_is_its_own_setting_and_every_differing_key_is_in_
     assert run_labels(configs) == [grouping.settings[0].label] * 2 + [grouping.settings[1].label] * 2
     assert grouping.setting_of(3).number == 2 and "algorithm.local_lr" in dict(grouping.base)
     # the optimizer alone also makes a setting, named in the label even with the same algorithm name
-    sgd, adam = group_settings([_config(0, **{"algorithm.name": "maml"}),
-                                _config(0, **{"algorithm.name": "maml", "algorithm.server_optimizer": "adam"})]).settings
+    maml = {"algorithm.name": "maml"}
+    sgd, adam = group_settings([_config(0, **maml),
+                                _config(0, **maml, **{"algorithm.server_optimizer": "adam"})]).settings
     assert (sgd.label, adam.label) == ("algorithm.server_optimizer=sgd", "algorithm.server_optimizer=adam")
 
 
