@@ -13,7 +13,7 @@ import textwrap
 from collections.abc import Sequence
 
 from analysis.load import RunSet
-from analysis.stats import describe
+from analysis.stats import LEVEL
 from analysis.tables import formatted_rows, grouping_of, setting_cells, setting_table, summary_table
 
 GAP = 2
@@ -90,9 +90,9 @@ def setting_lines(runset: RunSet, kind: str = "t", width: int | None = 80) -> li
     status counts, wall time), fitted to ``width``; ``None``: one line per setting with the full labels."""
     table = setting_table(runset, kind)
     grouping = grouping_of(runset)
-    what = f"mean ± half-width of the {describe(kind)}" if kind == "t" else "mean [min, max]"
+    what = f"mean ± half-width of the {LEVEL:.0%} Student-t confidence interval" if kind == "t" else "mean [min, max]"
     lines = _wrap(f"{len(table)} setting(s) of {len(runset.runs)} run(s). Final held-out values after adaptation: "
-                  f"{what} over the n seeds of a setting", width)
+                  f"{what} over the n seeds", width)
     if grouping.varying:
         lines += _wrap(f"runs of a setting differ only in: {', '.join(grouping.varying)}", width, "  ")
     lines.append("")
