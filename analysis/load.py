@@ -2,14 +2,17 @@
 
 ``load_run`` reads one directory; ``load_runs`` reads many (directories or glob patterns) and
 stacks their tables with a ``run`` column, the run's flattened config as columns
-(``algorithm.name``, ``seed``, ``devices.speed.dist``, ...), and a ``label`` naming what differs
-between the runs apart from the seed, so that seeds of one setting aggregate under one label.
+(``algorithm.name``, ``seed``, ``devices.speed.dist``, ...), a ``label`` naming every config key on which
+its setting differs from the others and the ``setting``'s number (``analysis.settings``: runs that differ
+only in the seed and execution-only keys are one setting), so that a setting's seeds aggregate under one
+label. A directory that is not a run directory itself (a sweep's) stands for the run directories under it.
 """
 
 from __future__ import annotations
 
 import glob
 import json
+import os
 import tomllib
 import warnings
 from collections.abc import Iterable
@@ -21,7 +24,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from simulator.config.toml import flatten_dict
+from analysis.settings import Grouping, flat_config, group_settings
 from simulator.rundir.metrics import TABLES
 
 
@@ -73,57 +76,61 @@ def load_run(path: str | Path) -> Run:
     return Run(p, config, summary, _table(p, "rounds"), _table(p, "clients"), _table(p, "evals"), hist)
 
 
-#: config keys that never distinguish settings: the seed (aggregated over), the run's name, run
-#: length and execution keys (they change speed, never results)
-_NOT_A_SETTING = ("seed", "name", "rounds", "eval.every", "metrics.", "system.backend", "system.actors",
-                  "system.cpus_per_actor", "system.gpus_per_actor", "system.clients_per_actor", "system.address",
-                  "system.threads", "system.ship_code", "system.shard_cache")
-
-#: keys that name a setting first, when several differ
-_PRIORITY = ("algorithm.name", "system.mode", "async.rule", "data.name", "data.partition", "data.dirichlet_alpha")
+def _has_rounds(path: Path) -> bool:
+    return any((path / "rounds.parquet").glob("part-*.parquet"))
 
 
-def _flatten(config: dict[str, Any]) -> dict[str, Any]:
-    """A run's config as flat columns; lists (model.hidden) become tuples so they can be compared."""
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in flatten_dict(config).items()}
+def find_runs(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """Run directories (those with a ``config.toml``) under ``root``, recursively and sorted, as (with rounds,
+    without rounds yet). A run directory is not searched further; hidden directories are skipped."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        if "config.toml" in filenames:
+            found.append(Path(dirpath))
+            dirnames.clear()
+        else:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+    found.sort()
+    return [p for p in found if _has_rounds(p)], [p for p in found if not _has_rounds(p)]
 
 
 def _paths(paths: str | Path | Iterable[str | Path]) -> list[Path]:
+    """Run directories named by ``paths``: run directories, glob patterns, and directories that are not run
+    directories themselves (a sweep), searched recursively; a found run without rounds is skipped with a
+    warning. A named path that is neither is kept, for ``load_run`` to refuse."""
     items = [paths] if isinstance(paths, str | Path) else list(paths)
     out: list[Path] = []
     for item in items:
         text = str(item)
-        matches = sorted(glob.glob(text)) if glob.has_magic(text) else [text]
-        out += [Path(m) for m in matches if (Path(m) / "config.toml").is_file() or not glob.has_magic(text)]
+        magic = glob.has_magic(text)
+        for match in sorted(glob.glob(text)) if magic else [text]:
+            path = Path(match)
+            if (path / "config.toml").is_file():
+                out.append(path)
+            elif path.is_dir():
+                runs, empty = find_runs(path)
+                for skipped in empty:
+                    warnings.warn(f"{skipped}: skipped, no rounds written yet", stacklevel=3)
+                if not runs and not magic:
+                    raise FileNotFoundError(f"{text!r} is not a metafleet run directory and holds none with rounds "
+                                            f"({len(empty)} without rounds yet)")
+                out += runs
+            elif not magic:
+                out.append(path)
     if not out:
         raise FileNotFoundError(f"no run directories match {paths!r}")
-    return out
+    unique: dict[Path, Path] = {}
+    for path in out:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def run_labels(configs: list[dict[str, Any]]) -> list[str]:
-    """A label per run from the config keys whose values differ across runs, e.g.
-    ``"algorithm.name=maml, data.name=synthetic"``. The seed, run length and execution keys never
-    count, and a key is left out when the keys before it already tell its runs apart (a deadline
-    that comes with ``system.mode=deadline``). The algorithm name alone when nothing differs."""
-    flats = [_flatten(c) for c in configs]
-    keys = {k for f in flats for k in f if not any(k == n or (n.endswith(".") and k.startswith(n))
-                                                   for n in _NOT_A_SETTING)}
-    ordered = [k for k in _PRIORITY if k in keys] + sorted(keys - set(_PRIORITY))
-    chosen: list[str] = []
-    groups = len({() for _ in flats})
-    for key in ordered:
-        split = len({tuple(repr(f.get(k)) for k in [*chosen, key]) for f in flats})
-        if split > groups:
-            chosen, groups = [*chosen, key], split
-    if not chosen:
-        return [str(f.get("algorithm.name", "run")) for f in flats]
-    return [", ".join(f"{k}={_fmt(f.get(k))}" for k in chosen) for f in flats]
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, tuple):
-        return "[" + ",".join(map(str, value)) + "]"
-    return str(value)
+    """A label per run naming every config key on which its setting differs from the others, e.g.
+    ``"algorithm.name=maml, algorithm.server_optimizer=adam, algorithm.server_lr=0.003"``; the seed and
+    execution-only keys never count (``analysis.settings.group_settings``). The algorithm's name when
+    every run is one setting."""
+    return group_settings(configs).run_labels()
 
 
 @dataclass(frozen=True)
@@ -132,36 +139,40 @@ class RunSet:
 
     runs: list[Run]
     labels: list[str]
-    summary: pd.DataFrame   # one row per run: run, label, path, complete, status, summary fields, config
+    summary: pd.DataFrame   # one row per run: run, label, setting, path, complete, status, summary fields, config
     rounds: pd.DataFrame
     clients: pd.DataFrame
     evals: pd.DataFrame
+    grouping: Grouping | None = None   # the runs' settings (``analysis.settings``); None for hand-made frames
 
 
 def load_runs(paths: str | Path | Iterable[str | Path]) -> RunSet:
     """Load run directories (paths or glob patterns such as ``"runs/sweep-*"``) into one ``RunSet``."""
     runs = [load_run(p) for p in _paths(paths)]
-    labels = run_labels([r.config for r in runs])
+    grouping = group_settings([r.config for r in runs])
+    labels = grouping.run_labels()
     names = [r.path.name for r in runs]
     if len(set(names)) < len(names):  # same directory name under different parents: use the paths
         names = [str(r.path) for r in runs]
     meta = []
-    for run, name, label in zip(runs, names, labels, strict=True):
-        row: dict[str, Any] = {"run": name, "label": label, "path": str(run.path), "complete": run.complete}
+    for index, (run, name, label) in enumerate(zip(runs, names, labels, strict=True)):
+        row: dict[str, Any] = {"run": name, "label": label, "setting": grouping.setting_of(index).number,
+                               "path": str(run.path), "complete": run.complete}
         for key, value in (run.summary or {}).items():
             if not isinstance(value, dict | list):
                 row[key] = value
         row.update({f"summary.{k}": v for k, v in ((run.summary or {}).get("dropped") or {}).items()})
-        meta.append((row, _flatten(run.config)))
+        meta.append((row, flat_config(run.config)))
 
     def stack(table: str) -> pd.DataFrame:
         frames = []
         for run, (row, flat) in zip(runs, meta, strict=True):
             frame = getattr(run, table).copy()
-            extra = {"run": row["run"], "label": row["label"], **{k: v for k, v in flat.items()
+            extra = {"run": row["run"], "label": row["label"], "setting": row["setting"],
+                     **{k: v for k, v in flat.items()
                                                                   if k not in frame.columns}}
             frames.append(frame.assign(**{k: [v] * len(frame) for k, v in extra.items()}))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
     summary = pd.DataFrame([{**flat, **row} for row, flat in meta])
-    return RunSet(runs, labels, summary, stack("rounds"), stack("clients"), stack("evals"))
+    return RunSet(runs, labels, summary, stack("rounds"), stack("clients"), stack("evals"), grouping)

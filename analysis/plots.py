@@ -2,7 +2,8 @@
 
 Every function takes DataFrames and returns a ``matplotlib.figure.Figure`` built without pyplot, so
 nothing is shown and nothing stays registered. A series is a run ``label`` (sorted, so colours are
-stable); the seeds of a label are aggregated: mean line with a min-max band across seeds. Colours
+stable); the seeds of a label are aggregated: mean line with a shaded band across seeds, the 95%
+Student-t confidence interval of the mean or the min-max range (``analysis.stats``), none for one seed. Colours
 come from the Okabe-Ito palette and every series also gets its own line style, marker or hatch.
 ``standard_figures`` picks the figures that apply to a ``RunSet``; ``save_figures`` writes them
 byte-reproducibly.
@@ -23,6 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import PlaceHolderLayoutEngine
 
 from analysis.load import RunSet
+from analysis.stats import describe, interval
 from analysis.styling import (
     HATCHES,
     PALETTE,
@@ -43,21 +45,38 @@ _METADATA: dict[str, dict[str, Any]] = {"png": {"Software": None}, "svg": {"Date
                                         "pdf": {"CreationDate": None}}
 
 
-def curves(rounds: pd.DataFrame, y: str = "eval_loss_post", x: str = "round", title: str | None = None) -> Figure:
-    """``y`` against ``x`` (round or sim_time), one line per label: mean over seeds and a min-max band."""
+def curves(rounds: pd.DataFrame, y: str = "eval_loss_post", x: str = "round", title: str | None = None,
+           band: str = "t") -> Figure:
+    """``y`` against ``x`` (round or sim_time), one line per label: the mean over its seeds with a shaded band,
+    the 95% Student-t confidence interval of the mean (``band="t"``) or the min-max range (``"minmax"``)."""
     rounds = tidy(rounds)
     labels = series_labels(rounds)
     fig = new_figure()
     ax = fig.add_subplot()
-    draw_lines(ax, valid(rounds, x, y), x, y, labels)
+    draw_lines(ax, valid(rounds, x, y), x, y, labels, band)
     xname, yname = X_NAMES.get(x, x), axis_name(y, rounds)
-    finish(ax, xname, yname, title or f"{yname} by {xname}: {compared(labels)}")
+    finish(ax, xname, yname, title or f"{yname} by {xname}: {compared(labels)}{_band_note(rounds, band)}")
     return fig
 
 
-def personalization_gain(rounds: pd.DataFrame, metric: str = "loss") -> Figure:
+def _band_note(frame: pd.DataFrame, band: str) -> str:
+    """``"; band: 95% Student-t confidence interval ..."`` when a label has several seeds."""
+    several = "run" in frame and frame.groupby("label")["run"].nunique().gt(1).any()
+    return f"; band: {describe(band)} over seeds" if several else ""
+
+
+def _errors(values: pd.Series, band: str) -> tuple[float, float, float]:
+    """Mean and the distances below and above it of the interval over seeds (NaN without one: no error bar)."""
+    iv = interval(values, band)
+    if not iv.has_interval:
+        return iv.mean, math.nan, math.nan
+    return iv.mean, iv.mean - float(iv.low), float(iv.high) - iv.mean
+
+
+def personalization_gain(rounds: pd.DataFrame, metric: str = "loss", band: str = "t") -> Figure:
     """Grouped bars per label at each run's final evaluation: before vs after adaptation (mean over
-    seeds, error bars the std over seeds), annotated with the gain (after - before)."""
+    seeds, error bars the 95% Student-t confidence interval, or with ``band="minmax"`` the min-max range,
+    over seeds; none for a single seed), annotated with the gain (after - before)."""
     if metric not in ("loss", "accuracy"):
         raise ValueError(f"metric must be 'loss' or 'accuracy', not {metric!r}")
     rounds = tidy(rounds)
@@ -65,8 +84,14 @@ def personalization_gain(rounds: pd.DataFrame, metric: str = "loss") -> Figure:
     pre, post = f"eval_{what}_pre", f"eval_{what}_post"
     labels = series_labels(rounds)
     finals = valid(rounds, "round", pre, post).sort_values(["run", "round"]).groupby("run").tail(1)
-    stats = finals.groupby("label").agg(pre=(pre, "mean"), pre_std=(pre, "std"), post=(post, "mean"),
-                                        post_std=(post, "std"), seeds=("run", "nunique"))
+    rows = {}
+    for label, sub in finals.groupby("label"):
+        (pre_mean, pre_down, pre_up), (post_mean, post_down, post_up) = _errors(sub[pre], band), \
+            _errors(sub[post], band)
+        rows[label] = {"pre": pre_mean, "pre_down": pre_down, "pre_up": pre_up, "post": post_mean,
+                       "post_down": post_down, "post_up": post_up, "seeds": sub["run"].nunique()}
+    stats = pd.DataFrame.from_dict(rows, orient="index",
+                                   columns=["pre", "pre_down", "pre_up", "post", "post_down", "post_up", "seeds"])
     stats = stats.reindex([label for label in labels if label in stats.index])
     fig = new_figure(max(9.0, 3.5 + 0.9 * len(stats)), 5.5)
     ax = fig.add_subplot()
@@ -74,12 +99,12 @@ def personalization_gain(rounds: pd.DataFrame, metric: str = "loss") -> Figure:
     width = 0.38
     for offset, key, name, index in ((-width / 2, "pre", "before adaptation", 0),
                                      (width / 2, "post", "after adaptation", 1)):
-        errors = stats[f"{key}_std"].to_numpy(dtype=float)
+        errors = stats[[f"{key}_down", f"{key}_up"]].to_numpy(dtype=float).T
         ax.bar(where + offset, stats[key].to_numpy(dtype=float), width, label=name, color=PALETTE[index],
                hatch=HATCHES[index * 2], edgecolor="white", capsize=4,
                yerr=errors if (stats["seeds"] > 1).any() else None)
     for position, (_, row) in zip(where, stats.iterrows(), strict=True):
-        top = max(row["pre"] + np.nan_to_num(row["pre_std"]), row["post"] + np.nan_to_num(row["post_std"]))
+        top = max(row["pre"] + np.nan_to_num(row["pre_up"]), row["post"] + np.nan_to_num(row["post_up"]))
         ax.annotate(f"gain\n{row['post'] - row['pre']:+.3g}", (position, top), xytext=(0, 3),
                     textcoords="offset points", ha="center", va="bottom", fontsize="x-small")
     ax.set_xticks(where, [legend_name(str(label), int(n)) for label, n in stats["seeds"].items()],
@@ -89,8 +114,9 @@ def personalization_gain(rounds: pd.DataFrame, metric: str = "loss") -> Figure:
     final_rounds = sorted(finals["round"].unique().tolist()) if not finals.empty else []
     at = f"round {final_rounds[0]}" if len(final_rounds) == 1 else "each run's final evaluation"
     base = axis_name(post, rounds).replace(" after adaptation", "")
+    bars = f"; error bars: {describe(band)} over seeds" if (stats["seeds"] > 1).any() else ""
     finish(ax, "setting", base, f"personalization gain at {at}: {base} before vs after adaptation "
-                                 f"(gain = after - before), {compared(labels)}")
+                                 f"(gain = after - before), {compared(labels)}{bars}")
     return fig
 
 
@@ -230,7 +256,7 @@ def drops(rounds: pd.DataFrame, x: str = "round") -> Figure:
     return fig
 
 
-def throughput(rounds: pd.DataFrame) -> Figure:
+def throughput(rounds: pd.DataFrame, band: str = "t") -> Figure:
     """Client updates per wall-clock second, per round: num_completed / diff(wall_time), one line per label."""
     rounds = tidy(rounds)
     labels = series_labels(rounds)
@@ -239,7 +265,7 @@ def throughput(rounds: pd.DataFrame) -> Figure:
     data = data.assign(_throughput=data["num_completed"] / step.where(step > 0))
     fig = new_figure()
     ax = fig.add_subplot()
-    draw_lines(ax, valid(data, "_throughput"), "round", "_throughput", labels)
+    draw_lines(ax, valid(data, "_throughput"), "round", "_throughput", labels, band)
     finish(ax, "round", "client updates per wall-clock second",
             f"throughput in wall-clock (real, not simulated) time: {compared(labels)}")
     return fig
@@ -253,27 +279,30 @@ def _any(frame: pd.DataFrame, column: str, positive: bool = False) -> bool:
     return bool((values.fillna(0) > 0).any() if positive else values.notna().any())
 
 
-def standard_figures(runset: RunSet) -> dict[str, Figure]:
-    """The standard figures that apply to ``runset``, keyed by file stem; figures without data are skipped."""
+def standard_figures(runset: RunSet, band: str = "t") -> dict[str, Figure]:
+    """The standard figures that apply to ``runset``, keyed by file stem; figures without data are skipped.
+    Seeds of a setting are drawn as their mean with ``band`` (``"t"`` or ``"minmax"``, ``analysis.stats``)."""
     rounds, clients, evals = tidy(runset.rounds), tidy(runset.clients), tidy(runset.evals)
     loss, accuracy = _any(rounds, "eval_loss_post"), _any(rounds, "eval_metric_post")
     timed = _any(rounds, "sim_time")
     plans: list[tuple[str, bool, Any]] = [
-        ("loss_by_round", loss, lambda: curves(rounds, "eval_loss_post", "round")),
-        ("loss_by_sim_time", loss and timed, lambda: curves(rounds, "eval_loss_post", "sim_time")),
-        ("accuracy_by_round", accuracy, lambda: curves(rounds, "eval_metric_post", "round")),
-        ("accuracy_by_sim_time", accuracy and timed, lambda: curves(rounds, "eval_metric_post", "sim_time")),
-        ("personalization_gain", loss and _any(rounds, "eval_loss_pre"), lambda: personalization_gain(rounds)),
+        ("loss_by_round", loss, lambda: curves(rounds, "eval_loss_post", "round", band=band)),
+        ("loss_by_sim_time", loss and timed, lambda: curves(rounds, "eval_loss_post", "sim_time", band=band)),
+        ("accuracy_by_round", accuracy, lambda: curves(rounds, "eval_metric_post", "round", band=band)),
+        ("accuracy_by_sim_time", accuracy and timed,
+         lambda: curves(rounds, "eval_metric_post", "sim_time", band=band)),
+        ("personalization_gain", loss and _any(rounds, "eval_loss_pre"),
+         lambda: personalization_gain(rounds, band=band)),
         ("personalization_gain_accuracy", accuracy and _any(rounds, "eval_metric_pre"),
-         lambda: personalization_gain(rounds, "accuracy")),
+         lambda: personalization_gain(rounds, "accuracy", band)),
         ("client_cdf", _any(evals, "loss_post"), lambda: client_cdf(evals, "loss_post")),
         ("client_cdf_accuracy", _any(evals, "metric_post"), lambda: client_cdf(evals, "metric_post")),
         ("staleness", _any(_aggregated(clients), "staleness", positive=True), lambda: staleness_histogram(clients)),
         ("drops", _any(rounds, "num_dropped", positive=True) and _any(rounds, "num_completed"),
          lambda: drops(rounds)),
         ("participation", _any(_aggregated(clients), "client_id"), lambda: participation(clients)),
-        ("throughput", _any(rounds, "wall_time") and _any(rounds, "num_completed"), lambda: throughput(rounds)),
-        ("train_loss", _any(rounds, "train_loss"), lambda: curves(rounds, "train_loss", "round")),
+        ("throughput", _any(rounds, "wall_time") and _any(rounds, "num_completed"), lambda: throughput(rounds, band)),
+        ("train_loss", _any(rounds, "train_loss"), lambda: curves(rounds, "train_loss", "round", band=band)),
     ]
     return {stem: make() for stem, applies, make in plans if applies}
 

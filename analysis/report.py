@@ -1,9 +1,12 @@
-"""Summary tables and a self-contained HTML report of one or several runs.
+"""A self-contained HTML report of one or several runs.
 
-``summary_table`` is the table ``metafleet compare`` prints and the report opens with: per run,
-the final and best held-out metrics, simulated and wall time, client updates per second and
-drops. ``html_report`` embeds every figure (PNG, base64) and the table in one HTML file that can
-be shared on its own: no external files, scripts or fonts.
+The page has, in order: per setting (``analysis.settings``: runs that differ only in the seed and
+execution-only keys) the final held-out metrics as a mean with a 95% Student-t confidence interval or a
+min-max range over seeds (``analysis.tables.setting_table``); each setting's config differences from the
+base, and the base config itself once; one row per run (``analysis.tables.summary_table``) with a
+relative link to its run directory and to its own ``report.html`` and ``figures/`` where they exist; and
+every figure, embedded as a base64 PNG. The page fetches nothing: no external files, scripts or fonts
+(the links lead to the runs' directories, relative to the report's own).
 """
 
 from __future__ import annotations
@@ -11,81 +14,18 @@ from __future__ import annotations
 import base64
 import html
 import io
-import math
+import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from urllib.parse import quote
 
-import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.load import RunSet
+from analysis.load import Run, RunSet
+from analysis.settings import Grouping, format_value
+from analysis.stats import describe
+from analysis.tables import formatted_rows, grouping_of, setting_cells, setting_table, summary_table
 from simulator.rundir.files import atomic_write_bytes
-
-#: (column, header, format) of the summary table, in order
-COLUMNS: tuple[tuple[str, str, str], ...] = (
-    ("run", "run", "s"),
-    ("label", "setting", "s"),
-    ("seed", "seed", "d"),
-    ("status", "status", "s"),
-    ("rounds", "rounds", "d"),
-    ("client_updates", "client updates", "d"),
-    ("final_loss_pre", "final loss pre", ".4g"),
-    ("final_loss_post", "final loss post", ".4g"),
-    ("best_loss_post", "best loss post", ".4g"),
-    ("final_acc_pre", "final acc pre", ".3f"),
-    ("final_acc_post", "final acc post", ".3f"),
-    ("sim_time_s", "simulated s", ".1f"),
-    ("wall_time_s", "wall s", ".1f"),
-    ("updates_per_s", "updates/s (steady)", ".0f"),
-    ("dropped", "dropped", "d"),
-)
-
-
-def summary_table(runset: RunSet) -> pd.DataFrame:
-    """One row per run, computed from its rounds table (so runs in progress or killed are included)."""
-    rows = []
-    for run, (_, meta) in zip(runset.runs, runset.summary.iterrows(), strict=True):
-        r = run.rounds
-        evals = r.dropna(subset=["eval_loss_post"]) if len(r) else r
-        last = evals.iloc[-1] if len(evals) else None
-        summary = run.summary or {}
-
-        def final(col: str, last: Any = last) -> float:
-            return float(last[col]) if last is not None else math.nan
-
-        rows.append({
-            "run": meta["run"], "label": meta["label"], "seed": int(run.config.get("seed", 0)),
-            "status": summary.get("status", "running or killed"), "rounds": len(r),
-            "client_updates": int(r["num_completed"].sum()) if len(r) else 0,
-            "final_loss_pre": final("eval_loss_pre"), "final_loss_post": final("eval_loss_post"),
-            "best_loss_post": float(evals["eval_loss_post"].min()) if len(evals) else math.nan,
-            "final_acc_pre": final("eval_metric_pre"), "final_acc_post": final("eval_metric_post"),
-            "sim_time_s": float(r["sim_time"].iloc[-1]) if len(r) else 0.0,
-            "wall_time_s": float(summary.get("wall_time_s") or (r["wall_time"].iloc[-1] if len(r) else 0.0)),
-            "updates_per_s": summary.get("steady_updates_per_s") or math.nan,
-            "dropped": int(r["num_dropped"].sum()) if len(r) else 0,
-        })
-    table = pd.DataFrame(rows, columns=[c for c, _, _ in COLUMNS])
-    if table["final_acc_post"].isna().all():  # regression: no accuracy columns
-        table = table.drop(columns=["final_acc_pre", "final_acc_post"])
-    return table
-
-
-def format_cell(value: Any, fmt: str) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if fmt == "d":
-        return f"{int(value):,}"
-    if fmt == "s":
-        return str(value)
-    return format(float(value), fmt)
-
-
-def formatted_rows(table: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted cells of a ``summary_table`` (shared by the terminal and HTML renderers)."""
-    spec = [(c, h, f) for c, h, f in COLUMNS if c in table.columns]
-    rows = [[format_cell(row[c], f) for c, _, f in spec] for _, row in table.iterrows()]
-    return [h for _, h, _ in spec], rows
 
 
 def figure_png(fig: Figure, dpi: int = 110) -> str:
@@ -98,25 +38,99 @@ _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 1100px;
        color: #1b1b1b; padding: 0 1rem; }
 h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; }
-table { border-collapse: collapse; font-size: 0.85rem; }
+table { border-collapse: collapse; font-size: 0.85rem; margin: 0.5rem 0; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.3rem 0.6rem; text-align: right; }
 th { background: #f3f3f3; } td:nth-child(-n+2), th:nth-child(-n+2) { text-align: left; }
+table.config td, table.config th { text-align: left; }
 figure { margin: 1.5rem 0; } img { max-width: 100%; } figcaption { color: #555; font-size: 0.85rem; }
-code { background: #f3f3f3; padding: 0 0.2rem; }
+code { background: #f3f3f3; padding: 0 0.2rem; } p.note { color: #555; font-size: 0.85rem; }
 """
 
+esc = html.escape
 
-def html_report(runset: RunSet, figures: dict[str, Figure], title: str = "metafleet report") -> str:
-    """A self-contained HTML page: the summary table, then every figure embedded as a PNG."""
+
+def href(target: Path, base: Path, directory: bool = False) -> str:
+    """``target`` relative to the directory ``base`` (the report's), URL-quoted, ``/``-ended for a directory."""
+    relative = Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
+    return quote(relative) + ("/" if directory and not relative.endswith("/") else "")
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], ident: str, cls: str = "",
+           raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless ``raw`` (cells already HTML)."""
+    cell = (lambda c: c) if raw else esc
+    attrs = f' id="{ident}"' + (f' class="{cls}"' if cls else "")
+    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>\n" for row in rows)
+    return f"<table{attrs}><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
+
+
+def run_links(run: Run, base: Path) -> list[str]:
+    """HTML links to a run's directory and, when present, its own report and figures."""
+    links = [f'<a href="{esc(href(run.path, base, directory=True))}">run directory</a>']
+    if (run.path / "report.html").is_file():
+        links.append(f'<a href="{esc(href(run.path / "report.html", base))}">report</a>')
+    if (run.path / "figures").is_dir():
+        links.append(f'<a href="{esc(href(run.path / "figures", base, directory=True))}">figures</a>')
+    return links
+
+
+def _settings_section(runset: RunSet, kind: str) -> list[str]:
+    headers, rows = setting_cells(setting_table(runset, kind), "label")
+    return ["<h2>Settings</h2>",
+            f"<p class=\"note\">Runs that differ only in the seed and execution-only keys are one setting; final "
+            f"held-out values after adaptation, mean and {esc(describe(kind))} over its n seeds "
+            "(none for a single seed).</p>", _table(headers, rows, "settings")]
+
+
+def _config_section(runset: RunSet, grouping: Grouping, base: Path) -> list[str]:
+    """The differences of each setting from the base (with links to its runs), then the base itself."""
+    parts = ["<h2>Configuration</h2>"]
+    if grouping.differing:
+        names = [r.path.name for r in runset.runs]
+        rows = []
+        for setting in grouping.settings:
+            values = dict(setting.values)
+            links = ", ".join(f'<a href="{esc(href(runset.runs[i].path, base, directory=True))}">{esc(names[i])}</a>'
+                              for i in setting.runs)
+            rows.append([esc(str(setting.number)), *[esc(format_value(values[k])) for k in grouping.differing],
+                         esc(str(setting.n)), links])
+        parts += ["<p>What each setting changes from the base configuration below:</p>",
+                  _table(["#", *grouping.differing, "n", "runs"], rows, "differences", "config", raw=True)]
+    if grouping.varying:
+        parts.append("<p class=\"note\">Differing between runs without making settings (seeds are aggregated, "
+                     "execution-only keys change no numbers): " + ", ".join(f"<code>{esc(k)}</code>"
+                                                                           for k in grouping.varying) + "</p>")
+    title = "Base configuration (common to all runs)" if len(runset.runs) > 1 else "Configuration of the run"
+    parts += [f"<h3>{title}</h3>",
+              _table(["key", "value"], [[k, format_value(v)] for k, v in grouping.base], "base", "config")]
+    return parts
+
+
+def _runs_section(runset: RunSet, grouping: Grouping, base: Path) -> list[str]:
     headers, rows = formatted_rows(summary_table(runset))
-    esc = html.escape
+    cells = []
+    for index, (run, row) in enumerate(zip(runset.runs, rows, strict=True)):
+        linked = [f'<a href="{esc(href(run.path, base, directory=True))}">{esc(row[0])}</a>',
+                  *[esc(c) for c in row[1:]]]
+        cells.append([*linked, esc(str(grouping.setting_of(index).number)), " ".join(run_links(run, base))])
+    return ["<h2>Runs</h2>", _table([*headers, "#", "links"], cells, "summary", raw=True)]
+
+
+def html_report(runset: RunSet, figures: dict[str, Figure], title: str = "metafleet report",
+                base: Path | None = None, kind: str = "t") -> str:
+    """The self-contained HTML page; links are relative to ``base``, the directory the page is written to
+    (default: the current directory). ``kind``: the interval over seeds, ``"t"`` or ``"minmax"``."""
+    base = Path.cwd() if base is None else base
+    grouping = grouping_of(runset)
     parts = [f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{esc(title)}</title>",
              f"<style>{_STYLE}</style></head><body>", f"<h1>{esc(title)}</h1>",
-             f"<p>{len(runset.runs)} run(s): " + ", ".join(f"<code>{esc(str(r.path))}</code>" for r in runset.runs)
-             + "</p>", "<h2>Summary</h2>", "<table id=\"summary\"><thead><tr>"
-             + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr></thead><tbody>"]
-    parts += ["<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows]
-    parts.append("</tbody></table>")
+             f"<p>{len(runset.runs)} run(s) in {len(grouping.settings)} setting(s): "
+             + ", ".join(f"<code>{esc(str(r.path))}</code>" for r in runset.runs) + "</p>"]
+    if len(runset.runs) > 1:
+        parts += _settings_section(runset, kind)
+    parts += _config_section(runset, grouping, base)
+    parts += _runs_section(runset, grouping, base)
     parts.append("<h2>Figures</h2>")
     for stem, fig in figures.items():
         caption = fig.get_suptitle() or next((ax.get_title() for ax in fig.axes if ax.get_title()), stem)
@@ -127,8 +141,9 @@ def html_report(runset: RunSet, figures: dict[str, Figure], title: str = "metafl
     return "\n".join(parts)
 
 
-def write_report(runset: RunSet, figures: dict[str, Figure], path: Path, title: str = "metafleet report") -> Path:
-    """The self-contained HTML report, written atomically to ``path``."""
+def write_report(runset: RunSet, figures: dict[str, Figure], path: Path, title: str = "metafleet report",
+                 kind: str = "t") -> Path:
+    """The self-contained HTML report, written atomically to ``path`` (links relative to its directory)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, html_report(runset, figures, title).encode("utf-8"))
+    atomic_write_bytes(path, html_report(runset, figures, title, path.parent, kind).encode("utf-8"))
     return path

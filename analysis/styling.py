@@ -2,8 +2,9 @@
 
 The Okabe-Ito colour-blind-safe palette with a line style and marker per series as a second cue, axis
 and legend names for the metrics columns, and the aggregation of a setting's seeds (runs with the same
-``label``): a mean line with a min-max band, runs aligned on integer axes and interpolated on continuous
-ones. ``analysis.plots`` draws the standard figures with these.
+``label``): a mean line with a shaded band, the 95% Student-t confidence interval of the mean or the
+min-max range (``analysis.stats``), runs aligned on integer axes and interpolated on continuous ones.
+``analysis.plots`` draws the standard figures with these.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from analysis.stats import band
 
 #: Okabe-Ito colour-blind-safe palette, ordered so that the pale yellow comes late
 PALETTE: tuple[str, ...] = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
@@ -60,8 +63,11 @@ def series_labels(frame: pd.DataFrame) -> list[str]:
     return sorted(frame["label"].dropna().unique().tolist()) if "label" in frame else []
 
 
-def legend_name(label: str, seeds: int) -> str:
-    return f"{label} ({seeds} seeds)" if seeds > 1 else label
+def legend_name(label: str, seeds: int, width: int = 48) -> str:
+    """A series' legend entry: its label and its number of seeds, ``"algorithm.name=maml (n=3)"``, wrapped
+    after a key=value pair when longer than ``width``."""
+    text = f"{label} (n={seeds})"
+    return "\n".join(textwrap.wrap(text, width, break_long_words=False, break_on_hyphens=False)) or text
 
 
 def valid(frame: pd.DataFrame, *columns: str) -> pd.DataFrame:
@@ -128,8 +134,8 @@ def finish(ax: Axes, xlabel: str, ylabel: str, title: str) -> None:
         ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
 
 
-def aggregate(frame: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """x grid, mean, min and max of ``y`` across the runs of ``frame``, and the number of runs.
+def aggregate(frame: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarray, int]:
+    """x grid, the (points x runs) values of ``y`` on it (NaN where a run has none) and the number of runs.
 
     Runs align on the value of integer axes (round); on continuous axes (simulated time) each run is
     interpolated linearly onto the union of all runs' points within the range they share."""
@@ -145,19 +151,22 @@ def aggregate(frame: pd.DataFrame, x: str, y: str) -> tuple[np.ndarray, np.ndarr
         if shared.any():
             grid, values = grid[shared], values[shared]
     keep = ~np.isnan(values).all(axis=1)
-    grid, values = grid[keep], values[keep]
-    return grid, np.nanmean(values, axis=1), np.nanmin(values, axis=1), np.nanmax(values, axis=1), len(series)
+    return grid[keep], values[keep], len(series)
 
 
-def draw_lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, labels: list[str]) -> None:
-    """One mean line per label, with a min-max band across seeds when the label has several runs."""
+def draw_lines(ax: Axes, frame: pd.DataFrame, x: str, y: str, labels: list[str], band_kind: str = "t") -> None:
+    """One line per label: the mean over its seeds, with a shaded band (``band_kind``: the 95% Student-t
+    confidence interval of the mean, or ``"minmax"``) where at least 2 seeds have a value; a single seed
+    gets no band."""
     for index, label in enumerate(labels):
         sub = frame[frame["label"] == label]
         if sub.empty:
             continue
-        grid, mean, low, high, seeds = aggregate(sub, x, y)
+        grid, values, seeds = aggregate(sub, x, y)
+        mean, low, high, _ = band(values, band_kind)
         style = series_style(index)
         ax.plot(grid, mean, label=legend_name(label, seeds), markevery=max(1, len(grid) // 10), markersize=5,
                 **style)
-        if seeds > 1:
-            ax.fill_between(grid, low, high, color=style["color"], alpha=0.18, linewidth=0)
+        has_band = np.isfinite(low) & np.isfinite(high)
+        if has_band.any():
+            ax.fill_between(grid, low, high, where=has_band, color=style["color"], alpha=0.18, linewidth=0)

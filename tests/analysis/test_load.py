@@ -1,4 +1,5 @@
-"""analysis.load_run on a finished run and on a run killed before its summary."""
+"""analysis.load_run on a finished run and on a run killed before its summary; run directories found under
+a directory that is not one (a sweep's)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import shutil
 
 import pytest
 from conftest import small_overrides
+from sweep_runs import PENDING, TRIALS, make_sweep
 
 from actors.cli import main
-from analysis import load_run
+from analysis import load_run, load_runs
+from analysis.load import find_runs
 
 
 def test_load_finished_and_killed_runs(tmp_path):
@@ -69,3 +72,30 @@ def test_load_hand_made_tables_with_a_truncated_part(tmp_path):
     assert run.rounds["round"].tolist() == [0, 1] and run.rounds["train_loss"].tolist() == [1.5, 0.5]
     assert run.clients.empty and list(run.clients.columns)[:2] == ["round", "client_id"]
     assert run.summary is None and not run.complete and run.config["seed"] == 3
+
+
+def test_directories_that_are_not_runs_stand_for_the_runs_under_them(tmp_path, capsys):
+    sweep = make_sweep(tmp_path)
+    capsys.readouterr()
+    nested = tmp_path / "more" / "deeper" / "r"
+    shutil.copytree(sweep / "trials" / "t0000-reptile-s0", nested)
+    (nested / "figures").mkdir()  # a run directory is not searched further
+    shutil.copytree(sweep / "trials" / "t0001-reptile-s1", nested / "figures" / "inner")
+    shutil.copytree(sweep / "trials" / "t0002-reptile-s2", tmp_path / "more" / ".hidden" / "r")
+    runs, pending = find_runs(tmp_path)
+    assert runs == sorted([*(sweep / "trials" / name for name, _ in TRIALS), nested])
+    assert pending == [sweep / "trials" / PENDING]
+    with pytest.warns(UserWarning, match=f"{PENDING}: skipped, no rounds written yet"):
+        rs = load_runs([sweep, sweep / "trials" / "t0004-maml-s0", str(tmp_path / "mor*")])
+    assert [r.path.name for r in rs.runs] == [name for name, _ in TRIALS] + ["r"]  # each run once
+    assert sorted(set(rs.summary["setting"])) == [1, 2] and rs.grouping is not None
+    assert rs.rounds.groupby("setting")["run"].nunique().tolist() == [5, 2]
+    # a directory with no runs with rounds is refused, on the command line with exit code 2
+    empty = tmp_path / "empty"
+    shutil.copytree(sweep / "trials" / PENDING, empty / "only-pending")
+    with pytest.raises(FileNotFoundError, match="holds none with rounds"), pytest.warns(UserWarning):
+        load_runs(empty)
+    assert main(["compare", str(empty)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("metafleet: warning:") and err[-1].startswith("metafleet: error:")
+    assert "is not a metafleet run directory and holds none with rounds (1 without rounds yet)" in err[-1]

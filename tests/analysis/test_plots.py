@@ -92,7 +92,8 @@ def _runset(classification: bool = True, stale: bool = True, dropped: bool = Fal
                   _evals(classification))
 
 
-LEGEND = [f"{A} (2 seeds)", f"{B} (2 seeds)", C]
+LEGEND = [f"{A} (n=2)", f"{B} (n=2)", f"{C} (n=1)"]
+T_975_1 = math.tan(0.475 * math.pi)  # Student-t quantile t_{0.975, 1}: the Cauchy distribution's tan(pi (p - 1/2))
 
 
 def _legend(fig: Figure) -> list[str]:
@@ -124,6 +125,32 @@ def test_curves_by_round_mean_band_and_labels() -> None:
     # distinguishable without colour
     assert len({(line.get_linestyle(), line.get_marker()) for line in lines}) == 3
     assert plt.get_fignums() == []
+
+
+def _band_ys(fig: Figure, index: int = 0) -> np.ndarray:
+    bands = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
+    return np.unique(np.round(np.concatenate([p.vertices[:, 1] for p in bands[index].get_paths()]), 12))
+
+
+def test_curves_band_is_the_t_interval_or_the_min_max_range() -> None:
+    # setting A's two seeds are b and b + 1 at every round: mean b + 1/2, s = 1/sqrt(2), so the 95% t half-width
+    # is t_{0.975,1} s / sqrt(2) = t_{0.975,1} / 2, and the min-max band is [b, b + 1]
+    means = np.array([_loss(1.0, 0, r) + 0.5 for r in EVAL_ROUNDS])
+    t_band = _band_ys(curves(_rounds(), "eval_loss_post", "round"))
+    np.testing.assert_allclose(t_band, np.round(np.sort(np.r_[means - T_975_1 / 2, means + T_975_1 / 2]), 12),
+                               rtol=1e-12)
+    minmax = _band_ys(curves(_rounds(), "eval_loss_post", "round", band="minmax"))
+    np.testing.assert_allclose(minmax, np.round(np.sort(np.r_[means - 0.5, means + 0.5]), 12), rtol=1e-12)
+    assert "band: 95% Student-t confidence interval" in curves(_rounds()).axes[0].get_title()
+    with pytest.raises(ValueError, match="interval kind"):
+        curves(_rounds(), band="std")
+
+
+def test_a_single_seed_gets_no_band_and_says_n_1() -> None:
+    one = _rounds()[lambda f: f["label"] == C]
+    fig = curves(one, "eval_loss_post", "round")
+    assert _bands(fig) == 0 and _legend(fig) == [f"{C} (n=1)"]
+    assert "band" not in fig.axes[0].get_title()
 
 
 def test_curves_interpolate_sim_time_within_the_overlap() -> None:
@@ -161,6 +188,19 @@ def test_personalization_gain_bars_and_annotations() -> None:
     assert "accuracy" in accuracy.get_ylabel() and accuracy.texts[2].get_text() == "gain\n+0.1"
     with pytest.raises(ValueError):
         personalization_gain(_rounds(), "f1")
+
+
+def test_personalization_gain_error_bars_are_the_interval_over_seeds() -> None:
+    # at round 4 setting A's seeds are b and b + 1 after adaptation: t half-width t_{0.975,1} / 2, min-max +-0.5;
+    # setting C has one seed: no error bar at all
+    post = _loss(1.0, 0, 4) + 0.5
+    for band, half in (("t", T_975_1 / 2), ("minmax", 0.5)):
+        ax = personalization_gain(_rounds(), band=band).axes[0]
+        after = [c for c in ax.containers if isinstance(c, BarContainer)][1]
+        segments = after.errorbar.lines[2][0].get_segments()
+        np.testing.assert_allclose(segments[0][:, 1], [post - half, post + half], rtol=1e-12)
+        assert len(segments[2]) == 0
+    assert "error bars: 95% Student-t" in personalization_gain(_rounds()).axes[0].get_title()
 
 
 def test_client_cdf_pools_seeds_at_the_last_evaluation() -> None:

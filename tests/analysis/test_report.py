@@ -1,17 +1,24 @@
-"""load_runs, run labels, the summary table, the HTML report and the plot/report/compare commands."""
+"""load_runs, run labels, the summary table, the HTML report (settings, config differences, links) and the
+plot/report/compare commands."""
 
 from __future__ import annotations
 
 import base64
+import html
 import re
+from urllib.parse import unquote
 
 import pytest
 from conftest import small_overrides
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
+from sweep_runs import TRIALS, make_sweep
 
 from actors.cli import main
 from analysis import load_runs, run_labels
-from analysis.report import html_report, summary_table
+from analysis.plots import standard_figures
+from analysis.report import html_report
+from analysis.tables import summary_table
 
 
 def _run(out, **kw) -> None:
@@ -30,17 +37,16 @@ def three_runs(tmp_path_factory):
     return root
 
 
-def test_run_labels_ignore_seed_run_length_and_execution_keys():
+def test_run_labels_ignore_seed_and_execution_keys_and_name_every_difference():
     base = {"seed": 0, "rounds": 10, "algorithm": {"name": "reptile", "local_lr": 0.1}, "system": {"actors": 1}}
-    other = {"seed": 1, "rounds": 20, "algorithm": {"name": "reptile", "local_lr": 0.1}, "system": {"actors": 2}}
+    other = {"seed": 1, "rounds": 10, "algorithm": {"name": "reptile", "local_lr": 0.1}, "system": {"actors": 2}}
     assert run_labels([base, other]) == ["reptile", "reptile"]
     maml = {**base, "algorithm": {"name": "maml", "local_lr": 0.2}}
-    # local_lr differs too but is already told apart by the algorithm name: left out
-    assert run_labels([base, maml]) == ["algorithm.name=reptile", "algorithm.name=maml"]
-    lr = {**base, "algorithm": {"name": "reptile", "local_lr": 0.3}}
-    assert run_labels([base, maml, lr]) == ["algorithm.name=reptile, algorithm.local_lr=0.1",
-                                            "algorithm.name=maml, algorithm.local_lr=0.2",
-                                            "algorithm.name=reptile, algorithm.local_lr=0.3"]
+    # local_lr differs too: named, even though the algorithm name already tells the runs apart
+    assert run_labels([base, maml]) == ["algorithm.name=reptile, algorithm.local_lr=0.1",
+                                        "algorithm.name=maml, algorithm.local_lr=0.2"]
+    longer = {**base, "rounds": 20}  # a longer run ends elsewhere: another setting
+    assert run_labels([base, longer]) == ["rounds=10", "rounds=20"]
 
 
 def test_load_runs_stacks_tidy_frames_with_config_columns(three_runs):
@@ -54,6 +60,12 @@ def test_load_runs_stacks_tidy_frames_with_config_columns(three_runs):
     assert sorted(seeds) == [0, 1]
     with pytest.raises(FileNotFoundError, match="no run directories"):
         load_runs(str(three_runs / "nothing-*"))
+
+
+def _rows(page: str, table: str) -> int:
+    """The rows (header included) of the table with id ``table``."""
+    start = page.index(f'<table id="{table}"')
+    return page[start:page.index("</table>", start)].count("<tr>")
 
 
 def test_summary_table_and_html_report(three_runs):
@@ -74,7 +86,8 @@ def test_summary_table_and_html_report(three_runs):
         figs[stem] = fig
     page = html_report(rs, figs, title="three runs")
     assert page.startswith("<!DOCTYPE html>") and "<title>three runs</title>" in page
-    assert page.count("<tr>") == 1 + 3  # header and one row per run
+    assert _rows(page, "summary") == 1 + 3  # header and one row per run
+    assert _rows(page, "settings") == 1 + 2  # reptile's two seeds are one setting
     images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(images) == 2 and all(base64.b64decode(i).startswith(b"\x89PNG") for i in images)
     assert 'id="one"' in page and "figure two" in page
@@ -83,13 +96,13 @@ def test_summary_table_and_html_report(three_runs):
 
 def test_plot_report_and_compare_commands(three_runs, tmp_path, capsys):
     runs = [str(p) for p in sorted(three_runs.iterdir())]
-    assert main(["compare", *runs]) == 0
+    assert main(["compare", *runs, "--runs", "--wide"]) == 0
     printed = capsys.readouterr().out
-    assert "reptile-s1" in printed and "final loss post" in printed
+    assert "reptile-s1" in printed and "final loss post" in printed and "2 setting(s) of 3 run(s)" in printed
 
     assert main(["report", *runs, "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
-    assert page.count("data:image/png;base64,") >= 6 and page.count("<tr>") == 4
+    assert page.count("data:image/png;base64,") >= 6 and _rows(page, "summary") == 4
 
     assert main(["plot", *runs, "--out", str(tmp_path / "figs"), "--format", "svg"]) == 0
     names = sorted(p.name for p in (tmp_path / "figs").iterdir())
@@ -107,3 +120,66 @@ def test_analysis_commands_reject_what_is_not_a_run(tmp_path, capsys):
         assert err.startswith("metafleet: error:") and "not a metafleet run directory" in err
         assert "Traceback" not in err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return make_sweep(tmp_path_factory.mktemp("report"))
+
+
+def _table_html(page: str, table: str) -> str:
+    start = page.index(f'<table id="{table}"')
+    return page[start:page.index("</table>", start)]
+
+
+def _cells(row: str) -> list[str]:
+    return [html.unescape(c) for c in re.findall(r"<t[dh]>(.*?)</t[dh]>", row)]
+
+
+@pytest.mark.filterwarnings("ignore:.*no rounds written yet:UserWarning")
+def test_report_of_a_sweep_has_config_differences_the_base_and_relative_links(sweep, tmp_path, capsys):
+    first = sweep / "trials" / TRIALS[0][0]
+    assert main(["plot", str(first)]) == 0 and main(["report", str(first)]) == 0  # its own figures and report
+    capsys.readouterr()
+    out = sweep / "report.html"
+    assert main(["report", str(sweep), "--out", str(out)]) == 0
+    assert "skipped, no rounds written yet" in capsys.readouterr().err
+    page = out.read_text()
+    differences = _table_html(page, "differences").split("<tr>")[1:]
+    assert _cells(differences[0]) == ["#", "algorithm.name", "algorithm.server_lr", "algorithm.server_optimizer", "n",
+                                      "runs"]
+    assert _cells(differences[1])[:5] == ["1", "reptile", "1.0", "sgd", "4"]
+    assert _cells(differences[2])[:5] == ["2", "maml", "0.003", "adam", "2"]
+    base = dict(_cells(row) for row in _table_html(page, "base").split("<tr>")[2:])
+    assert base["algorithm.local_lr"] == "0.02" and base["model.hidden"] == "[40,40]" and base["rounds"] == "4"
+    assert base["algorithm.factory"] == '""' and base["system.backend"] == "inline"
+    assert not {"seed", "algorithm.name", "system.actors", "metrics.flush_every"} & set(base)
+    assert "<code>seed</code>, <code>system.actors</code>, <code>metrics.flush_every</code>" in page
+    assert _rows(page, "settings") == 1 + 2 and "3 completed, 1 running/killed" in page
+    # every link is relative to the report and leads to a trial's directory, its report or its figures
+    hrefs = re.findall(r'href="([^"]+)"', page)
+    assert hrefs and not any(h.startswith(("/", "http", "file:")) for h in hrefs)
+    targets = {(out.parent / unquote(h)).resolve() for h in hrefs}
+    trials = {(sweep / "trials" / name).resolve() for name, _ in TRIALS}
+    assert trials <= targets and all(t.exists() for t in targets)
+    assert targets - trials == {(first / "report.html").resolve(), (first / "figures").resolve()}
+    assert f'href="trials/{TRIALS[0][0]}/figures/">figures</a>' in page
+
+
+@pytest.mark.filterwarnings("ignore:.*no rounds written yet:UserWarning")
+def test_report_figures_aggregate_seeds_with_bands(sweep):
+    figures = standard_figures(load_runs(sweep))
+    legend = [t.get_text() for t in figures["loss_by_round"].axes[0].get_legend().get_texts()]
+    assert legend == ["algorithm.name=maml, algorithm.server_lr=0.003,\nalgorithm.server_optimizer=adam (n=2)",
+                      "algorithm.name=reptile, algorithm.server_lr=1.0,\nalgorithm.server_optimizer=sgd (n=4)"]
+    assert sum(isinstance(c, PolyCollection) for c in figures["loss_by_round"].axes[0].collections) == 2
+
+
+def test_single_run_report_shows_its_whole_config(three_runs, tmp_path):
+    run_dir = three_runs / "reptile-s1"
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "one.html")]) == 0
+    page = (tmp_path / "one.html").read_text()
+    assert "differences" not in page and 'id="settings"' not in page and _rows(page, "summary") == 2
+    base = dict(_cells(row) for row in _table_html(page, "base").split("<tr>")[2:])
+    assert base["seed"] == "1" and base["algorithm.name"] == "reptile" and base["data.name"] == "synthetic"
+    assert page.count("data:image/png;base64,") >= 6
