@@ -28,6 +28,9 @@ PURPOSES: dict[str, int] = {
     "leaf_users": 13,   # the order of a LEAF dataset's users (which are training, which held out)
     "table_split": 14,  # a table client's rows split into support and query
     "table_clients": 15,  # the order of a table's clients
+    "dp_noise": 31,     # central DP: the Gaussian noise added to a round's (or server update's) sum
+    "dp_local": 32,     # local DP: the noise a client adds to its own upload
+    "dp_clip": 33,      # adaptive clipping: the noise on the count of unclipped updates
 }
 
 
