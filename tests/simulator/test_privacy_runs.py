@@ -14,6 +14,8 @@ from conftest import small_overrides
 
 from actors.backends import make_backend
 from actors.inline import InlineBackend
+from analysis import load_runs
+from analysis.plots import standard_figures
 from simulator.contract import WorkerSpec
 from simulator.experiment import load_config
 from simulator.privacy.accounting import planned_epsilon
@@ -70,6 +72,12 @@ def test_the_budget_stop_fires_before_the_round_that_would_exceed_it(tmp_path):
     again, tables2 = _run(tmp_path / "run", stop, resume=True)
     assert again["status"] == "budget_exhausted" and again["rounds_completed"] == 3
     pd.testing.assert_frame_equal(tables["rounds"], tables2["rounds"], check_exact=True)
+    # the standard figures put epsilon by round next to the loss curve when DP is on, and only then
+    fig = standard_figures(load_runs(str(tmp_path / "run")))["loss_and_epsilon"]
+    assert [len(ax.lines) for ax in fig.axes] == [1, 1]
+    assert np.allclose(fig.axes[1].lines[0].get_ydata(), eps[:3], rtol=1e-12)
+    _run(tmp_path / "plain", small_overrides() + INLINE)
+    assert "loss_and_epsilon" not in standard_figures(load_runs(str(tmp_path / "plain")))
 
 
 DP_CASES = [
