@@ -271,6 +271,21 @@ def throughput(rounds: pd.DataFrame, band: str = "t") -> Figure:
     return fig
 
 
+def loss_and_epsilon(rounds: pd.DataFrame) -> Figure:
+    """Differential privacy (``privacy.mode`` on): held-out loss after adaptation by round, and next to it the
+    privacy spent, ``dp_epsilon`` at the run's delta, by round (finite values; sigma = 0 spends infinity)."""
+    rounds = tidy(rounds)
+    labels = series_labels(rounds)
+    fig = new_figure(13.0, 5.0)
+    left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    draw_lines(left, valid(rounds, "round", "eval_loss_post"), "round", "eval_loss_post", labels)
+    finish(left, "round", axis_name("eval_loss_post", rounds), f"held-out loss by round: {compared(labels)}")
+    spent = valid(rounds, "round", "dp_epsilon")
+    draw_lines(right, spent[np.isfinite(spent["dp_epsilon"])], "round", "dp_epsilon", labels)
+    finish(right, "round", "epsilon spent (at the run's delta)", f"privacy spent by round: {compared(labels)}")
+    return fig
+
+
 def _any(frame: pd.DataFrame, column: str, positive: bool = False) -> bool:
     """Whether ``column`` exists and has a non-NaN (or, with ``positive``, a > 0) value."""
     if frame is None or frame.empty or column not in frame:
@@ -303,6 +318,7 @@ def standard_figures(runset: RunSet, band: str = "t") -> dict[str, Figure]:
         ("participation", _any(_aggregated(clients), "client_id"), lambda: participation(clients)),
         ("throughput", _any(rounds, "wall_time") and _any(rounds, "num_completed"), lambda: throughput(rounds, band)),
         ("train_loss", _any(rounds, "train_loss"), lambda: curves(rounds, "train_loss", "round", band=band)),
+        ("loss_and_epsilon", loss and _any(rounds, "dp_epsilon"), lambda: loss_and_epsilon(rounds)),
     ]
     return {stem: make() for stem, applies, make in plans if applies}
 

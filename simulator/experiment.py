@@ -32,6 +32,7 @@ from simulator.config.schema import (
 from simulator.config.toml import build, parse_overrides, read_toml, set_dotted, shown, to_dict
 from simulator.data.registry import DATASETS
 from simulator.models import MODELS
+from simulator.privacy.settings import check_privacy
 
 #: the longest run name in UTF-8 bytes (a run directory is NAME-YYYYmmdd-HHMMSS[-N], within a file name's 255)
 MAX_NAME = 200
@@ -75,7 +76,7 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         cfg = dataclasses.replace(cfg, algorithm=dataclasses.replace(cfg.algorithm, name=algorithm.name))
     if algorithm.configure is not None:
         cfg = algorithm.configure(cfg, frozenset(given))
-    return cfg
+    return check_privacy(cfg)
 
 
 #: a URI scheme ("file:", "http:", "sqlite:"); MLflow's bare names below are URIs too

@@ -29,6 +29,9 @@ PURPOSES: dict[str, int] = {
     "table_split": 14,  # a table client's rows split into support and query
     "table_clients": 15,  # the order of a table's clients
     "compress": 30,     # a client's compressed upload (QSGD's rounding, randk's indices); 30 leaves 16-29 free
+    "dp_noise": 31,     # central DP: the Gaussian noise added to a round's (or server update's) sum
+    "dp_local": 32,     # local DP: the noise a client adds to its own upload
+    "dp_clip": 33,      # adaptive clipping: the noise on the count of unclipped updates
 }
 
 

@@ -41,6 +41,17 @@ def _blocked_dot(w: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
     return out.to(vectors.dtype)
 
 
+def fixed_denominator_sum(vectors: torch.Tensor, weights: torch.Tensor, denominator: int) -> torch.Tensor:
+    """sum_i w_i v_i / m with a FIXED m (not sum_i w_i), in row order: the estimator of DP-FedAvg (McMahan
+    et al. 2018, Alg. 1), whose denominator reveals nothing about who took part (``simulator.privacy``).
+    Summed as ``weighted_mean`` sums (w_i / m, blocked, float64): with unit weights and k = m rows it is bit
+    for bit ``weighted_mean(vectors, ones)``."""
+    if vectors.ndim != 2 or weights.shape != (vectors.shape[0],) or vectors.shape[0] == 0 or denominator < 1:
+        raise ValueError(f"need k >= 1 vectors (k x P), k weights and m >= 1, got {tuple(vectors.shape)}, "
+                         f"{tuple(weights.shape)}, m = {denominator}")
+    return _blocked_dot(torch.ones_like(weights, dtype=torch.float64) / denominator * weights, vectors)
+
+
 # ----------------------------------------------------------------------------- asynchronous aggregation
 
 STALENESS = ("constant", "polynomial", "sqrt", "hinge")

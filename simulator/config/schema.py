@@ -197,6 +197,25 @@ class TrackingConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy of the clients' uploads (``simulator.privacy``; README "Differential privacy"):
+    ``mode`` "off", "central" (the server clips, sums, adds N(0, sigma^2 C^2); McMahan et al. 2018) or
+    "local" (each client clips and noises its own upload); ``clip`` C, ``noise_multiplier`` sigma,
+    ``delta``; ``target_epsilon`` (0 = none): with sigma > 0 the run stops before the round that would
+    exceed it, with sigma = 0 sigma is calibrated up front for ``rounds``; adaptive clipping (Andrew et
+    al. 2021) when ``adaptive_quantile`` > 0, with its learning rate and count noise (0 = per_round / 20)."""
+
+    mode: str = "off"
+    clip: float = 1.0
+    noise_multiplier: float = 0.0
+    delta: float = 1e-5
+    target_epsilon: float = 0.0
+    adaptive_quantile: float = 0.0
+    adaptive_lr: float = 0.2
+    adaptive_noise: float = 0.0
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = ""  # "" = ALGORITHM-DATASET
     seed: int = 0
@@ -213,6 +232,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 #: the top-level keys; every other TOML table is a section, mapped to its dataclass by ``SECTIONS``

@@ -177,16 +177,27 @@ class AsyncServer:
         self.flush_held()  # clients dispatched on the current model go out before it changes
         algo, ctx = self.ctx.algo, self.ctx
         flights = [f for f, _ in self.buffer]
+        dp, ids = ctx.privacy, np.array([f.client_id for f in flights], np.int64)
+        if dp.on:  # the budget stop, before a server update that would take epsilon past the target
+            dp.check(int(np.unique(ids, return_counts=True)[1].max()))
         s = torch.tensor([w for _, w in self.buffer], dtype=torch.float64)
-        c = torch.tensor([ctx.opt.client_weight(f.result["num_samples"]) for f in flights], dtype=torch.float64)
+        c = torch.tensor([1.0 if dp.on else ctx.opt.client_weight(f.result["num_samples"]) for f in flights],
+                         dtype=torch.float64)
         old = self.theta
+        stacked = np.stack([f.result["vector"] for f in flights])
+        keys = np.array([f.key for f in flights], np.int64)
         if self.acfg.rule == "fedbuff":
-            vectors = torch.from_numpy(np.stack([f.result["vector"] for f in flights]))
-            mean = fedbuff_mean(vectors, s, c)  # summed in float64
+            if dp.on:  # clipped, noised, s(tau_i)-weighted, over the fixed denominator K (simulator.privacy)
+                mean = dp.mean(stacked, np.ones(len(flights), bool), ids, keys, self.updates, self.acfg.buffer_size,
+                               s.numpy())
+            else:
+                mean = fedbuff_mean(torch.from_numpy(stacked), s, c)  # summed in float64
             self.theta = ctx.opt.step(pseudo_gradient(algo, mean))
         else:
             (f,) = flights
-            g = pseudo_gradient(algo, torch.from_numpy(np.array(f.result["vector"])))
+            vec = (dp.mean(stacked, np.ones(1, bool), ids, keys, self.updates, 1) if dp.on
+                   else torch.from_numpy(np.array(f.result["vector"])))
+            g = pseudo_gradient(algo, vec)
             client_theta = self.bases[f.version] - self.cfg.algorithm.server_lr * g
             self.theta = fedasync_mix(old, client_theta, self.acfg.mixing, float(s[0]))
             ctx.opt.state = ServerState(self.theta.clone(), ctx.opt.state.step + 1)

@@ -29,6 +29,7 @@ from simulator.data.registry import make_dataset
 from simulator.experiment import from_dict
 from simulator.models import build_model, check_output_shape
 from simulator.params import flat_params
+from simulator.privacy.mechanism import Privacy
 from simulator.rounds.retry import with_retries
 from simulator.rounds.rows import eval_columns, ids_text, ordered
 from simulator.rundir import checkpoint
@@ -105,16 +106,18 @@ class RunContext:
         self.start = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
         if self.resumed:
             self.opt.state = ServerState(**self.resumed["opt"])
-        self.snapshot: tuple[int, dict[str, Any], StateFn] | None = None
+        self.privacy = Privacy(cfg, self.resumed.get("privacy") if self.resumed else None)
+        self.snapshot: tuple[int, dict[str, Any], StateFn, dict[str, Any] | None] | None = None
         if self.resumed:  # until the first round completes, Ctrl-C keeps the checkpoint it started from
-            self.snapshot = (self.resumed["next_round"], self.resumed["opt"], dict(self.resumed))
+            self.snapshot = (self.resumed["next_round"], self.resumed["opt"], dict(self.resumed),
+                             self.resumed.get("privacy"))
         self.saved_round = self.resumed["next_round"] if self.resumed else 0
 
     def completed(self, next_round: int, state: StateFn) -> None:
         """Round ``next_round - 1`` is complete and its rows committed: remember the state to resume
         from (a dict, or a function building it only when a checkpoint is written), and write the
         checkpoint when one is due."""
-        self.snapshot = (next_round, checkpoint.dataclass_state(self.opt.state), state)
+        self.snapshot = (next_round, checkpoint.dataclass_state(self.opt.state), state, self.privacy.state())
         every = self.cfg.checkpoint_every
         if every and next_round % every == 0 and next_round > self.saved_round:
             self.save_checkpoint()
@@ -132,9 +135,10 @@ class RunContext:
         self.writer.flush()
         if self.snapshot is None:
             return
-        next_round, opt, state = self.snapshot
+        next_round, opt, state, privacy = self.snapshot
         state = state() if callable(state) else state
-        checkpoint.save(self.run_dir, {**state, "config": to_dict(self.cfg), "next_round": next_round, "opt": opt})
+        checkpoint.save(self.run_dir, {**state, "config": to_dict(self.cfg), "next_round": next_round, "opt": opt,
+                                       **({"privacy": privacy} if privacy else {})})
         self.saved_round = next_round
 
     def train(self, theta: torch.Tensor, keys: Keys, client_ids: np.ndarray) -> list[TrainResult]:
@@ -168,6 +172,7 @@ class RunContext:
         """Evaluate when due, then append the round's row (eval columns filled in)."""
         r = row["round"]
         row.update(eval_columns(self.evaluate(theta, r) if self.eval_due(r) else None))
+        row.update(self.privacy.columns())
         row["wall_time"] = time.perf_counter() - self.start
         self.writer.tables["rounds"].append(row)
         self.history.append(row)  # counted only once committed: ``committed_history``

@@ -16,6 +16,7 @@ from typing import Any
 from simulator.config.schema import ExperimentConfig
 from simulator.config.toml import dumps_toml, to_dict
 from simulator.contract import Backend, WorkerFailure
+from simulator.privacy.mechanism import BudgetExhausted
 from simulator.rounds.asynchronous import Stalled, async_rounds
 from simulator.rounds.context import Prepared, RoundCallback, RunContext
 from simulator.rounds.sync import sync_rounds
@@ -59,6 +60,9 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepar
                     status = "stalled"
             else:
                 sync_rounds(ctx)
+        except BudgetExhausted as exc:
+            log.warning("run stopped early: %s", exc)
+            status = "budget_exhausted"
         except KeyboardInterrupt:
             status = "interrupted"
         except WorkerFailure as exc:

@@ -27,7 +27,9 @@ def sync_rounds(ctx: RunContext) -> None:
     theta, version, clock, first = ctx.opt.params, 0, VirtualClock(), 0
     if ctx.resumed:
         version, clock, first = ctx.resumed["version"], VirtualClock(ctx.resumed["clock"]), ctx.resumed["next_round"]
+    dp = ctx.privacy
     for r in range(first, cfg.rounds):
+        dp.check()  # the budget stop: before a round that would take epsilon past privacy.target_epsilon
         t0 = clock.now
         ids = sample_cohort(cfg.seed, r, cfg.data.num_clients, cohort_size(s.mode, cfg.clients.per_round,
                                                                              s.overselect))
@@ -45,7 +47,7 @@ def sync_rounds(ctx: RunContext) -> None:
                 raise RuntimeError("a worker processed a different number of samples than planned at dispatch")
             vectors, after = col("vectors"), col("loss_after")
             ok = finite_updates(vectors, after)
-            weights = np.array([ctx.opt.client_weight(int(n)) if good else math.nan
+            weights = np.array([(1.0 if dp.on else ctx.opt.client_weight(int(n))) if good else math.nan
                                 for n, good in zip(col("num_samples"), ok, strict=True)])
             cols = {"actor_id": workers, "samples_processed": col("samples_processed"), "weight": weights,
                     "loss_before": col("loss_before"), "loss_after": after,
@@ -54,9 +56,12 @@ def sync_rounds(ctx: RunContext) -> None:
             for name, values in cols.items():
                 trained[name][plan.kept] = values
             reason[np.flatnonzero(plan.kept)[~ok]] = "nonfinite"
-            if ok.any():
-                good = torch.from_numpy(vectors if ok.all() else vectors[ok])
-                mean = weighted_mean(good, torch.from_numpy(weights[ok]))  # summed in float64
+            if ok.any() or dp.on:  # with DP a round whose uploads were all non-finite still releases its noise
+                if dp.on:  # clipped, noised, over the fixed denominator per_round (simulator.privacy)
+                    mean = dp.mean(vectors, ok, kept, r, r, cfg.clients.per_round)
+                else:
+                    good = torch.from_numpy(vectors if ok.all() else vectors[ok])
+                    mean = weighted_mean(good, torch.from_numpy(weights[ok]))  # summed in float64
                 new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, mean))
                 update_norm = float(torch.linalg.vector_norm(new_theta - theta))
                 theta, version = new_theta, version + 1

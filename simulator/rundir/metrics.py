@@ -33,6 +33,7 @@ ROUNDS_SCHEMA = pa.schema(
     + [("staleness_mean", _F), ("staleness_max", _F), ("bytes_up", _I), ("bytes_down", _I),
        ("train_loss", _F), ("train_loss_before", _F), ("update_norm", _F)]
     + [(c, _F) for c in _EVAL_COLUMNS]
+    + [("dp_epsilon", _F), ("dp_clip", _F)]  # simulator.privacy: NaN with privacy off
 )
 
 CLIENTS_SCHEMA = pa.schema(

@@ -52,5 +52,7 @@ def build_summary(cfg: ExperimentConfig, history: list[dict[str, Any]], status: 
         "updates_per_s": updates / wall if wall > 0 else None,
         "steady_updates_per_s": steady_updates_per_s(history),
         "workers": workers,
+        "dp_epsilon": history[-1].get("dp_epsilon") if history and cfg.privacy.mode != "off" else None,
+        "dp_delta": cfg.privacy.delta if cfg.privacy.mode != "off" else None,
         **({"error": error} if error else {}),
     }

@@ -1,0 +1,1 @@
+"""Differential privacy of the clients' uploads: clipping, Gaussian noise, accounting, the run's mechanism."""
