@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import socket
 import tempfile
 from collections.abc import Callable
@@ -22,6 +23,9 @@ from pathlib import Path
 import ray
 
 from simulator.config.schema import ConfigError, SystemConfig
+from simulator.contract import WorkerFailure
+
+log = logging.getLogger("metafleet.cluster")
 
 #: the packages ``system.ship_code`` sends with the job (this checkout's simulator/ and actors/)
 PACKAGES = [str(Path(__file__).resolve().parents[1] / name) for name in ("simulator", "actors")]
@@ -36,13 +40,46 @@ def address_of(system: SystemConfig) -> str:
     return system.address or os.environ.get("RAY_ADDRESS", "").strip()
 
 
+#: the longest temp directory a local Ray's session can go under (its socket paths must fit 107 bytes)
+MAX_TEMP_BASE = 20
+
+
 def private_temp_dir() -> str:
     """A fresh directory that only this user can enter (0700), for a local Ray's session files: Ray makes
     its own temp directory world-writable, so it goes one level inside (``<dir>/ray``). Under ``RAY_TMPDIR``
-    when that is set, else the system's temp directory; short, because Ray's socket paths must fit 107 bytes.
+    when that is set, else the system's temp directory, else ``/tmp`` where that one is too long for Ray's socket
+    paths (107 bytes, of which a session's own part takes about 70: macOS's ``/var/folders/...`` is too long).
     Left in place after the run, like Ray's own sessions, for its logs."""
     base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
-    return str(Path(tempfile.mkdtemp(prefix="metafleet-ray-", dir=base)) / "ray")
+    if len(base) > MAX_TEMP_BASE and Path("/tmp").is_dir():
+        base = "/tmp"
+    return str(Path(tempfile.mkdtemp(prefix="mf-ray-", dir=base)) / "ray")
+
+
+def require_token(private_dir: Path) -> bool:
+    """Turn on Ray's token authentication for the local Ray this process is about to start: a fresh random
+    token in ``private_dir/auth_token`` (mode 0600, inside the 0700 directory), named by ``RAY_AUTH_TOKEN_PATH``
+    with ``RAY_AUTH_MODE=token`` for this process and the Ray processes it starts. Ray 2.60's servers listen on
+    every interface whatever the node address; with the token, a connection from anyone without it (another
+    user, another host) is refused, so nobody else can submit code to it. Ray caches its config at import, so
+    it is refreshed here the way Ray's own ``ray start`` does (``ray._raylet.Config.initialize``). Returns False,
+    changing nothing, where this Ray has no token authentication or the user chose a mode (``RAY_AUTH_MODE``)."""
+    if os.environ.get("RAY_AUTH_MODE"):
+        return False
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config  # noqa: PLC0415 (Ray's private API, >= 2.52)
+    except ImportError:
+        log.warning("this Ray has no token authentication: its local servers accept anyone who reaches this host")
+        return False
+    path = private_dir / "auth_token"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_MODE"], os.environ["RAY_AUTH_TOKEN_PATH"] = "token", str(path)
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+    return True
 
 
 def connect(system: SystemConfig, on_start: Callable[[str], None] | None = None) -> bool:
@@ -63,6 +100,7 @@ def connect(system: SystemConfig, on_start: Callable[[str], None] | None = None)
         kwargs["runtime_env"] = {"py_modules": PACKAGES}
     if not address:
         kwargs["_temp_dir"] = private_temp_dir()
+        require_token(Path(str(kwargs["_temp_dir"])).parent)
     try:
         ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
@@ -82,6 +120,19 @@ def connect(system: SystemConfig, on_start: Callable[[str], None] | None = None)
                           "is this one (~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN), or start one "
                           "with `ray start --head`, or use --address '' for a local Ray") from None
     return True
+
+
+def check_gcs(gcs_address: str, timeout_s: float = 2.0) -> None:
+    """Raise WorkerFailure when the cluster's GCS no longer accepts connections (its process or its node died).
+    Actors keep answering a driver without a GCS, until Ray ends that driver 60 s later with no word; the pool
+    checks every few seconds, so the run stops first with its summary and checkpoint."""
+    host, _, port = gcs_address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise WorkerFailure(f"the Ray cluster's GCS at {gcs_address} stopped answering ({exc.strerror or exc}): "
+                            "its process or its node died; restart the cluster (a local Ray: just run again) and "
+                            "continue with `metafleet run --resume RUN_DIR`") from None
 
 
 def _probe(address: str, timeout_s: float = 5.0) -> None:

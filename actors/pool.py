@@ -30,6 +30,7 @@ import math
 import os
 import re
 import signal
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,7 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
-from actors.cluster import connect, log_level
+from actors.cluster import check_gcs, connect, log_level
 from actors.watchdog import Watchdog
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import ConfigError, SystemConfig
@@ -60,6 +61,8 @@ LOST = (RayActorError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, Obje
 FAULT_ENV = "METAFLEET_FAULT_INJECT"
 #: seconds a replacement actor may take to start before the pool gives up on it and shrinks
 REPLACE_TIMEOUT_S = 60.0
+#: how often the driver checks that the cluster's GCS still answers (``cluster.check_gcs``)
+HEALTH_S = 5.0
 
 
 @ray.remote
@@ -197,6 +200,7 @@ class RayPool(Backend):
         self._watchdog = Watchdog(system.call_timeout_s)
         self._stuck: dict[int, str] = {}  # actors the watchdog killed -> why
         self._owns_ray = connect(system)
+        self._gcs, self._checked, self._gcs_lost = ray.get_runtime_context().gcs_address, time.monotonic(), False
         actors: list[Any] = []
         try:
             res = ray.cluster_resources()
@@ -235,6 +239,8 @@ class RayPool(Backend):
 
     def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
         """Dispatch the clients as one call per chunk; the model is put in the object store once."""
+        if time.monotonic() - self._checked >= HEALTH_S:  # actors answer without a GCS, for 60 s: look first
+            self._check_gcs()
         batch = _Batch(method, ray.put(theta))
         pending = []
         for w, ids, k in split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor):
@@ -253,13 +259,14 @@ class RayPool(Backend):
         while pending.ref is not None:
             # wait on the actor's calls up to this one: seeing the earlier ones finish is its progress
             refs = self._watchdog.outstanding(pending.ref)
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._watchdog.wait_s(), fetch_local=False)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self._wait_s(), fetch_local=False)
             for ref in ready:
                 if ref != pending.ref:
                     self._watchdog.done(ref, timed=False)
             if pending.ref in ready:
                 self._fetch(pending)
             else:
+                self._check_gcs()
                 self._kill_overdue()
         return pending.value
 
@@ -267,8 +274,9 @@ class RayPool(Backend):
         """Yield the dispatched chunks' results as they complete (``ray.wait``), re-running lost ones."""
         waiting = {p.ref: p for p in pending}
         while waiting:
-            done, _ = ray.wait(list(waiting), num_returns=1, timeout=self._watchdog.wait_s())
+            done, _ = ray.wait(list(waiting), num_returns=1, timeout=self._wait_s())
             if not done:
+                self._check_gcs()  # no result for a while: is the cluster still there? then the deadlines
                 self._kill_overdue()
                 continue
             p = waiting.pop(done[0])
@@ -295,6 +303,19 @@ class RayPool(Backend):
         self._watchdog.done(p.ref)
         p.ref = p.slot = p.actor = p.batch = None
         return True
+
+    def _wait_s(self) -> float:
+        """How long to wait for results before looking at the cluster: the nearest deadline, at most HEALTH_S."""
+        wait = self._watchdog.wait_s()
+        return HEALTH_S if wait is None else min(wait, HEALTH_S)
+
+    def _check_gcs(self) -> None:
+        self._checked = time.monotonic()
+        try:
+            check_gcs(self._gcs)
+        except WorkerFailure:
+            self._gcs_lost = True
+            raise
 
     def _kill_overdue(self) -> None:
         """Kill every actor whose oldest call is past its deadline (``actors.watchdog``): its calls then fail
@@ -370,8 +391,9 @@ class RayPool(Backend):
                     slot.info.get("pid"), reason, len(self._slots))
 
     def close(self) -> None:
-        for slot in self._slots:
-            ray.kill(slot.actor)
+        if not self._gcs_lost:  # without a GCS, ray.kill would wait for it; the actors die with their raylet
+            for slot in self._slots:
+                ray.kill(slot.actor)
         self._slots = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()

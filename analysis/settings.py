@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from simulator.config.toml import flatten_dict
+from simulator.rundir.checkpoint import RESUMABLE_KEYS
 
 #: the key whose runs are aggregated over
 SEED_KEY = "seed"
@@ -28,11 +29,7 @@ SEED_KEY = "seed"
 #: switch round). Every other key counts, ``system.*`` included: ``system.mode`` and its ``deadline_s``,
 #: ``overselect``, ``max_concurrency``, ``max_staleness`` change which updates are aggregated, and
 #: ``system.threads`` and ``system.vectorize`` change floating-point results (README "Determinism").
-EXECUTION_ONLY: tuple[str, ...] = (
-    "name", "checkpoint_every", "metrics.flush_every", "system.backend", "system.actors", "system.cpus_per_actor",
-    "system.gpus_per_actor", "system.clients_per_actor", "system.address", "system.ship_code", "system.shard_cache",
-    "system.shard_cache_mb", "system.max_failures", "system.call_timeout_s",
-)
+EXECUTION_ONLY: tuple[str, ...] = ("name", *sorted(RESUMABLE_KEYS - {"rounds"}))
 
 #: keys named first in a label, when they differ
 PRIORITY: tuple[str, ...] = ("algorithm.name", "system.mode", "async.rule", "data.name", "data.partition",

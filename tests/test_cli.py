@@ -324,7 +324,7 @@ def test_the_default_ray_is_the_runs_own_never_a_cluster_found_on_the_machine(tm
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err
         assert time.monotonic() - start < 200
-        own = list(temp.glob("metafleet-ray-*"))  # it started its own local Ray, in a private dir under RAY_TMPDIR
+        own = list(temp.glob("mf-ray-*"))  # it started its own local Ray, in a private dir under RAY_TMPDIR
         assert len(own) == 1 and own[0].stat().st_mode & 0o777 == 0o700 and any((own[0] / "ray").glob("session_*"))
         assert not any((temp / "ray").glob("session_*"))
         bad = _cli("run", "--out", str(tmp_path / "bad"), *_args(small_overrides()),

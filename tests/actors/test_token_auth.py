@@ -3,6 +3,7 @@ cause named, and working with RAY_AUTH_MODE=token. A real head node, in its own 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -65,3 +66,46 @@ def test_joining_a_token_authenticated_cluster(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+OWN_RAY = """
+import json, os, sys, time
+from actors.cluster import connect
+from simulator.config.schema import SystemConfig
+import ray
+connect(SystemConfig())
+print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "mode": os.environ.get("RAY_AUTH_MODE"),
+                  "token": os.environ.get("RAY_AUTH_TOKEN_PATH"), "task": ray.get(ray.remote(lambda: 7).remote())}),
+      flush=True)
+sys.stdin.readline()  # stay up until the test is done
+"""
+
+INTRUDER = """
+import sys, ray
+ray.init(address=sys.argv[1])
+print("CONNECTED", ray.get(ray.remote(lambda: 1).remote()))
+"""
+
+
+def test_the_runs_own_ray_refuses_anyone_without_its_token(tmp_path):
+    """The local Ray a run starts listens on every interface (Ray 2.60), so it requires a fresh token that
+    only this user can read: a client without it (RAY_AUTH_MODE unset, or token mode with another token) is
+    refused; the run's own tasks work."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
+    env |= {"RAY_USAGE_STATS_ENABLED": "0", "HOME": str(tmp_path)}  # no ~/.ray/auth_token to fall back on
+    own = subprocess.Popen([sys.executable, "-c", OWN_RAY], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        info = json.loads(own.stdout.readline())
+        assert info["task"] == 7 and info["mode"] == "token"
+        token = Path(info["token"])
+        assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
+        for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}):
+            intruder = subprocess.run([sys.executable, "-c", INTRUDER, info["gcs"]], cwd=ROOT, env=env | extra,
+                                      capture_output=True, text=True, timeout=120)
+            assert intruder.returncode != 0 and "CONNECTED" not in intruder.stdout, intruder.stdout
+            if extra:  # it reached the GCS, which refused the token
+                assert "AuthenticationError" in intruder.stderr, intruder.stderr[-2000:]
+    finally:
+        own.stdin.close()
+        own.wait(timeout=60)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import tomllib
 
@@ -13,9 +14,13 @@ from simulator.experiment import from_dict, load_config, replace
 from simulator.rundir import checkpoint
 
 
+def replace_name(cfg: ExperimentConfig, name: str) -> ExperimentConfig:
+    return dataclasses.replace(cfg, name=name)
+
+
 def test_defaults_equal_dataclass_defaults():
     cfg = load_config(None)
-    assert cfg == ExperimentConfig()
+    assert cfg == replace_name(ExperimentConfig(), "reptile-sinusoid")  # "" = ALGORITHM-DATASET
     assert cfg.data.name == "sinusoid"
     assert cfg.algorithm.name == "reptile"
     assert cfg.model.hidden == (40, 40)
