@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -95,14 +96,19 @@ class InterruptAt(InlineBackend):
         return super().dispatch(method, theta, keys, client_ids)
 
 
-@pytest.mark.parametrize("overrides", [SYNC, ASYNC], ids=["sync", "async"])
-def test_ctrl_c_mid_round_writes_a_checkpoint_and_resume_completes_exactly(tmp_path, reference, overrides):
-    run_dir = tmp_path / "run"
+def _interrupted(overrides: list[str], run_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """A run stopped by Ctrl-C mid-round (``InterruptAt``): its config and checkpoint."""
     cfg = load_config(None, overrides)
     run_dir.mkdir()
     with InterruptAt(WorkerSpec.from_config(cfg), cfg.system) as backend:
         assert run(cfg, backend, run_dir)["status"] == "interrupted"
-    state = checkpoint.load(run_dir)
+    return cfg, checkpoint.load(run_dir)
+
+
+@pytest.mark.parametrize("overrides", [SYNC, ASYNC], ids=["sync", "async"])
+def test_ctrl_c_mid_round_writes_a_checkpoint_and_resume_completes_exactly(tmp_path, reference, overrides):
+    run_dir = tmp_path / "run"
+    cfg, state = _interrupted(overrides, run_dir)
     done = state["next_round"]
     assert 1 <= done < cfg.rounds
     # the interrupted round's rows are rolled back; every completed round is on disk
@@ -120,11 +126,7 @@ def test_fedopt_moments_travel_in_the_checkpoint_and_resume_is_exact(tmp_path, r
                                                        "algorithm.server_lr=0.05"]
     _run(overrides, tmp_path / "reference")
     run_dir = tmp_path / "run"
-    cfg = load_config(None, overrides)
-    run_dir.mkdir()
-    with InterruptAt(WorkerSpec.from_config(cfg), cfg.system) as backend:
-        assert run(cfg, backend, run_dir)["status"] == "interrupted"
-    state = checkpoint.load(run_dir)
+    cfg, state = _interrupted(overrides, run_dir)
     assert state["opt"]["exp_avg"] is not None and state["opt"]["exp_avg_sq"] is not None
     assert _run(overrides, run_dir, resume=True)["status"] == "completed"
     _assert_same_run(tmp_path / "reference", run_dir)
