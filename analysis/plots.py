@@ -294,6 +294,14 @@ def _any(frame: pd.DataFrame, column: str, positive: bool = False) -> bool:
     return bool((values.fillna(0) > 0).any() if positive else values.notna().any())
 
 
+def _compressed(rounds: pd.DataFrame) -> bool:
+    """Uploads smaller than downloads somewhere: a compressor is on (``[compression]``), so bytes sent per
+    round is worth a figure of its own."""
+    if not {"bytes_up", "bytes_down"} <= set(rounds.columns) or rounds.empty:
+        return False
+    return bool((rounds["bytes_up"] < rounds["bytes_down"]).any())
+
+
 def standard_figures(runset: RunSet, band: str = "t") -> dict[str, Figure]:
     """The standard figures that apply to ``runset``, keyed by file stem; figures without data are skipped.
     Seeds of a setting are drawn as their mean with ``band`` (``"t"`` or ``"minmax"``, ``analysis.stats``)."""
@@ -319,6 +327,7 @@ def standard_figures(runset: RunSet, band: str = "t") -> dict[str, Figure]:
         ("throughput", _any(rounds, "wall_time") and _any(rounds, "num_completed"), lambda: throughput(rounds, band)),
         ("train_loss", _any(rounds, "train_loss"), lambda: curves(rounds, "train_loss", "round", band=band)),
         ("loss_and_epsilon", loss and _any(rounds, "dp_epsilon"), lambda: loss_and_epsilon(rounds)),
+        ("bytes_up", _compressed(rounds), lambda: curves(rounds, "bytes_up", "round", band=band)),
     ]
     return {stem: make() for stem, applies, make in plans if applies}
 

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from analysis.load import RunSet  # noqa: E402
 from analysis.plots import (  # noqa: E402
     PALETTE,
+    _compressed,
     client_cdf,
     curves,
     drops,
@@ -292,3 +293,10 @@ def test_save_figures_is_deterministic(tmp_path, fmt: str) -> None:
         assert one.stat().st_size > 0 and one.read_bytes() == two.read_bytes()
     with pytest.raises(ValueError):
         save_figures(figures, tmp_path, "jpg")
+
+
+def test_bytes_sent_get_a_figure_only_when_uploads_are_compressed():
+    frame = pd.DataFrame({"bytes_up": [100, 100], "bytes_down": [400, 400]})
+    assert _compressed(frame)
+    assert not _compressed(frame.assign(bytes_up=[400, 400]))
+    assert not _compressed(frame.iloc[:0]) and not _compressed(frame.drop(columns="bytes_down"))
