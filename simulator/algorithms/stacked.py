@@ -3,7 +3,8 @@
 The clients of a cohort start from the same theta, so their parameters are stacked along a new client
 dimension and every local step runs for all of them at once with ``torch.func`` (``vmap(grad(loss))``
 over client parameters and batches), or, for plain MLPs, through one batched-matmul forward pass
-(``models.stacked_forward``) whose backward gives every client's own gradient. ``VectorizedCohort`` holds
+(``models.stacked_forward``) whose backward gives every client's own gradient; their plain local SGD
+(``fused_sgd``) runs ``mlpsgd.StackedMLPSGD``, the backward written out. ``VectorizedCohort`` holds
 the pieces an algorithm's ``vectorized_step`` is written with: stacked data groups, per-client
 gradients and losses, SGD steps, full-data losses. Each algorithm's vectorized step lives beside its
 sequential step (``fedavg``, ``maml``, ``perfedavg``, ``metasgd``), draws the same batch plans from the
