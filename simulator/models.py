@@ -104,21 +104,17 @@ _ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sig
 
 StackedForward = Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]
 
+#: a plain MLP's layers in order: ``(weight name, bias name or None)`` for an ``nn.Linear``, else the
+#: elementwise module itself
+MLPLayers = list[tuple[str, str | None] | nn.Module]
 
-def stacked_forward(model: nn.Module) -> StackedForward | None:
-    """For an ``nn.Sequential`` of ``nn.Linear`` layers and elementwise activations (the built-in MLP and
-    factories like it): the forward pass of k clients at once, ``f(params, x)`` with every parameter
-    stacked along a leading client dimension (k x out x in) and ``x`` of shape (k, batch, in).
 
-    Each ``nn.Linear`` becomes one ``torch.baddbmm``: the same products a per-client ``vmap`` of
-    ``functional_call`` computes, without its per-call dispatch (a transposed weight, then a separate
-    bias add per layer), which dominates for small layers. Client j's outputs depend only on its own
-    slice, so the gradient of a sum of client losses with respect to the stacked parameters is each
-    client's own gradient. None for any other model:
-    the caller then vmaps ``functional_call``."""
+def mlp_layers(model: nn.Module) -> MLPLayers | None:
+    """The layers of an ``nn.Sequential`` of ``nn.Linear`` layers and stateless elementwise activations (the
+    built-in MLP and factories like it), or None for any other model."""
     if not isinstance(model, nn.Sequential) or len(model) == 0:
         return None
-    layers: list[tuple[str, str | None] | nn.Module] = []
+    layers: MLPLayers = []
     for name, module in model.named_children():
         if type(module) is nn.Linear:
             layers.append((f"{name}.weight", f"{name}.bias" if module.bias is not None else None))
@@ -126,6 +122,22 @@ def stacked_forward(model: nn.Module) -> StackedForward | None:
             layers.append(module)
         else:
             return None
+    return layers
+
+
+def stacked_forward(model: nn.Module) -> StackedForward | None:
+    """For a plain MLP (``mlp_layers``): the forward pass of k clients at once, ``f(params, x)`` with every
+    parameter stacked along a leading client dimension (k x out x in) and ``x`` of shape (k, batch, in).
+
+    Each ``nn.Linear`` becomes one ``torch.baddbmm``: the same products a per-client ``vmap`` of
+    ``functional_call`` computes, without its per-call dispatch (a transposed weight, then a separate
+    bias add per layer), which dominates for small layers. Client j's outputs depend only on its own
+    slice, so the gradient of a sum of client losses with respect to the stacked parameters is each
+    client's own gradient. None for any other model:
+    the caller then vmaps ``functional_call``."""
+    layers = mlp_layers(model)
+    if layers is None:
+        return None
 
     def forward(params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         h = x

@@ -58,7 +58,8 @@ def local_sgd_cohort(engine: VectorizedCohort, theta: torch.Tensor, shards: Sequ
     def local(params: Params, g: Group) -> Params:
         return engine.sgd(params, g, cfg.local_steps, cfg.local_lr, rho)
 
-    return engine.delta_updates(theta, data, plans, cfg.batch_size, local)
+    fused = None if rho else engine.fused_sgd(cfg.local_steps, cfg.local_lr)  # plain MLPs: written-out backward
+    return engine.delta_updates(theta, data, plans, cfg.batch_size, local, fused)
 
 
 def local_sgd_samples(cfg: AlgorithmConfig, n_support: int, n_query: int) -> int:

@@ -3,7 +3,8 @@
 The clients of a cohort start from the same theta, so their parameters are stacked along a new client
 dimension and every local step runs for all of them at once with ``torch.func`` (``vmap(grad(loss))``
 over client parameters and batches), or, for plain MLPs, through one batched-matmul forward pass
-(``models.stacked_forward``) whose backward gives every client's own gradient. ``VectorizedCohort`` holds
+(``models.stacked_forward``) whose backward gives every client's own gradient; their plain local SGD
+(``fused_sgd``) runs ``mlpsgd.StackedMLPSGD``, the backward written out. ``VectorizedCohort`` holds
 the pieces an algorithm's ``vectorized_step`` is written with: stacked data groups, per-client
 gradients and losses, SGD steps, full-data losses. Each algorithm's vectorized step lives beside its
 sequential step (``fedavg``, ``maml``, ``perfedavg``, ``metasgd``), draws the same batch plans from the
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from simulator.algorithms.mlpsgd import StackedMLPSGD
 from simulator.algorithms.record import Algorithm, Batch, ClientUpdate
 from simulator.algorithms.steps import batch_plan, processed
 from simulator.config.schema import AlgorithmConfig
@@ -41,6 +43,9 @@ from simulator.models import stacked_forward
 from simulator.params import Params, flatten, unflatten
 
 log = logging.getLogger("metafleet.vectorized")
+
+#: one group's fused local SGD: (theta, group) -> (k x P deltas, k x n losses before, k x n losses after)
+FusedSGD = Callable[[torch.Tensor, "Group"], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def unsupported_reason(model: nn.Module, algorithm: Algorithm | None = None,
@@ -92,9 +97,10 @@ def stack(splits: Sequence[Split], plans: Sequence[list[Batch]], rows: list[int]
 
     x = torch.stack([pad(s.x) for s in splits])
     y = torch.stack([pad(s.y) for s in splits])
-    mask = torch.stack([pad(torch.ones(len(s), device=device)) for s in splits])
+    sizes = torch.tensor([len(s) for s in splits], device=device)
+    mask = (torch.arange(n_max, device=device) < sizes[:, None]).to(torch.float32)
     full = plans[0][0] is None if plans[0] else True
-    idx = None if full else torch.from_numpy(np.stack([np.stack(p) for p in plans])).to(device)
+    idx = None if full else torch.from_numpy(np.asarray(plans)).to(device)
     return Group(rows, x, y, mask, idx)
 
 
@@ -112,6 +118,7 @@ class VectorizedCohort:
         self.shapes = [p.shape for p in model.parameters()]
         self.pointwise = pointwise_loss(task)
         self.stacked = stacked_forward(model)  # a batched-matmul forward for plain MLPs, else None
+        self.mlp = StackedMLPSGD.build(model, task)  # local SGD with a written-out backward, plain MLPs
 
     # ------------------------------------------------------------------ functional pieces
     def expand(self, theta: torch.Tensor, k: int) -> Params:
@@ -200,32 +207,52 @@ class VectorizedCohort:
         return params
 
     def full_losses(self, params: Params, g: Group, sizes: list[int]) -> list[float]:
-        """Each client's mean loss over its own samples, summed over exactly its n_i values (not over
-        the padded row), so the figure does not depend on which clients shared the group: ``math.fsum``
-        of the float32 values, correctly rounded whatever their order."""
+        """Each client's mean loss over its own samples (``client_means`` of the per-sample losses)."""
         with torch.no_grad():
             if self.stacks(g.x):
                 pointwise = self.stacked_rows(params, g.x, g.y)
             else:
                 pointwise = vmap(lambda p, x, y: self.pointwise(functional_call(self.model, p, (x,)), y))(
                     params, g.x, g.y)
+        return self.client_means(pointwise, sizes)
+
+    @staticmethod
+    def client_means(pointwise: torch.Tensor, sizes: list[int]) -> list[float]:
+        """Each client's mean of its k x n_max per-sample losses, summed over exactly its n_i values (not over
+        the padded row), so the figure does not depend on which clients shared the group: ``math.fsum``
+        of the float32 values, correctly rounded whatever their order."""
         rows = pointwise.tolist()
         return [math.fsum(rows[j][:n]) / n for j, n in enumerate(sizes)]
 
+    def fused_sgd(self, steps: int, lr: float) -> FusedSGD | None:
+        """Plain local SGD (no proximal term) through ``StackedMLPSGD`` where the model is a plain MLP,
+        for ``delta_updates``' ``fused``; None for any other model."""
+        if self.mlp is None:
+            return None
+        mlp = self.mlp
+        return lambda theta, g: mlp.local_sgd(theta, g.x, g.y, g.plans, steps, lr)
+
     def delta_updates(self, theta: torch.Tensor, data: list[Split], plans: list[list[Batch]], batch_size: int,
-                      local: Callable[[Params, Group], Params]) -> list[ClientUpdate]:
+                      local: Callable[[Params, Group], Params], fused: FusedSGD | None = None) -> list[ClientUpdate]:
         """Client steps that start from theta on each client's whole local data and return w_final - theta
         (FedAvg, Reptile, Per-FedAvg): ``local(params, group)`` runs one group's steps on its stacked
-        parameters; the full-data losses before and after, and the updates, are written here."""
+        parameters; the full-data losses before and after, and the updates, are written here. ``fused``
+        (``fused_sgd``), where the stacked forward applies, replaces all of that: deltas and per-sample
+        losses from one call."""
         out: list[ClientUpdate | None] = [None] * len(data)
         for rows, run in self.groups([group_key(len(d), batch_size) for d in data]):
             g = stack([data[i] for i in run], [plans[i] for i in run], run)
             sizes = [len(data[i]) for i in run]
-            params = self.expand(theta, len(run))
-            before = self.full_losses(params, g, sizes)
-            params = {n: p.detach() for n, p in local(params, g).items()}
-            after = self.full_losses(params, g, sizes)
-            delta = self.rows(params) - theta
+            if fused is not None and self.stacks(g.x):
+                with torch.no_grad():
+                    delta, pre, post = fused(theta, g)
+                before, after = self.client_means(pre, sizes), self.client_means(post, sizes)
+            else:
+                params = self.expand(theta, len(run))
+                before = self.full_losses(params, g, sizes)
+                params = {n: p.detach() for n, p in local(params, g).items()}
+                after = self.full_losses(params, g, sizes)
+                delta = self.rows(params) - theta
             for j, i in enumerate(rows):
                 out[i] = ClientUpdate(delta[j], before[j], after[j], processed(len(data[i]), plans[i]))
         return out  # type: ignore[return-value]

@@ -66,14 +66,21 @@ def test_the_factory_names_the_algorithm_and_bad_factories_are_config_errors():
             load_config(None, overrides)
 
 
-def test_fedprox_with_mu_zero_is_fedavg_bit_for_bit(tmp_path):
+def test_fedprox_with_mu_zero_is_fedavg(tmp_path):
     for vectorize in (False, True):
         fedavg = _run(tmp_path, f"fedavg-{vectorize}", **{"algorithm.name": "fedavg", "system.backend": "inline",
                                                          "system.vectorize": vectorize})
         prox = _run(tmp_path, f"prox0-{vectorize}", **{"algorithm.factory": f"{MODULE}:fedprox_mu0",
                                                        "system.backend": "inline", "system.vectorize": vectorize})
-        for name in fedavg:
-            pd.testing.assert_frame_equal(fedavg[name], prox[name], check_exact=True)
+        if not vectorize:  # the same autograd steps: bit for bit
+            for name in fedavg:
+                pd.testing.assert_frame_equal(fedavg[name], prox[name], check_exact=True)
+            continue
+        # vectorized, the built-in FedAvg takes the written-out backward of plain MLPs (simulator.algorithms.mlpsgd)
+        # and the user's step autograd: the same maths in another summation order (float32 rounding only)
+        for col in ("loss_before", "loss_after", "update_norm"):
+            np.testing.assert_allclose(prox["clients"][col], fedavg["clients"][col], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(prox["rounds"]["eval_loss_post"], fedavg["rounds"]["eval_loss_post"], rtol=1e-4)
 
 
 def test_a_user_algorithm_runs_inline_and_on_ray_sequential_and_vectorized(ray_session, tmp_path):

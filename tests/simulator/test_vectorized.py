@@ -139,3 +139,60 @@ def test_the_stacked_forward_gives_the_updates_of_the_vmapped_one(algorithm, ext
     np.testing.assert_allclose(stacked.loss_before, vmapped.loss_before, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(stacked.loss_after, vmapped.loss_after, rtol=loss_rtol, atol=1e-7)
     assert np.abs(stacked.vectors).max() > 0
+
+
+# ---------------------------------------------------------------------------------- the written-out backward
+
+@pytest.mark.parametrize("task", ["classification", "regression"])
+@pytest.mark.parametrize("batch", [3, 0], ids=["mini-batch", "full batch"])
+def test_the_written_out_backward_gives_autograds_sgd_steps(task, batch):
+    from torch import nn
+    from torch.func import functional_call
+
+    from simulator.algorithms.mlpsgd import StackedMLPSGD
+    from simulator.params import flat_params as flat
+
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    outputs = 4 if task == "classification" else 2
+    # ReLU, Tanh and Sigmoid take their output's kernel; GELU goes through autograd; a layer without a bias
+    net = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6, bias=False), nn.Tanh(), nn.Linear(6, 6),
+                        nn.GELU(), nn.Linear(6, 5), nn.Sigmoid(), nn.Linear(5, outputs))
+    engine = StackedMLPSGD.build(net, task)
+    assert engine is not None
+    k, n, steps, lr = 3, 8, 4, 0.3
+    x = torch.randn(k, n, 5, generator=gen)
+    y = (torch.randint(0, outputs, (k, n), generator=gen) if task == "classification"
+         else torch.randn(k, n, outputs, generator=gen))
+    plans = torch.randint(0, n, (k, steps, batch), generator=gen) if batch else None
+    theta = flat(net)
+    delta, before, after = engine.local_sgd(theta, x, y, plans, steps, lr)
+    loss = nn.functional.cross_entropy if task == "classification" else nn.functional.mse_loss
+    for j in range(k):  # client j by autograd, one SGD step after another
+        p = {name: t.detach().clone().requires_grad_(True) for name, t in net.named_parameters()}
+        with torch.no_grad():
+            want_before = [float(loss(functional_call(net, p, (x[j][i:i + 1],)), y[j][i:i + 1])) for i in range(n)]
+        for s in range(steps):
+            rows = plans[j, s] if batch else torch.arange(n)
+            grads = torch.autograd.grad(loss(functional_call(net, p, (x[j][rows],)), y[j][rows]), list(p.values()))
+            p = {name: (t - lr * g).detach().requires_grad_(True)
+                 for (name, t), g in zip(p.items(), grads, strict=True)}
+        want = torch.cat([t.detach().reshape(-1) for t in p.values()]) - theta
+        # float32 sums in other orders: a gradient entry sums at most b * width products, each off by up to
+        # that many unit roundoffs u, and steps of them add up in the update
+        longest = (batch or n) * max(max(t.shape) for t in net.parameters())
+        atol = steps * longest * np.finfo(np.float32).eps / 2 * float(want.abs().max())
+        torch.testing.assert_close(delta[j], want, rtol=1e-5, atol=atol)
+        torch.testing.assert_close(before[j], torch.tensor(want_before), rtol=1e-5, atol=1e-7)
+        assert after[j].shape == (n,)
+    assert float(delta.abs().max()) > 0
+
+
+def test_in_place_activations_other_than_relu_keep_the_autograd_path():
+    from torch import nn
+
+    from simulator.algorithms.mlpsgd import StackedMLPSGD
+
+    assert StackedMLPSGD.build(nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 2)), "x") is not None
+    assert StackedMLPSGD.build(nn.Sequential(nn.Linear(3, 4), nn.ELU(inplace=True), nn.Linear(4, 2)), "x") is None
+    assert StackedMLPSGD.build(nn.Sequential(nn.Conv1d(1, 1, 1)), "x") is None
