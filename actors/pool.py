@@ -208,7 +208,7 @@ class RayPool(Backend):
             actors.extend(self._start(i, self._fault) for i in range(n))
             try:
                 infos = ray.get([a.describe.remote() for a in actors])
-            except RayActorError as exc:  # the worker raised while it built its data or model
+            except LOST as exc:  # the worker raised while it built its data or model, or was killed (memory)
                 raise ConfigError(f"the client actors could not start: {creation_error(exc)}; fix the config or "
                                   "the factory (every Ray node must be able to import it)") from None
         except BaseException:
