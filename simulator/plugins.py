@@ -4,11 +4,13 @@ driver and in every worker.
 
 Where a factory's module comes from (``locate``, when the config is read):
 
-1. a module Python can import as it is (installed, or on ``PYTHONPATH``) is imported by name;
+1. a module Python imports by name from elsewhere (installed, or on ``PYTHONPATH`` outside the two directories
+   below) is imported by name;
 2. otherwise its file is looked for next to the config file, then in the working directory
    (``package/module.py`` or ``package/module/__init__.py``; a ``.py`` path relative to the same places),
    and the factory is recorded as that file's absolute path (``/abs/dir/my_algorithms.py:fedprox``), as
-   ``data.path`` is: ``config.toml`` then names the file wherever the run is resumed from.
+   ``data.path`` is: ``config.toml`` then names the file wherever the run is resumed from, and Ray workers,
+   whose ``sys.path`` and working directory are not the driver's, load the same file.
 
 A file is loaded by itself (``importlib.util.spec_from_loader``) under a private module name
 (``_metafleet_factory_<stem>_<hash>``, registered in ``sys.modules``), never by putting its directory on
@@ -44,18 +46,23 @@ def _split(key: str, spec: str) -> tuple[str, str]:
     return module, attr
 
 
-def _importable(module: str) -> bool:
+def _origin(module: str) -> Path | None:
+    """The file ``module`` imports from by name here (None: it does not import; a built-in or namespace
+    package: the root, so that it counts as installed)."""
     try:
-        return importlib.util.find_spec(module) is not None
+        found = importlib.util.find_spec(module)
     except (ImportError, ValueError, AttributeError):  # a parent that is not a package, or an odd name
-        return False
+        return None
+    if found is None:
+        return None
+    return Path(found.origin).resolve() if found.origin and found.has_location else Path("/")
 
 
 def locate(key: str, spec: str, roots: Sequence[Path]) -> str:
-    """``spec`` as the config records it: unchanged when its module imports by name, else the absolute path of
-    its file found under ``roots`` (the config file's directory, then the working directory). A ``.py`` path
-    that is in none of them is a ConfigError naming ``key``; a module that is nowhere is left for
-    ``load_factory`` to report."""
+    """``spec`` as the config records it: unchanged when its module imports by name from outside ``roots``, else
+    the absolute path of its file found under ``roots`` (the config file's directory, then the working
+    directory). A ``.py`` path that is in none of them is a ConfigError naming ``key``; a module that is nowhere
+    is left for ``load_factory`` to report."""
     module, attr = _split(key, spec)
     if module.endswith(".py"):
         path = Path(module).expanduser()
@@ -65,8 +72,9 @@ def locate(key: str, spec: str, roots: Sequence[Path]) -> str:
                 return f"{candidate.resolve()}:{attr}"
         raise ConfigError(f"{key} = {spec!r}: no file {module!r} in {', '.join(map(str, roots))}; fix the path "
                           "(relative to the config file's directory or the working directory)")
-    if _importable(module):
-        return spec
+    origin = _origin(module)
+    if origin is not None and not any(origin.is_relative_to(root) for root in roots):
+        return spec  # installed, or on PYTHONPATH elsewhere: imported by name, in the workers too
     parts = module.split(".")
     for root in roots:
         for candidate in (root.joinpath(*parts).with_suffix(".py"), root.joinpath(*parts, "__init__.py")):
