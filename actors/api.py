@@ -55,12 +55,13 @@ def experiment(source: Source = None, overrides: Mapping[str, Any] | Iterable[st
     quickstart), then ``overrides`` (dotted keys to values, ``{"algorithm.name": "maml"}``, or the CLI's
     ``["algorithm.name='maml'"]`` strings) and keyword tables or top-level keys (``rounds=50``,
     ``algorithm={"name": "maml"}``). The same validation as the CLI: a ``ConfigError`` names the key."""
+    config_dir = None  # where factory files are looked for first: the TOML file's directory
     if isinstance(source, ExperimentConfig):
         raw = to_dict(source)
     elif isinstance(source, Mapping):
         raw = {k: dict(v) if isinstance(v, Mapping) else v for k, v in source.items()}
     elif source is not None:
-        raw = read_toml(source)
+        raw, config_dir = read_toml(source), Path(source).parent
     else:
         raw = {}
     for key, value in keys.items():
@@ -69,7 +70,7 @@ def experiment(source: Source = None, overrides: Mapping[str, Any] | Iterable[st
             raw[key] = {**(current if isinstance(current, dict) else {}), **value}
         else:
             raw[key] = value
-    return from_dict(set_dotted(raw, _changes(overrides)))
+    return from_dict(set_dotted(raw, _changes(overrides)), config_dir)
 
 
 def _changes(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:

@@ -24,9 +24,11 @@ from typing import Any
 import ray
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Column
 
 from actors import api, sweep
 from analysis import commands
+from analysis.datasets import all_clients_note
 from simulator.algorithms.registry import ALGORITHMS
 from simulator.config.schema import EXIT_BAD_INPUT, ConfigError, ExperimentConfig
 from simulator.rundir.files import RunDirWriteError
@@ -74,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}g}"
+    """A summary or row value: "n/a" where it was not measured (None in summary.json, NaN in a row), the text
+    of one that JSON cannot hold as a number ("inf")."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    return x if isinstance(x, str) else f"{x:.{digits}g}"
 
 
 def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -92,7 +98,7 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
               f"{_fmt(final['eval_loss_post'])} after {summary['adapt_steps']} adaptation steps "
               f"(after round {first['round']}: {_fmt(first['eval_loss_pre'])} -> {_fmt(first['eval_loss_post'])})",
               file=out)
-        if not math.isnan(final["eval_metric_post"]):
+        if final["eval_metric_post"] is not None:  # null: a regression task has no accuracy
             print(f"held-out accuracy: {_fmt(final['eval_metric_pre'], 3)} before -> "
                   f"{_fmt(final['eval_metric_post'], 3)} after adaptation "
                   f"(after round {first['round']}: {_fmt(first['eval_metric_post'], 3)})", file=out)
@@ -103,22 +109,53 @@ def _print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"results: {run_dir}/ ({', '.join(files)})", file=out)
 
 
-def _progress(cfg: ExperimentConfig, enabled: bool):
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
-    progress = Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=False)
+#: the progress line's name column at most (longer names end in an ellipsis); its bar on narrow terminals
+NAME_WIDTH, NARROW, NARROW_BAR, WIDE_BAR = 24, 100, 12, 30
+
+
+def _info(width: int, train: float, pre: float | None = None, post: float | None = None) -> str:
+    """The progress line's text after the ETA, as long as fits ``width`` characters: train loss and the latest
+    held-out losses before -> after adaptation, shortened, then dropped (the bar, count and ETA stay)."""
+    tl = _fmt(train, 3)
+    if pre is None or post is None:
+        candidates = [f"train loss {tl}", f"loss {tl}"]
+    else:
+        held = f"{_fmt(pre, 3)} -> {_fmt(post, 3)}"
+        candidates = [f"train loss {tl} | held-out loss {held} adapted", f"train loss {tl} | held-out {held}",
+                      f"loss {tl} | held-out {held}", f"held-out {held}", f"loss {tl}"]
+    return next((c for c in candidates if len(c) <= width), "")
+
+
+def _progress(cfg: ExperimentConfig, enabled: bool, console: Console | None = None):
+    """The live progress line, laid out for the terminal's width: name, bar, count, (elapsed,) ETA and as much of
+    the loss text as fits, on one line also at 80 columns."""
+    console = console or Console(stderr=True)
+    width = console.width
     unit = "server updates" if cfg.system.mode == "async" else "rounds"
-    task = progress.add_task(f"{cfg.name} {unit}", total=cfg.rounds, info="")
-    state = {"eval": ""}
+    name = f"{cfg.name} {unit}"
+    name_width = min(len(name), NAME_WIDTH)
+    narrow = width < NARROW
+    bar = NARROW_BAR if narrow else WIDE_BAR
+    count = 2 * len(str(cfg.rounds)) + 1
+    times = 1 if narrow else 2  # h:mm:ss each; narrow terminals show the ETA only
+    columns = [TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis",
+                                                                          max_width=name_width)),
+               BarColumn(bar_width=bar), MofNCompleteColumn(), *([] if narrow else [TimeElapsedColumn()]),
+               TextColumn("eta"), TimeRemainingColumn(),
+               TextColumn("{task.fields[info]}", table_column=Column(no_wrap=True, overflow="ellipsis"))]
+    # one space between columns; what is left after the fixed columns is the info text's
+    room = width - (name_width + bar + count + 3 + 7 * times) - (len(columns) - 1) - 1
+    progress = Progress(*columns, console=console, disable=not enabled, transient=False)
+    task = progress.add_task(name, total=cfg.rounds, info="")
+    state: dict[str, float | None] = {"pre": None, "post": None}
 
     def on_round(row: dict[str, Any]) -> None:
         if not math.isnan(row["eval_loss_post"]):
-            state["eval"] = (f" | held-out loss {_fmt(row['eval_loss_pre'], 3)} -> "
-                             f"{_fmt(row['eval_loss_post'], 3)} adapted")
+            state["pre"], state["post"] = row["eval_loss_pre"], row["eval_loss_post"]
             if not enabled:
-                print(f"round {row['round']}: train loss {_fmt(row['train_loss'], 4)}{state['eval']}",
-                      file=sys.stderr, flush=True)
-        progress.update(task, advance=1, info=f"train loss {_fmt(row['train_loss'], 3)}{state['eval']}")
+                print(f"round {row['round']}: train loss {_fmt(row['train_loss'], 4)} | held-out loss "
+                      f"{_fmt(state['pre'], 3)} -> {_fmt(state['post'], 3)} adapted", file=sys.stderr, flush=True)
+        progress.update(task, advance=1, info=_info(room, row["train_loss"], state["pre"], state["post"]))
 
     return progress, on_round
 
@@ -205,8 +242,10 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
     cfg, run_dir = started.cfg, started.run_dir
     workers = started.backend.describe()
     devices = sorted({str(w["device"]) for w in workers})
+    note = all_clients_note(cfg.data, started.prepared.dataset)  # an unset data.num_clients of a file dataset
     print(f"metafleet: {cfg.name}: {cfg.algorithm.name} on {cfg.data.name}, {cfg.data.num_clients} "
-          f"clients ({cfg.clients.per_round} per round), {len(workers)} {cfg.system.backend} worker(s) "
+          f"clients ({note + '; ' if note else ''}{cfg.clients.per_round} per round), {len(workers)} "
+          f"{cfg.system.backend} worker(s) "
           f"on {', '.join(devices)}; writing {run_dir}/", file=sys.stderr)
     progress, on_round = _progress(cfg, enabled=not args.no_progress and sys.stderr.isatty())
     try:

@@ -12,12 +12,13 @@ set: a refused connection says so.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import ray
@@ -82,6 +83,20 @@ def require_token(private_dir: Path) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _neutral_cwd(directory: Path) -> Iterator[None]:
+    """Run ``ray.init`` from ``directory`` (this run's private, empty temp directory), then return. Ray puts the
+    driver's working directory at the front of every worker's ``sys.path`` (and starts a local Ray's workers in
+    it), so a user's ``simulator.py`` or ``analysis.py`` there would shadow metafleet's packages in the actors;
+    factory files are loaded by path instead (``simulator.plugins``)."""
+    back = os.getcwd()
+    os.chdir(directory)
+    try:
+        yield
+    finally:
+        os.chdir(back)
+
+
 def connect(system: SystemConfig, on_start: Callable[[str], None] | None = None) -> bool:
     """Start a local Ray (no address) or join a cluster; returns True if this call started or joined it.
     ``on_start`` is told the address first ("" = a local Ray), once the address is known to answer."""
@@ -98,11 +113,13 @@ def connect(system: SystemConfig, on_start: Callable[[str], None] | None = None)
                                  "address": address or "local"}
     if address and system.ship_code:
         kwargs["runtime_env"] = {"py_modules": PACKAGES}
+    temp = private_temp_dir()
     if not address:
-        kwargs["_temp_dir"] = private_temp_dir()
-        require_token(Path(str(kwargs["_temp_dir"])).parent)
+        kwargs["_temp_dir"] = temp
+        require_token(Path(temp).parent)
     try:
-        ray.init(**kwargs)
+        with _neutral_cwd(Path(temp).parent):
+            ray.init(**kwargs)
     except (ConnectionError, RuntimeError, ValueError, OSError) as exc:
         first = (str(exc).strip().splitlines() or [""])[0]
         if not address:

@@ -41,8 +41,8 @@ log = logging.getLogger("metafleet.tracking")
 #: ``dropped_*`` column of the row too, and ``updates_per_s``
 ROUND_SCALARS = ("train_loss", "train_loss_before", "update_norm", "eval_loss_pre", "eval_loss_post",
                  "eval_metric_pre", "eval_metric_post", "num_sampled", "num_completed", "num_dropped",
-                 "staleness_mean", "staleness_max", "sim_time", "wall_time")
-#: client updates per wall-clock second of the round: num_completed / (wall_time - the previous row's wall_time)
+                 "staleness_mean", "staleness_max", "sim_time_s", "wall_time_s")
+#: client updates per wall-clock second of the round: num_completed / (wall_time_s - the previous row's wall_time_s)
 UPDATES_PER_S = "updates_per_s"
 #: the final summary's numbers are logged as ``summary/<key>`` (nested: ``summary/final_eval.eval_loss_post``)
 SUMMARY_PREFIX = "summary/"
@@ -69,7 +69,7 @@ def round_scalars(row: dict[str, Any], previous_wall: float | None) -> dict[str,
     (0.0 before round 0; unknown for the first round after a resume)."""
     keys = (*ROUND_SCALARS, *sorted(k for k in row if k.startswith("dropped_")))
     out = {k: x for k in keys if (x := number(row.get(k))) is not None}
-    wall, done = number(row.get("wall_time")), number(row.get("num_completed"))
+    wall, done = number(row.get("wall_time_s")), number(row.get("num_completed"))
     if previous_wall is not None and wall is not None and done is not None and wall > previous_wall:
         out[UPDATES_PER_S] = done / (wall - previous_wall)
     return out
@@ -262,7 +262,7 @@ class Trackers:
     def on_round(self, row: dict[str, Any]) -> None:
         step = int(row["round"])
         scalars = round_scalars(row, 0.0 if step == 0 else self._previous_wall)
-        self._previous_wall = number(row.get("wall_time"))
+        self._previous_wall = number(row.get("wall_time_s"))
         self._each(f"round {step}", lambda sink: sink.log_round(step, scalars))
 
     def finish(self, summary: dict[str, Any], figures: Iterable[Path] = ()) -> None:

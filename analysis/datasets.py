@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from simulator.config.schema import ExperimentConfig
+from simulator.config.schema import DataConfig, ExperimentConfig
+from simulator.data.base import FederatedDataset
 from simulator.data.registry import make_dataset
 
 #: clients shown in the label-distribution panel
@@ -37,6 +38,7 @@ class DatasetSummary:
     query: np.ndarray              # query size of every client
     histogram: np.ndarray | None   # clients x classes label counts, or None
     skipped: int = 0               # users / clients of the files left out (too few samples)
+    note: str = ""                 # "all 40 users of data.path but the 10 held out" (``all_clients_note``)
 
     @property
     def sizes(self) -> np.ndarray:
@@ -54,6 +56,16 @@ class DatasetSummary:
         return float(0.5 * np.abs(own - pooled).sum(axis=1).mean()), float((hist > 0).sum(axis=1).mean())
 
 
+def all_clients_note(cfg: DataConfig, dataset: FederatedDataset) -> str:
+    """For a file dataset whose training clients are all its clients but the held-out ones (what an unset
+    ``data.num_clients`` means), that fact in words; else ""."""
+    available = int(getattr(dataset, "available", 0))
+    if not available or cfg.num_clients + cfg.eval_clients != available:
+        return ""
+    what = "users" if cfg.name == "leaf" else "clients"
+    return f"all {available} {what} of data.path but the {cfg.eval_clients} held out"
+
+
 def summarize_dataset(cfg: ExperimentConfig) -> DatasetSummary:
     """Build the configured dataset (a ConfigError on bad input) and collect its client statistics."""
     dataset = make_dataset(cfg.data, cfg.seed)
@@ -64,7 +76,8 @@ def summarize_dataset(cfg: ExperimentConfig) -> DatasetSummary:
     skipped = int(getattr(dataset, "skipped_users", 0) or getattr(dataset, "skipped_clients", 0))
     return DatasetSummary(f"{cfg.data.name} ({kind})" if kind else cfg.data.name, dataset.task, dataset.input_dim,
                           dataset.output_dim, cfg.data.num_clients, cfg.data.eval_clients, sizes[:, 0], sizes[:, 1],
-                          None if histogram is None else np.asarray(histogram, dtype=np.int64), skipped)
+                          None if histogram is None else np.asarray(histogram, dtype=np.int64), skipped,
+                          all_clients_note(cfg.data, dataset))
 
 
 def _spread(values: np.ndarray) -> str:
@@ -75,7 +88,7 @@ def summary_lines(s: DatasetSummary) -> list[str]:
     """The printed summary: one fact per line."""
     labels = f"{s.output_dim} classes" if s.task == "classification" else "regression"
     lines = [f"dataset: {s.name}, {s.task}, input dimension {s.input_dim}, {labels}",
-             f"clients: {s.num_clients} training, {s.eval_clients} held-out"
+             f"clients: {s.num_clients} training{f' ({s.note})' if s.note else ''}, {s.eval_clients} held-out"
              + (f" ({s.skipped} more in the files skipped: too few samples)" if s.skipped else ""),
              f"samples: {int(s.sizes.sum())} in all; per client (min / median / max): {_spread(s.sizes)}",
              f"  support (train) per client: {_spread(s.support)}",

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.settings import Grouping, flat_config, group_settings
-from simulator.rundir.metrics import TABLES
+from simulator.rundir.metrics import TABLES, conform
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ def _table(path: Path, name: str) -> pd.DataFrame:
     tables = []
     for f in files:
         try:
-            tables.append(pq.read_table(f, schema=schema))
+            tables.append(conform(pq.read_table(f), name))  # older runs' column names mapped to today's
         except (pa.ArrowException, OSError) as exc:
             warnings.warn(f"{f}: unreadable part skipped ({exc})", stacklevel=3)
     if not tables:

@@ -47,7 +47,7 @@ _METADATA: dict[str, dict[str, Any]] = {"png": {"Software": None}, "svg": {"Date
 
 def curves(rounds: pd.DataFrame, y: str = "eval_loss_post", x: str = "round", title: str | None = None,
            band: str = "t") -> Figure:
-    """``y`` against ``x`` (round or sim_time), one line per label: the mean over its seeds with a shaded band,
+    """``y`` against ``x`` (round or sim_time_s), one line per label: the mean over its seeds with a shaded band,
     the 95% Student-t confidence interval of the mean (``band="t"``) or the min-max range (``"minmax"``)."""
     rounds = tidy(rounds)
     labels = series_labels(rounds)
@@ -257,11 +257,11 @@ def drops(rounds: pd.DataFrame, x: str = "round") -> Figure:
 
 
 def throughput(rounds: pd.DataFrame, band: str = "t") -> Figure:
-    """Client updates per wall-clock second, per round: num_completed / diff(wall_time), one line per label."""
+    """Client updates per wall-clock second, per round: num_completed / diff(wall_time_s), one line per label."""
     rounds = tidy(rounds)
     labels = series_labels(rounds)
-    data = valid(rounds, "round", "wall_time", "num_completed").sort_values(["run", "round"])
-    step = data.groupby("run")["wall_time"].diff().fillna(data["wall_time"])
+    data = valid(rounds, "round", "wall_time_s", "num_completed").sort_values(["run", "round"])
+    step = data.groupby("run")["wall_time_s"].diff().fillna(data["wall_time_s"])
     data = data.assign(_throughput=data["num_completed"] / step.where(step > 0))
     fig = new_figure()
     ax = fig.add_subplot()
@@ -307,13 +307,13 @@ def standard_figures(runset: RunSet, band: str = "t") -> dict[str, Figure]:
     Seeds of a setting are drawn as their mean with ``band`` (``"t"`` or ``"minmax"``, ``analysis.stats``)."""
     rounds, clients, evals = tidy(runset.rounds), tidy(runset.clients), tidy(runset.evals)
     loss, accuracy = _any(rounds, "eval_loss_post"), _any(rounds, "eval_metric_post")
-    timed = _any(rounds, "sim_time")
+    timed = _any(rounds, "sim_time_s")
     plans: list[tuple[str, bool, Any]] = [
         ("loss_by_round", loss, lambda: curves(rounds, "eval_loss_post", "round", band=band)),
-        ("loss_by_sim_time", loss and timed, lambda: curves(rounds, "eval_loss_post", "sim_time", band=band)),
+        ("loss_by_sim_time", loss and timed, lambda: curves(rounds, "eval_loss_post", "sim_time_s", band=band)),
         ("accuracy_by_round", accuracy, lambda: curves(rounds, "eval_metric_post", "round", band=band)),
         ("accuracy_by_sim_time", accuracy and timed,
-         lambda: curves(rounds, "eval_metric_post", "sim_time", band=band)),
+         lambda: curves(rounds, "eval_metric_post", "sim_time_s", band=band)),
         ("personalization_gain", loss and _any(rounds, "eval_loss_pre"),
          lambda: personalization_gain(rounds, band=band)),
         ("personalization_gain_accuracy", accuracy and _any(rounds, "eval_metric_pre"),
@@ -324,7 +324,7 @@ def standard_figures(runset: RunSet, band: str = "t") -> dict[str, Figure]:
         ("drops", _any(rounds, "num_dropped", positive=True) and _any(rounds, "num_completed"),
          lambda: drops(rounds)),
         ("participation", _any(_aggregated(clients), "client_id"), lambda: participation(clients)),
-        ("throughput", _any(rounds, "wall_time") and _any(rounds, "num_completed"), lambda: throughput(rounds, band)),
+        ("throughput", _any(rounds, "wall_time_s") and _any(rounds, "num_completed"), lambda: throughput(rounds, band)),
         ("train_loss", _any(rounds, "train_loss"), lambda: curves(rounds, "train_loss", "round", band=band)),
         ("loss_and_epsilon", loss and _any(rounds, "dp_epsilon"), lambda: loss_and_epsilon(rounds)),
         ("bytes_up", _compressed(rounds), lambda: curves(rounds, "bytes_up", "round", band=band)),

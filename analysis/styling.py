@@ -26,8 +26,8 @@ MARKERS: tuple[str, ...] = ("o", "s", "^", "D", "v", "P", "X", "*")
 HATCHES: tuple[str, ...] = ("", "//", "..", "xx", "\\\\", "++", "oo", "--")
 
 ALIGNED_X = ("round", "model_version")  # integer axes: seeds align on the value, no interpolation
-X_NAMES = {"round": "round", "model_version": "model version", "sim_time": "simulated time (s)",
-            "wall_time": "wall-clock time (s)"}
+X_NAMES = {"round": "round", "model_version": "model version", "sim_time_s": "simulated time (s)",
+            "wall_time_s": "wall-clock time (s)"}
 NAMES = {
     "eval_loss_post": "held-out loss after adaptation", "eval_loss_pre": "held-out loss before adaptation",
     "eval_metric_post": "held-out accuracy after adaptation", "eval_metric_pre": "held-out accuracy before adaptation",
@@ -37,7 +37,7 @@ NAMES = {
     "staleness_mean": "mean staleness (model versions)", "staleness_max": "max staleness (model versions)",
     "num_completed": "client updates per round", "num_dropped": "dropped client updates per round",
     "update_norm": "norm of the global update", "bytes_up": "bytes uploaded per round",
-    "bytes_down": "bytes downloaded per round", "round_sim_duration": "simulated round duration (s)",
+    "bytes_down": "bytes downloaded per round", "round_sim_duration_s": "simulated round duration (s)",
 }
 STAT_SUFFIXES = {"_p10": " (10th percentile over clients)", "_p50": " (median over clients)",
                   "_p90": " (90th percentile over clients)"}

@@ -58,8 +58,8 @@ def summary_table(runset: RunSet) -> pd.DataFrame:
             "final_loss_pre": final("eval_loss_pre"), "final_loss_post": final("eval_loss_post"),
             "best_loss_post": float(evals["eval_loss_post"].min()) if len(evals) else math.nan,
             "final_acc_pre": final("eval_metric_pre"), "final_acc_post": final("eval_metric_post"),
-            "sim_time_s": float(r["sim_time"].iloc[-1]) if len(r) else 0.0,
-            "wall_time_s": float(summary.get("wall_time_s") or (r["wall_time"].iloc[-1] if len(r) else 0.0)),
+            "sim_time_s": float(r["sim_time_s"].iloc[-1]) if len(r) else 0.0,
+            "wall_time_s": float(summary.get("wall_time_s") or (r["wall_time_s"].iloc[-1] if len(r) else 0.0)),
             "updates_per_s": summary.get("steady_updates_per_s") or math.nan,
             "dropped": int(r["num_dropped"].sum()) if len(r) else 0,
         })

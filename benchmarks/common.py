@@ -68,7 +68,7 @@ def run_specs(specs: Sequence[Spec], runs_dir: Path, jobs: int,
 
 def final_evals(rounds: pd.DataFrame) -> pd.DataFrame:
     """One row per run: its last round (always an evaluation round: the driver evaluates after the last
-    one), with ``round``, ``sim_time`` and the eval columns, plus ``finite``: whether the run's training
+    one), with ``round``, ``sim_time_s`` and the eval columns, plus ``finite``: whether the run's training
     losses and its evaluated losses stayed finite (a diverged run has NaN or inf there)."""
     rows = []
     for run, r in rounds.sort_values(["run", "round"]).groupby("run", sort=False):
@@ -76,7 +76,7 @@ def final_evals(rounds: pd.DataFrame) -> pd.DataFrame:
         evaluated = r[["eval_loss_pre", "eval_loss_post"]].to_numpy(dtype=float)
         finite = (bool(np.isfinite(r["train_loss"].to_numpy(dtype=float)).all())
                   and bool(np.isfinite(evaluated[-1]).all()) and not bool(np.isinf(evaluated).any()))
-        rows.append({"run": run, "round": int(last["round"]), "sim_time": float(last["sim_time"]),
+        rows.append({"run": run, "round": int(last["round"]), "sim_time_s": float(last["sim_time_s"]),
                      **{c: float(last[c]) for c in EVAL_COLUMNS}, "finite": finite})
     return pd.DataFrame(rows)
 

@@ -45,7 +45,7 @@ def main() -> None:
     from analysis.plots import curves
 
     rs = load_runs([str(args.runs / s.name) for s in specs])
-    fig = curves(rs.rounds, y="eval_loss_post", x="sim_time",
+    fig = curves(rs.rounds, y="eval_loss_post", x="sim_time_s",
                  title="held-out loss after adaptation, 0.01 Mbit/s uplink: none vs int8 vs top-k 0.1")
     print("figure:", *save({"compression": fig}, HERE / "figures"))
     last = final_evals(rs.rounds).set_index("run")
@@ -53,7 +53,7 @@ def main() -> None:
     for method, run in zip(METHODS, sorted(rs.rounds["run"].unique(), key=order(specs)), strict=True):
         r = rs.rounds[rs.rounds["run"] == run]
         rows.append({"method": method, "bytes_up_per_round": int(r["bytes_up"].iloc[0]),
-                     "sim_time_s": float(last.loc[run, "sim_time"]),
+                     "sim_time_s": float(last.loc[run, "sim_time_s"]),
                      "eval_loss_post": float(last.loc[run, "eval_loss_post"])})
     table = pd.DataFrame(rows)
     text = markdown([(t.method, f"{t.bytes_up_per_round:,}", f"{t.sim_time_s:,.0f}", f"{t.eval_loss_post:.3f}")

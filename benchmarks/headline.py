@@ -64,7 +64,7 @@ def straggler_modes(seeds: tuple[int, ...], sync_rounds: int) -> Study:
 def figures(sweep_dir: Path, out: Path, stem: str) -> list[Path]:
     runset = load_runs([sweep_dir])
     figs = {f"{stem}_loss": curves(runset.rounds, "eval_loss_post", "round", band="t"),
-            f"{stem}_loss_by_sim_time": curves(runset.rounds, "eval_loss_post", "sim_time", band="t")}
+            f"{stem}_loss_by_sim_time": curves(runset.rounds, "eval_loss_post", "sim_time_s", band="t")}
     if runset.rounds["eval_metric_post"].notna().any():
         figs[f"{stem}_accuracy"] = curves(runset.rounds, "eval_metric_post", "round", band="t")
     paths = save_figures(figs, out, "png")

@@ -68,7 +68,7 @@ MODES = {
 SHORT = {"sync": "sync", "deadline": "dl", "overselect": "os", "fedbuff": "buff", "fedasync": "async",
          "overselect_hi": "os_hi"}
 RAY_CELLS = [(a, m) for a in ("reptile", "maml", "pfedavg") for m in ("sync", "fedbuff")]
-WALL_CLOCK = {"rounds": ("wall_time",), "clients": ("compute_time_s", "actor_id"), "evals": ("actor_id",)}
+WALL_CLOCK = {"rounds": ("wall_time_s",), "clients": ("compute_time_s", "actor_id"), "evals": ("actor_id",)}
 SORT_KEYS = {"rounds": ["round"], "clients": ["round", "client_id"], "evals": ["round", "client_id"]}
 SUMMARY_WALL_CLOCK = ("wall_time_s", "updates_per_s", "steady_updates_per_s", "workers")
 CELL_TIMEOUT_S = 600

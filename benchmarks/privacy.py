@@ -35,7 +35,8 @@ def one(sigma: float, seed: int, rounds: int) -> dict[str, float]:
     cfg = load_config(None, BASE + [f"privacy.noise_multiplier={sigma}", f"seed={seed}", f"rounds={rounds}"])
     with tempfile.TemporaryDirectory() as tmp, InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
         s = run(cfg, backend, Path(tmp) / "run")
-    return {"sigma": sigma, "seed": seed, "epsilon": s["dp_epsilon"], "first": s["first_eval"]["eval_loss_post"],
+    eps = s["dp_epsilon"]  # summary.json's strict JSON: "inf" for sigma = 0
+    return {"sigma": sigma, "seed": seed, "epsilon": float(eps), "first": s["first_eval"]["eval_loss_post"],
             "final": s["final_eval"]["eval_loss_post"], "final_pre": s["final_eval"]["eval_loss_pre"]}
 
 

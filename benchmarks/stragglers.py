@@ -241,13 +241,13 @@ def summarize(results: list[tuple[RunSpec, dict[str, Any], pd.DataFrame]]) -> tu
         r = r.assign(client_updates=r["num_completed"].cumsum())
         ev = r.dropna(subset=["eval_metric_post"])
         curves.append(ev.assign(algorithm=spec.algorithm, policy=spec.policy)[
-            ["algorithm", "policy", "round", "sim_time", "client_updates", "eval_metric_pre", "eval_metric_post",
+            ["algorithm", "policy", "round", "sim_time_s", "client_updates", "eval_metric_pre", "eval_metric_post",
              "eval_loss_pre", "eval_loss_post"]])
         done = r["num_completed"].to_numpy()
         rows.append({
             "algorithm": spec.algorithm, "policy": spec.policy,
             "final_acc": float(ev["eval_metric_post"].iloc[-1]),
-            "sim_time_s": float(r["sim_time"].iloc[-1]), "horizon_s": spec.horizon_s,
+            "sim_time_s": float(r["sim_time_s"].iloc[-1]), "horizon_s": spec.horizon_s,
             "server_updates": len(r), "client_updates": int(done.sum()),
             **{f"dropped_{k}": int(r[f"dropped_{k}"].sum()) for k in DROP_REASONS},
             "staleness_mean": float(np.nansum(r["staleness_mean"] * done) / max(done.sum(), 1)),
@@ -266,7 +266,7 @@ def summarize(results: list[tuple[RunSpec, dict[str, Any], pd.DataFrame]]) -> tu
             c = curve[(curve.algorithm == algorithm) & (curve.policy == table.at[i, "policy"])]
             hit = c[c["eval_metric_post"] >= target]
             if len(hit):
-                table.loc[i, "time_to_target_s"] = float(hit["sim_time"].iloc[0])
+                table.loc[i, "time_to_target_s"] = float(hit["sim_time_s"].iloc[0])
                 table.loc[i, "updates_to_target"] = float(hit["client_updates"].iloc[0])
         # sync never reaching the target within the horizon makes the ratio a lower bound: horizon / time
         sync = table.loc[group.index][table.loc[group.index, "policy"] == "sync"]["time_to_target_s"]
@@ -321,7 +321,7 @@ def plot(table: pd.DataFrame, curve: pd.DataFrame, settings: dict[str, Any], pat
             color, ls, marker = STYLE[policy]
             t = rows[rows.policy == policy]["time_to_target_s"].iloc[0]
             label = f"{policy} (target at {t:,.0f} s)" if not math.isnan(t) else f"{policy} (target not reached)"
-            ax.plot(c["sim_time"], c["eval_metric_post"], color=color, ls=ls, marker=marker, ms=3.5, lw=1.6,
+            ax.plot(c["sim_time_s"], c["eval_metric_post"], color=color, ls=ls, marker=marker, ms=3.5, lw=1.6,
                     label=label)
         if len(rows):
             target = float(rows["target_acc"].iloc[0])

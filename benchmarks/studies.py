@@ -120,7 +120,7 @@ def algorithms_study(preset: str, out: Path, jobs: int) -> dict[str, Any]:
             rounds, "eval_loss_post", "round",
             title=f"{dataset}: held-out loss ({what}) after 10 adaptation steps by round; {shared}")
         figures[f"{dataset}_loss_by_sim_time"] = plots.curves(
-            rounds, "eval_loss_post", "sim_time",
+            rounds, "eval_loss_post", "sim_time_s",
             title=f"{dataset}: held-out loss ({what}) after 10 adaptation steps by simulated time "
                   f"(log-normal device speeds and bandwidths); {shared}")
         figures[f"{dataset}_personalization_gain"] = plots.personalization_gain(rounds, "loss")
@@ -135,7 +135,7 @@ def algorithms_study(preset: str, out: Path, jobs: int) -> dict[str, Any]:
     per_run["gain_acc"] = per_run["eval_metric_post"] - per_run["eval_metric_pre"]
     stats = mean_std(per_run, ["dataset", "algorithm"],
                      ["eval_loss_pre", "eval_loss_post", "gain_loss", "post_vs_fedavg", "eval_metric_pre",
-                      "eval_metric_post", "sim_time", "wall_s"])
+                      "eval_metric_post", "sim_time_s", "wall_s"])
     stats["all_finite"] = per_run.groupby(["dataset", "algorithm"], sort=False)["finite"].all().to_numpy()
     stats["final_round"] = int(per_run["round"].max())
     text = algorithms_markdown(stats)

@@ -26,6 +26,7 @@ from simulator.config.schema import (
     ExperimentConfig,
     ModelConfig,
 )
+from simulator.plugins import factory_sources
 
 
 class WorkerFailure(RuntimeError):
@@ -48,13 +49,16 @@ class WorkerSpec:
     shard_cache_mb: float = 512.0
     proximal_rho: float = 0.0   # FedAsync's proximal client term (async.proximal_rho, FedAsync runs only)
     compression: CompressionConfig = CompressionConfig()  # how uploads are encoded (``simulator.compression``)
+    #: (path, source) of the factories given as files (``simulator.plugins``): workers on other nodes load these
+    factory_sources: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> WorkerSpec:
         fedasync = cfg.system.mode == "async" and cfg.async_.rule == "fedasync"
         return cls(cfg.seed, cfg.data, cfg.model, cfg.algorithm, cfg.eval, cfg.system.threads,
                    cfg.system.shard_cache, cfg.system.vectorize, cfg.system.shard_cache_mb,
-                   cfg.async_.proximal_rho if fedasync else 0.0, cfg.compression)
+                   cfg.async_.proximal_rho if fedasync else 0.0, cfg.compression,
+                   factory_sources((cfg.model.factory, cfg.algorithm.factory)))
 
 
 @dataclass(frozen=True)

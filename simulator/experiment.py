@@ -30,8 +30,9 @@ from simulator.config.schema import (
     section,
 )
 from simulator.config.toml import build, parse_overrides, read_toml, set_dotted, shown, to_dict
-from simulator.data.registry import DATASETS
+from simulator.data.registry import DATASETS, FILE_DATASETS
 from simulator.models import MODELS
+from simulator.plugins import locate, search_roots
 from simulator.privacy.settings import check_privacy
 
 #: the longest run name in UTF-8 bytes (a run directory is NAME-YYYYmmdd-HHMMSS[-N], within a file name's 255)
@@ -45,9 +46,10 @@ MAX_CLIENT_ID = 2**62
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read ``path`` (TOML; None for the quickstart), apply ``key.sub=value`` overrides, validate."""
+    """Read ``path`` (TOML; None for the quickstart), apply ``key.sub=value`` overrides, validate (factory files
+    are looked for next to ``path``, then in the working directory)."""
     raw = read_toml(path) if path is not None else {}
-    return from_dict(set_dotted(raw, parse_overrides(overrides)))
+    return from_dict(set_dotted(raw, parse_overrides(overrides)), Path(path).parent if path is not None else None)
 
 
 def replace(cfg: ExperimentConfig, **changes: Any) -> ExperimentConfig:
@@ -55,8 +57,27 @@ def replace(cfg: ExperimentConfig, **changes: Any) -> ExperimentConfig:
     return from_dict(set_dotted(to_dict(cfg), changes))
 
 
-def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
-    """Build and validate an ``ExperimentConfig`` from a nested dict (parsed TOML)."""
+FACTORY_KEYS = ("model", "algorithm")
+
+
+def with_local_factories(raw: dict[str, Any], config_dir: Path | None) -> dict[str, Any]:
+    """``raw`` with ``model.factory`` and ``algorithm.factory`` located (``simulator.plugins.locate``): a module that
+    does not import by name but is a file next to the config (``config_dir``) or in the working directory becomes
+    that file's absolute path, so workers and a later ``--resume`` load the same file."""
+    out = dict(raw)
+    for table in FACTORY_KEYS:
+        section_raw = raw.get(table)
+        if isinstance(section_raw, dict) and isinstance(section_raw.get("factory"), str) and section_raw["factory"]:
+            found = locate(f"{table}.factory", section_raw["factory"], search_roots(config_dir))
+            out[table] = {**section_raw, "factory": found}
+    return out
+
+
+def from_dict(raw: dict[str, Any], config_dir: Path | None = None) -> ExperimentConfig:
+    """Build and validate an ``ExperimentConfig`` from a nested dict (parsed TOML); ``config_dir``: the directory of
+    the file it was read from, where factory files are looked for first (``with_local_factories``). For file
+    datasets (LEAF, tables) an unset ``data.num_clients`` is every client of the files but the held-out ones."""
+    raw = with_local_factories(raw, config_dir)
     cfg = build(raw)
     if not cfg.name:  # the default name says what runs: ALGORITHM-DATASET (a factory's record names its own)
         named = resolve(cfg.algorithm).name if cfg.algorithm.factory else cfg.algorithm.name
@@ -66,7 +87,9 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data,
                                                                 path=str(Path(cfg.data.path).expanduser().resolve())))
     cfg = dataclasses.replace(cfg, tracking=resolve_tracking(cfg.tracking))
-    validate(cfg, raw.get("data", {}) if isinstance(raw.get("data"), dict) else {})
+    raw_data = raw.get("data", {}) if isinstance(raw.get("data"), dict) else {}
+    cfg = _all_file_clients(cfg, raw_data)
+    validate(cfg, raw_data)
     given = raw.get("algorithm", {}) if isinstance(raw.get("algorithm"), dict) else {}
     algorithm = resolve(cfg.algorithm)
     if cfg.algorithm.factory:
@@ -77,6 +100,20 @@ def from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     if algorithm.configure is not None:
         cfg = algorithm.configure(cfg, frozenset(given))
     return check_privacy(cfg)
+
+
+def _all_file_clients(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> ExperimentConfig:
+    """A file dataset without ``data.num_clients``: every client its files hold but the ``data.eval_clients`` held
+    out (the number is written into ``config.toml``, so a resumed run keeps it)."""
+    d = cfg.data
+    if d.name not in FILE_DATASETS or "num_clients" in raw_data or not d.path.strip():
+        return cfg
+    available = FILE_DATASETS[d.name](d)
+    _require(available > d.eval_clients,
+             f"data.path = {d.path!r} holds {available} clients and data.eval_clients = {d.eval_clients} of them "
+             f"are held out, which leaves none to train; lower data.eval_clients below {available} (and "
+             "eval.clients to at most it), or set data.num_clients")
+    return dataclasses.replace(cfg, data=dataclasses.replace(d, num_clients=available - d.eval_clients))
 
 
 #: a URI scheme ("file:", "http:", "sqlite:"); MLflow's bare names below are URIs too

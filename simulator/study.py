@@ -25,7 +25,7 @@ from typing import Any
 
 from simulator.config.schema import ConfigError, ExperimentConfig
 from simulator.config.toml import flatten_dict, parse_overrides, read_toml, set_dotted, shown
-from simulator.experiment import from_dict, replace
+from simulator.experiment import from_dict, replace, with_local_factories
 
 SWEEP_KEYS = ("grid", "zip", "seeds", "max_concurrent", "driver_cpus")
 MAX_TRIALS = 100_000
@@ -73,7 +73,8 @@ def read_study(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     if not isinstance(sweep, dict):
         raise ConfigError(f"{path}: no [sweep] table; add one, e.g. [sweep] grid = {{\"algorithm.name\" = "
                           "[\"reptile\", \"maml\"]}, seeds = [0, 1, 2] (README: Studies and sweeps)")
-    return expand(set_dotted(raw, parse_overrides(overrides)), sweep)
+    # factory files next to the study file: located once here, so every trial records the same absolute path
+    return expand(with_local_factories(set_dotted(raw, parse_overrides(overrides)), Path(path).parent), sweep)
 
 
 def expand(base: Mapping[str, Any], sweep: Mapping[str, Any]) -> Study:

@@ -41,7 +41,7 @@ def test_run_writes_a_complete_run_directory(tmp_path, capsys):
     assert cfg.rounds == 4 and cfg.system.backend == "inline"
     rounds = pd.read_parquet(out / "rounds.parquet")
     assert list(rounds["round"]) == [0, 1, 2, 3]
-    assert (rounds["sim_time"].diff().dropna() > 0).all()
+    assert (rounds["sim_time_s"].diff().dropna() > 0).all()
     assert rounds["eval_loss_post"].notna().tolist() == [True, False, True, True]  # every 2 and the last
     clients = pd.read_parquet(out / "clients.parquet")
     assert len(clients) == 4 * 6 and clients.groupby("round")["client_id"].nunique().eq(6).all()

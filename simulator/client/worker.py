@@ -32,6 +32,7 @@ from simulator.data.base import ClientShard
 from simulator.data.registry import make_dataset
 from simulator.models import build_model
 from simulator.params import num_parameters
+from simulator.plugins import provide_sources
 from simulator.rng import generator, generators
 
 log = logging.getLogger("metafleet.worker")
@@ -63,6 +64,7 @@ def pick_device() -> torch.device:
 class ClientWorker:
     def __init__(self, spec: WorkerSpec, worker_id: int = 0) -> None:
         configure_threads(spec.threads)
+        provide_sources(spec.factory_sources)  # the driver's factory files, for a worker on a node without them
         self.spec, self.worker_id = spec, worker_id
         self.device = pick_device()
         self.dataset = make_dataset(spec.data, spec.seed)

@@ -18,7 +18,8 @@ memory-mapped ``{split}_x.npy`` / ``{split}_y.npy`` and an index of each user's 
 nor a worker parses JSON: ``shard(c)`` reads only client ``c``'s rows of the memory map.
 Client ids: the user names sorted, users without a train or a test sample dropped, then permuted
 with ``generator(seed, "leaf_users")``; clients ``0 .. num_clients-1`` are the first users, the
-held-out clients the next ``eval_clients``.
+held-out clients the next ``eval_clients``; an unset ``num_clients`` is every user but the held-out ones
+(``available_clients``, resolved by ``simulator.experiment``).
 """
 
 from __future__ import annotations
@@ -185,17 +186,31 @@ def _classes(kind: str, dim: int, max_label: int) -> tuple[str, int]:
     return "numeric", max_label + 1
 
 
+def _open(cfg: DataConfig) -> tuple[Path, Path]:
+    """(the LEAF directory, its parsed cache), building the cache on first use."""
+    root = Path(cfg.path).expanduser().resolve()
+    files = _json_files(root)
+    listed = [p for split in SPLITS for p in files[split]]
+    cache = find_or_build(cache_candidates(root, "leaf-" + fingerprint(listed, root)),
+                          lambda out: _build(root, files, out), f"data.path = {str(root)!r}")
+    return root, cache
+
+
+def available_clients(cfg: DataConfig) -> int:
+    """How many clients the directory holds: its users with a train and a test sample (an unset
+    ``data.num_clients`` is this less ``data.eval_clients``)."""
+    _, cache = _open(cfg)
+    with np.load(cache / "index.npz") as index:
+        return int(((index["train_count"] >= 1) & (index["test_count"] >= 1)).sum())
+
+
 class LeafDataset:
     """A LEAF dataset directory (Caldas et al. 2018), one user per client; see the module docstring."""
 
     task = "classification"
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
-        root = Path(cfg.path).expanduser().resolve()
-        files = _json_files(root)
-        listed = [p for split in SPLITS for p in files[split]]
-        self.cache = find_or_build(cache_candidates(root, "leaf-" + fingerprint(listed, root)),
-                                   lambda out: _build(root, files, out), f"data.path = {str(root)!r}")
+        root, self.cache = _open(cfg)
         with np.load(self.cache / "index.npz") as index:
             self.input_dim = int(index["input_dim"])
             self.kind, self.output_dim = _classes(str(index["kind"]), self.input_dim, int(index["max_label"]))
@@ -203,7 +218,7 @@ class LeafDataset:
             counts = {s: (index[f"{s}_start"], index[f"{s}_count"]) for s in SPLITS}
         self.input_dtype = torch.int64 if self.kind == "shakespeare" else torch.float32
         keep = np.flatnonzero((counts["train"][1] >= 1) & (counts["test"][1] >= 1))
-        self.skipped_users = len(users) - keep.size
+        self.available, self.skipped_users = keep.size, len(users) - keep.size
         if self.skipped_users:
             log.info("LEAF %s: skipped %d of %d users with no train or no test sample", root, self.skipped_users,
                      len(users))
@@ -241,6 +256,10 @@ class LeafDataset:
 
     def num_samples(self, client_id: int) -> int:
         return sum(self.split_sizes(client_id))
+
+    def client_keys(self) -> tuple[str, np.ndarray]:
+        """("user", the LEAF user name of each client id): ``RUN_DIR/client_ids.parquet``."""
+        return "user", self.users
 
     def label_histogram(self) -> np.ndarray:
         """Label counts (train and test samples) of every client, int64 (clients x classes); reads labels only."""

@@ -9,8 +9,10 @@ from simulator.config.schema import DataConfig
 from simulator.data.base import FederatedDataset
 from simulator.data.builtin import Sinusoid, Synthetic
 from simulator.data.leaf import LeafDataset
+from simulator.data.leaf import available_clients as leaf_clients
 from simulator.data.pooled import make_pooled
 from simulator.data.tables import TableDataset
+from simulator.data.tables import available_clients as table_clients
 
 #: every dataset ``data.name`` can name, with the callable ``(cfg, seed) -> FederatedDataset`` that builds it
 DATASETS: dict[str, Callable[[DataConfig, int], FederatedDataset]] = {
@@ -20,6 +22,14 @@ DATASETS: dict[str, Callable[[DataConfig, int], FederatedDataset]] = {
     "digits": make_pooled,
     "leaf": LeafDataset,
     "table": TableDataset,
+}
+
+
+#: datasets read from the user's files, with the callable ``(cfg) -> how many clients they hold``: for them an
+#: unset ``data.num_clients`` means every client of the files but the ``data.eval_clients`` held out
+FILE_DATASETS: dict[str, Callable[[DataConfig], int]] = {
+    "leaf": leaf_clients,
+    "table": table_clients,
 }
 
 

@@ -12,7 +12,8 @@ The table is read once into a cache (``simulator.data.filecache.find_or_build``)
 ``.npy`` arrays with the rows grouped by client, and an index of each client's rows. The driver
 keeps only that index; a worker memory-maps the arrays and reads only its clients' rows.
 Client ids: the distinct client values sorted, clients with fewer than 2 rows dropped, then
-permuted with ``generator(seed, "table_clients")``. A client's rows are split with
+permuted with ``generator(seed, "table_clients")``; an unset ``num_clients`` is every client but the held-out
+ones (``available_clients``, resolved by ``simulator.experiment``). A client's rows are split with
 ``generator(seed, "table_split", 0, client_id)``: a permutation, the last
 ``min(max(1, round(n * test_fraction)), n - 1)`` rows the query split (as for the pooled datasets).
 """
@@ -156,10 +157,30 @@ def _build(src: Path, cfg: DataConfig, out: Path) -> None:
     del table, clients, labels
     np.save(out / "x.npy", x)
     np.save(out / "y.npy", y[order])
-    np.savez(out / "index.npz", clients=np.array([str(n) for n in names], dtype=str), count=counts,
+    native = names if names.dtype.kind in "biuf" else np.array([str(n) for n in names], dtype=str)
+    np.savez(out / "index.npz", clients=np.array([str(n) for n in names], dtype=str), client_values=native,
+             count=counts,
              start=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), task=np.array(task),
              output_dim=np.array(output_dim), features=np.array(features, dtype=str),
              classes=np.array(class_names, dtype=str))
+
+
+def _open(cfg: DataConfig) -> tuple[Path, Path]:
+    """(the table's path, its cache), building the cache on first use."""
+    src = Path(cfg.path).expanduser().resolve()
+    files = _files(src)
+    home = src if src.is_dir() else src.parent
+    tag = "table-" + fingerprint(files, home, f"{cfg.client_column}\0{cfg.label_column}")
+    cache = find_or_build(cache_candidates(home, tag), lambda out: _build(src, cfg, out), f"data.path = {str(src)!r}")
+    return src, cache
+
+
+def available_clients(cfg: DataConfig) -> int:
+    """How many clients the table holds: distinct ``client_column`` values with at least ``MIN_CLIENT_ROWS`` rows
+    (an unset ``data.num_clients`` is this less ``data.eval_clients``)."""
+    _, cache = _open(cfg)
+    with np.load(cache / "index.npz") as index:
+        return int((index["count"] >= MIN_CLIENT_ROWS).sum())
 
 
 class TableDataset:
@@ -167,25 +188,22 @@ class TableDataset:
     input_dtype = torch.float32
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
-        src = Path(cfg.path).expanduser().resolve()
-        files = _files(src)
-        home = src if src.is_dir() else src.parent
-        tag = "table-" + fingerprint(files, home, f"{cfg.client_column}\0{cfg.label_column}")
-        self.cache = find_or_build(cache_candidates(home, tag), lambda out: _build(src, cfg, out),
-                                   f"data.path = {str(src)!r}")
+        src, self.cache = _open(cfg)
         with np.load(self.cache / "index.npz") as index:
             self.task, self.output_dim = str(index["task"]), int(index["output_dim"])
             self.features, self.classes = index["features"].tolist(), index["classes"].tolist()
             names, start, count = index["clients"], index["start"], index["count"]
+            values = index["client_values"] if "client_values" in index else names  # (older caches: as text)
         self.input_dim = len(self.features)
         keep = np.flatnonzero(count >= MIN_CLIENT_ROWS)
-        self.skipped_clients = len(names) - keep.size
+        self.available, self.skipped_clients = keep.size, len(names) - keep.size
         if self.skipped_clients:
             log.info("table %s: skipped %d of %d clients with fewer than %d rows", src, self.skipped_clients,
                      len(names), MIN_CLIENT_ROWS)
         rows = pick_clients(keep, cfg, seed, "table_clients", f"{str(src)!r} has {keep.size} distinct values of "
                             f"data.client_column = {cfg.client_column!r} with at least {MIN_CLIENT_ROWS} rows")
         self.client_names: np.ndarray = names[rows]  # client id -> its client column value (as text)
+        self._client_values, self._client_column = values[rows], cfg.client_column
         self._start, self._count = start[rows], count[rows]
         self.seed, self.test_fraction = seed, cfg.test_fraction
         self._x: np.ndarray | None = None
@@ -221,6 +239,10 @@ class TableDataset:
                               y.astype(np.float32).reshape(n, 1))
         k, _ = self.split_sizes(c)
         return ClientShard(c, Split(xt[:k], yt[:k]), Split(xt[k:], yt[k:]))
+
+    def client_keys(self) -> tuple[str, np.ndarray]:
+        """(``data.client_column``, its value for each client id): ``RUN_DIR/client_ids.parquet``."""
+        return self._client_column, self._client_values
 
     def label_histogram(self) -> np.ndarray | None:
         """Label counts of every client (clients x classes, int64) for classification; None for regression."""

@@ -103,7 +103,7 @@ class RunContext:
             (run_dir / "summary.json").unlink(missing_ok=True)
         self.history: list[dict[str, Any]] = checkpoint.history(run_dir) if resume else []
         self.writer = MetricsWriter(run_dir, cfg.metrics.flush_every, self.history[-1]["round"] if self.history else -1)
-        self.start = time.perf_counter() - (self.history[-1]["wall_time"] if self.history else 0.0)
+        self.start = time.perf_counter() - (self.history[-1]["wall_time_s"] if self.history else 0.0)
         if self.resumed:
             self.opt.state = ServerState(**self.resumed["opt"])
         self.privacy = Privacy(cfg, self.resumed.get("privacy") if self.resumed else None)
@@ -173,7 +173,7 @@ class RunContext:
         r = row["round"]
         row.update(eval_columns(self.evaluate(theta, r) if self.eval_due(r) else None))
         row.update(self.privacy.columns())
-        row["wall_time"] = time.perf_counter() - self.start
+        row["wall_time_s"] = time.perf_counter() - self.start
         self.writer.tables["rounds"].append(row)
         self.history.append(row)  # counted only once committed: ``committed_history``
         self.writer.end_round(r)

@@ -56,7 +56,7 @@ def round_row(r: int, version: int, now: float, start: float, sampled: int, reas
     ``reasons`` one drop reason per sampled client ("" = counted), ``staleness`` one value per aggregated
     update, ``losses`` their losses after (and before) local work; NaN where nothing was aggregated."""
     drops = drop_counts(reasons)
-    return {"round": r, "model_version": version, "sim_time": now, "round_sim_duration": now - start,
+    return {"round": r, "model_version": version, "sim_time_s": now, "round_sim_duration_s": now - start,
             "num_sampled": sampled, "num_completed": int(staleness.size), "num_dropped": sum(drops.values()), **drops,
             "staleness_mean": float(staleness.mean()) if staleness.size else math.nan,
             "staleness_max": float(staleness.max()) if staleness.size else math.nan,
@@ -83,8 +83,8 @@ def client_rows(r: int, ids: np.ndarray, profiles: Profiles, n_samples: np.ndarr
     that were not trained (``trained`` holds actor_id, samples_processed, weight, losses, norms, time)."""
     k = len(ids)
     t = trained or nan_columns(k)
-    return {"round": np.full(k, r), "client_id": ids, "num_samples": n_samples, **t, "sim_start": start,
-            "sim_duration_s": finish - start, "sim_finish": finish, "start_version": start_version,
+    return {"round": np.full(k, r), "client_id": ids, "num_samples": n_samples, **t, "sim_start_s": start,
+            "sim_duration_s": finish - start, "sim_finish_s": finish, "start_version": start_version,
             "staleness": staleness, "staleness_weight": staleness_weight, "dropped": reasons != "",
             "drop_reason": reasons, "compute_speed": profiles.compute_speed, "up_bw": profiles.up_bw,
             "down_bw": profiles.down_bw}

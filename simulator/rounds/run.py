@@ -20,7 +20,13 @@ from simulator.privacy.mechanism import BudgetExhausted
 from simulator.rounds.asynchronous import Stalled, async_rounds
 from simulator.rounds.context import Prepared, RoundCallback, RunContext
 from simulator.rounds.sync import sync_rounds
-from simulator.rundir.files import RunDirWriteError, atomic_write_bytes, write_json, write_label_histogram
+from simulator.rundir.files import (
+    RunDirWriteError,
+    atomic_write_bytes,
+    write_client_ids,
+    write_json,
+    write_label_histogram,
+)
 from simulator.rundir.lock import exclusive
 from simulator.rundir.summary import build_summary
 
@@ -52,6 +58,8 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepar
             hist = ctx.dataset.label_histogram()
             if hist is not None:
                 write_label_histogram(run_dir, hist)
+            if (keys := getattr(ctx.dataset, "client_keys", None)) is not None:  # file datasets: the user's ids
+                write_client_ids(run_dir, *keys())
             if cfg.system.mode == "async":
                 try:
                     async_rounds(ctx)

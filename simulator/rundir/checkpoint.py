@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from simulator.config.schema import ConfigError, ExperimentConfig, TrackingConfig
 from simulator.config.toml import flatten
 from simulator.rundir.files import atomic_write_bytes
-from simulator.rundir.metrics import TABLES
+from simulator.rundir.metrics import RENAMED, TABLES
 
 FILE = "checkpoint.pt"
 FORMAT = 1
@@ -115,11 +117,17 @@ def check_resumable(run_dir: Path) -> None:
         for part in sorted(directory.glob("part-*.parquet")) if directory.is_dir() else []:
             try:
                 pq.read_table(part, columns=["round"])
+                columns = pq.read_schema(part).names
             except Exception as exc:  # truncated, replaced or not Parquet at all
                 first = (str(exc).strip().splitlines() or [""])[0][:160]
                 raise ConfigError(f"{where}: {name}.parquet/{part.name} cannot be read ({type(exc).__name__}: "
                                   f"{first}); restore it from a copy, or start the run again with --out "
                                   "(nothing was changed)") from None
+            old = sorted(RENAMED[name].keys() & set(columns))
+            if old:
+                raise ConfigError(f"{where}: {name}.parquet was written by an older metafleet (column {old[0]!r}, "
+                                  f"now {RENAMED[name][old[0]]!r}); such a run can be analysed (plot, report, "
+                                  "compare) but not resumed: start it again with --out (nothing was changed)")
 
 
 def truncate_metrics(run_dir: Path, next_round: int) -> None:
@@ -159,7 +167,14 @@ def history(run_dir: Path) -> list[dict[str, Any]]:
     directory = run_dir / "rounds.parquet"
     if not directory.is_dir() or not any(directory.glob("part-*.parquet")):
         return []
-    return pq.read_table(directory).sort_by("round").to_pylist()
+    table = pq.read_table(directory).sort_by("round")
+    floats = [f.name for f in TABLES["rounds"] if f.type == pa.float64()]
+    rows = table.to_pylist()
+    for row in rows:  # null in the file is NaN ("not measured") in the driver's rows, as in a run never stopped
+        for name in floats:
+            if row.get(name, 0.0) is None:
+                row[name] = math.nan
+    return rows
 
 
 __all__ = ["FILE", "RESUMABLE_KEYS", "check_compatible", "check_resumable", "dataclass_state", "history", "load",

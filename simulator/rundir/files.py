@@ -3,7 +3,10 @@ killed run never sees half a file; ``summary.json`` and the label histogram of a
 
 A write that fails (a full disk, a file system turned read-only, a permission taken away) removes its
 temporary file and raises ``RunDirWriteError``: the run then stops after its last complete round with a
-``failed`` summary, and ``metafleet run --resume`` continues it exactly once the cause is fixed."""
+``failed`` summary, and ``metafleet run --resume`` continues it exactly once the cause is fixed.
+
+Also here: ``label_histogram.parquet`` and, for datasets read from the user's files, ``client_ids.parquet``
+(metafleet's client id -> the user's own key of that client)."""
 
 from __future__ import annotations
 
@@ -66,7 +69,25 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=True) + "\n").encode())
+    """``obj`` as strict JSON: NaN or infinity in it is a ValueError (``summary.json_value`` writes them as
+    null and "inf"), never a bare ``NaN`` that strict parsers refuse."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n").encode())
+
+
+#: metafleet's client ids -> the user's own keys (a table's ``client_column`` values, LEAF's user names)
+CLIENT_IDS = "client_ids.parquet"
+
+
+def write_client_ids(run_dir: Path, column: str, values: np.ndarray) -> None:
+    """``client_ids.parquet``: ``client_id`` (0 .. n-1: training clients, then the held-out ones) and ``column``,
+    the value that names client ``client_id`` in the user's data."""
+    ids = np.arange(len(values), dtype=np.int64)
+    keys = pa.array(values) if values.dtype.kind in "biuf" else pa.array([str(v) for v in values], pa.string())
+    table = pa.table({"client_id": ids, column: keys}) if column != "client_id" else \
+        pa.table({"client_id": ids, "client_id_in_data": keys})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    atomic_write_bytes(run_dir / CLIENT_IDS, sink.getvalue().to_pybytes())
 
 
 def write_label_histogram(run_dir: Path, hist: np.ndarray) -> None:

@@ -5,6 +5,13 @@ a directory of part files, each written whole to a hidden temporary name and ren
 place. A run that is killed therefore leaves only complete, readable parts, and
 ``pandas.read_parquet("RUN/rounds.parquet")`` reads the table whether the run is finished,
 in progress or dead. Parts are flushed every ``metrics.flush_every`` rounds.
+
+A value that was not measured (the evaluation columns of a round without evaluation, accuracy on a
+regression task, the staleness of a round that aggregated nothing, privacy columns with privacy off, the
+training columns of a client that never trained) is NaN in the driver's rows and null in the files, so
+``IS NOT NULL`` (DuckDB) and ``null_count`` (polars, Arrow) see it as missing; pandas reads it as NaN.
+Every column that holds seconds ends in ``_s``; ``RENAMED`` maps the names of older run directories
+(before the convention) to today's, for readers.
 """
 
 from __future__ import annotations
@@ -27,19 +34,19 @@ _EVAL_COLUMNS = [f"eval_{what}_{when}{'' if s == 'mean' else '_' + s}"
                  for what in ("loss", "metric") for when in ("pre", "post") for s in STATS]
 
 ROUNDS_SCHEMA = pa.schema(
-    [("round", _I), ("model_version", _I), ("sim_time", _F), ("round_sim_duration", _F), ("wall_time", _F),
+    [("round", _I), ("model_version", _I), ("sim_time_s", _F), ("round_sim_duration_s", _F), ("wall_time_s", _F),
      ("num_sampled", _I), ("num_completed", _I), ("num_dropped", _I)]
     + [(f"dropped_{r}", _I) for r in DROP_REASONS]
     + [("staleness_mean", _F), ("staleness_max", _F), ("bytes_up", _I), ("bytes_down", _I),
        ("train_loss", _F), ("train_loss_before", _F), ("update_norm", _F)]
     + [(c, _F) for c in _EVAL_COLUMNS]
-    + [("dp_epsilon", _F), ("dp_clip", _F)]  # simulator.privacy: NaN with privacy off
+    + [("dp_epsilon", _F), ("dp_clip", _F)]  # simulator.privacy: null with privacy off
 )
 
 CLIENTS_SCHEMA = pa.schema(
     [("round", _I), ("client_id", _I), ("actor_id", _I), ("num_samples", _I), ("samples_processed", _I),
      ("weight", _F), ("loss_before", _F), ("loss_after", _F), ("update_norm", _F), ("compute_time_s", _F),
-     ("sim_start", _F), ("sim_duration_s", _F), ("sim_finish", _F), ("start_version", _I), ("staleness", _I),
+     ("sim_start_s", _F), ("sim_duration_s", _F), ("sim_finish_s", _F), ("start_version", _I), ("staleness", _I),
      ("staleness_weight", _F), ("dropped", _B), ("drop_reason", _S), ("compute_speed", _F), ("up_bw", _F),
      ("down_bw", _F)]
 )
@@ -49,9 +56,33 @@ EVALS_SCHEMA = pa.schema(
      ("metric_pre", _F), ("metric_post", _F)]
 )
 
+#: old column name -> today's, per table: run directories written before every seconds column ended in ``_s``
+RENAMED = {"rounds": {"sim_time": "sim_time_s", "round_sim_duration": "round_sim_duration_s",
+                      "wall_time": "wall_time_s"},
+           "clients": {"sim_start": "sim_start_s", "sim_finish": "sim_finish_s"},
+           "evals": {}}
+
 TABLES = {"rounds": ROUNDS_SCHEMA, "clients": CLIENTS_SCHEMA, "evals": EVALS_SCHEMA}
 #: columns that measure real time: they differ between otherwise identical runs
-WALL_CLOCK_COLUMNS = {"rounds": ("wall_time",), "clients": ("compute_time_s", "actor_id"), "evals": ("actor_id",)}
+WALL_CLOCK_COLUMNS = {"rounds": ("wall_time_s",), "clients": ("compute_time_s", "actor_id"), "evals": ("actor_id",)}
+
+
+def upgrade(table: pa.Table, name: str) -> pa.Table:
+    """A part file's table with the old column names of ``RENAMED`` replaced by today's (as it is otherwise)."""
+    old = RENAMED[name]
+    if not old.keys() & set(table.column_names):
+        return table
+    return table.rename_columns([old.get(c, c) for c in table.column_names])
+
+
+def conform(table: pa.Table, name: str) -> pa.Table:
+    """A part file's table in today's schema of table ``name``: old names upgraded, columns cast, and a column
+    the file lacks (written before it existed) all null."""
+    table = upgrade(table, name)
+    schema = TABLES[name]
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+               for f in schema]
+    return pa.table(columns, schema=schema)
 
 
 class PartitionedTable:
@@ -100,7 +131,10 @@ class PartitionedTable:
         kind = self.schema.field(name).type
         if kind == _S:
             return pa.array([str(v) for v in self._columns[name]], type=_S)
-        return pa.array(np.asarray(self._columns[name], dtype=_NUMPY[kind]))
+        values = np.asarray(self._columns[name], dtype=_NUMPY[kind])
+        if kind == _F:  # NaN is "not measured" in the driver's rows: null in the file (DuckDB, polars, Spark)
+            return pa.array(values, mask=np.isnan(values))
+        return pa.array(values)
 
 
 class MetricsWriter:

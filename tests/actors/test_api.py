@@ -52,7 +52,7 @@ def test_a_run_gives_its_frames_and_a_directory_the_cli_accepts(tmp_path, capsys
     straight = api.run(api.experiment(SMALL, rounds=6), tmp_path / "six", plots=False)
     # the same training; the 4-round run also evaluated its last round (3), which the 6-round one skips
     pd.testing.assert_frame_equal(_frames(extended)["clients"], _frames(straight)["clients"], check_exact=True)
-    train = [c for c in straight.rounds.columns if not c.startswith("eval_") and c != "wall_time"]
+    train = [c for c in straight.rounds.columns if not c.startswith("eval_") and c != "wall_time_s"]
     pd.testing.assert_frame_equal(extended.rounds[train], straight.rounds[train], check_exact=True)
     with pytest.raises(ConfigError, match="already exists"):
         api.run(SMALL, tmp_path / "nb")

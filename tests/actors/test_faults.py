@@ -1,7 +1,7 @@
 """Fault tolerance of the Ray pool: actors killed mid-run (SIGKILL, ``ray.kill``, a death inside a
 call) and a node removed mid-run cost nothing but time; too many lost calls stop the run with
 ``WorkerFailure`` naming the fix. Metrics are compared with a fault-free inline run, every column
-but the wall-clock ones (``WALL_CLOCK_COLUMNS``: wall_time, compute_time_s, actor_id)."""
+but the wall-clock ones (``WALL_CLOCK_COLUMNS``: wall_time_s, compute_time_s, actor_id)."""
 
 from __future__ import annotations
 

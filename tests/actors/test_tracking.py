@@ -80,7 +80,7 @@ def _expected(rounds: pd.DataFrame, column: str) -> list[tuple[int, float]]:
 
 
 def _updates_per_s(rounds: pd.DataFrame) -> list[tuple[int, float]]:
-    wall, done = rounds["wall_time"].tolist(), rounds["num_completed"].tolist()
+    wall, done = rounds["wall_time_s"].tolist(), rounds["num_completed"].tolist()
     previous = [0.0, *wall[:-1]]
     return [(r, done[r] / (wall[r] - previous[r])) for r in range(len(wall))]
 
@@ -232,7 +232,7 @@ def test_a_missing_extra_is_one_config_error_naming_it(tmp_path, module, key, va
 def test_nothing_is_imported_or_written_when_tracking_is_off(tmp_path):
     code = ("import sys; from pathlib import Path; from actors.tracking import open_trackers; "
             "from simulator.experiment import load_config; t = open_trackers(load_config(None), Path(sys.argv[1])); "
-            "t.on_round({'round': 0, 'wall_time': 1.0, 'num_completed': 3}); t.finish({'rounds_completed': 1}); "
+            "t.on_round({'round': 0, 'wall_time_s': 1.0, 'num_completed': 3}); t.finish({'rounds_completed': 1}); "
             "t.close(); print(bool(t), sorted(m for m in ('mlflow', 'tensorboard') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
                           timeout=120, env=_env())

@@ -6,11 +6,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import tomllib  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from actors.cli import main  # noqa: E402
 from analysis.datasets import DatasetSummary  # noqa: E402
+from tests.simulator.test_leaf import femnist_users, write_leaf  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -32,7 +35,9 @@ def test_data_prints_counts_and_writes_the_figure(tmp_path, capsys, monkeypatch)
     out = tmp_path / "figs" / "d.png"
     assert main(["data", cfg, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "clients: 20 training, 5 held-out" in printed and "4 classes" in printed
+    # 20 + 5 are all 25 clients of the table: said so (an unset data.num_clients would have meant the same)
+    assert "clients: 20 training (all 25 clients of data.path but the 5 held out), 5 held-out" in printed
+    assert "4 classes" in printed
     assert "support (train) per client:" in printed and "query (test) per client:" in printed
     assert "mean total-variation distance" in printed and "distinct labels per client" in printed
     assert out.read_bytes().startswith(PNG)
@@ -69,3 +74,26 @@ def test_bad_config_exits_2_and_writes_nothing(tmp_path, capsys):
     assert "unknown key 'data.nme'" in capsys.readouterr().err
     assert main(["data", str(tmp_path / "absent.toml"), "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_a_40_user_leaf_directory_without_num_clients_uses_every_user_but_the_held_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    root = write_leaf(tmp_path / "leaf", femnist_users(40))
+    cfg = _config(tmp_path, '[data]\nname = "leaf"\npath = "leaf"\neval_clients = 10\n[eval]\nclients = 10\n')
+    monkeypatch.chdir(tmp_path)  # data.path is relative to the working directory
+    assert main(["data", cfg, "--out", str(tmp_path / "d.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "clients: 30 training (all 40 users of data.path but the 10 held out), 10 held-out" in printed
+    assert "samples:" in printed and root.is_dir()
+    # a run says it too, and its config.toml records the number (a resumed run keeps it)
+    run_dir = tmp_path / "run"
+    assert main(["run", cfg, "--out", str(run_dir), "--no-progress", "--no-plots", "--set", "rounds=2",
+                 "--set", 'system.backend="inline"', "--set", "clients.per_round=5"]) == 0
+    err = capsys.readouterr().err
+    assert "reptile on leaf, 30 clients (all 40 users of data.path but the 10 held out; 5 per round)" in err
+    assert tomllib.loads((run_dir / "config.toml").read_text())["data"]["num_clients"] == 30
+    # held-out clients that leave nobody to train: one line naming data.eval_clients, exit 2
+    assert main(["data", cfg, "--set", "data.eval_clients=40"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds 40 clients and data.eval_clients = 40" in err and "lower data.eval_clients below 40" in err
+    assert "\n" not in err

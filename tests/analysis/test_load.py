@@ -99,3 +99,38 @@ def test_directories_that_are_not_runs_stand_for_the_runs_under_them(tmp_path, c
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("metafleet: warning:") and err[-1].startswith("metafleet: error:")
     assert "is not a metafleet run directory and holds none with rounds (1 without rounds yet)" in err[-1]
+
+
+def _tree(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_runs_written_with_the_old_column_names_load_under_the_new_ones_and_refuse_to_resume(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from simulator.rundir.metrics import RENAMED
+
+    out = tmp_path / "run"
+    argv = [a for o in small_overrides(**{"system.backend": "inline"}) for a in ("--set", o)]
+    assert main(["run", "--out", str(out), "--no-progress", "--no-plots", *argv]) == 0
+    new = load_run(out)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    back = {name: {v: k for k, v in names.items()} for name, names in RENAMED.items()}
+    for name in ("rounds", "clients"):  # as metafleet wrote them before every seconds column ended in _s
+        for part in (old / f"{name}.parquet").glob("part-*.parquet"):
+            table = pq.read_table(part)
+            pq.write_table(table.rename_columns([back[name].get(c, c) for c in table.column_names]), part)
+        assert "sim_time" in pq.read_schema(next((old / "rounds.parquet").glob("part-*"))).names
+    loaded = load_run(old)
+    for name in ("rounds", "clients", "evals"):
+        assert list(getattr(loaded, name).columns) == list(getattr(new, name).columns)
+        assert getattr(loaded, name).equals(getattr(new, name))
+    assert "sim_time_s" in load_runs([old]).rounds.columns
+    before = _tree(old)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(old), "--set", "rounds=6"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "written by an older metafleet (column 'round_sim_duration', now 'round_sim_duration_s')" in err
+    assert "not resumed" in err and "\n" not in err
+    assert _tree(old) == before  # a refused resume touches nothing

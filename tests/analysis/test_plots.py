@@ -50,7 +50,7 @@ def _rounds(classification: bool = True, dropped: bool = False) -> pd.DataFrame:
                 loss = _loss(base, seed, rnd)
                 rows.append({
                     "run": f"{label}-s{seed}", "label": label, "seed": seed, "round": rnd,
-                    "sim_time": (rnd + 1) * (1.0 + 0.5 * seed), "wall_time": 0.5 * (rnd + 1),
+                    "sim_time_s": (rnd + 1) * (1.0 + 0.5 * seed), "wall_time_s": 0.5 * (rnd + 1),
                     "num_sampled": 4, "num_completed": 3, "num_dropped": 1 if dropped else 0,
                     "dropped_offline": 0, "dropped_dropout": 0, "dropped_deadline": 1 if dropped else 0,
                     "dropped_overselect": 0, "dropped_staleness": 0, "train_loss": loss + 0.5,
@@ -155,7 +155,7 @@ def test_a_single_seed_gets_no_band_and_says_n_1() -> None:
 
 
 def test_curves_interpolate_sim_time_within_the_overlap() -> None:
-    fig = curves(_rounds(), "eval_loss_post", "sim_time")
+    fig = curves(_rounds(), "eval_loss_post", "sim_time_s")
     ax = fig.axes[0]
     line = ax.get_lines()[0]
     assert ax.get_xlabel() == "simulated time (s)"

@@ -68,16 +68,16 @@ def test_fedbuff_four_clients_hand_computed(tmp_path, algorithm, scale):
     #   0.75+6c  client 3 (v1, tau 0) -> update v2; group 4: client 3 on v2
     #   1+2c     client 1 (v0, tau 2) -> buffer; group 5: client 1 on v2
     #   1+4c     client 2 (v1, tau 1) -> update v3 (the third and last)
-    done = clients[clients["drop_reason"] == ""].sort_values(["sim_finish", "client_id"], ignore_index=True)
+    done = clients[clients["drop_reason"] == ""].sort_values(["sim_finish_s", "client_id"], ignore_index=True)
     assert done["client_id"].tolist() == [3, 2, 3, 3, 1, 2]
     assert done["start_version"].tolist() == [0, 0, 0, 1, 0, 1]
     assert done["staleness"].tolist() == [0, 0, 1, 0, 2, 1]
     assert done["round"].tolist() == [0, 0, 1, 1, 2, 2]
     c = 2 * 7044 / (1e6 * 125_000)  # one round trip of the 1,761-parameter float32 model
     x = scale
-    np.testing.assert_allclose(done["sim_finish"], [0.25 * x + c, 0.5 * x + c, 0.5 * x + 2 * c, 0.75 * x + 3 * c,
+    np.testing.assert_allclose(done["sim_finish_s"], [0.25 * x + c, 0.5 * x + c, 0.5 * x + 2 * c, 0.75 * x + 3 * c,
                                                     x + c, x + 2 * c], rtol=1e-12)
-    np.testing.assert_allclose(rounds_df["sim_time"], [0.5 * x + c, 0.75 * x + 3 * c, x + 2 * c], rtol=1e-12)
+    np.testing.assert_allclose(rounds_df["sim_time_s"], [0.5 * x + c, 0.75 * x + 3 * c, x + 2 * c], rtol=1e-12)
     assert rounds_df["model_version"].tolist() == [1, 2, 3]
     assert rounds_df["staleness_max"].tolist() == [0.0, 1.0, 2.0]
     assert rounds_df["staleness_mean"].tolist() == [0.0, 0.5, 1.5]
@@ -108,7 +108,7 @@ def test_fedasync_mixes_each_update_against_its_start_version(tmp_path, rho):
     #   0.25+2c  client 3 (v0, tau 0) -> v1; group 1 re-dispatches client 3 on v1 (finish 0.5+4c)
     #   0.5+2c   client 2 (v0, tau 1) -> v2; group 2: client 2 on v2
     #   0.5+4c   client 3 (v1, tau 1) -> v3
-    done = clients[clients["drop_reason"] == ""].sort_values(["sim_finish", "client_id"], ignore_index=True)
+    done = clients[clients["drop_reason"] == ""].sort_values(["sim_finish_s", "client_id"], ignore_index=True)
     assert done["client_id"].tolist() == [3, 2, 3]
     assert done["start_version"].tolist() == [0, 0, 1]
     assert done["staleness"].tolist() == [0, 1, 1]
@@ -142,7 +142,7 @@ def test_async_with_full_buffer_and_equal_devices_is_sync(tmp_path, algorithm, d
             assert run(cfg, backend, tmp_path / mode)["status"] == "completed"
         results[mode] = _tables(tmp_path / mode)
     (sr, se), (ar, ae) = results["sync"], results["async"]
-    cols = ["round", "model_version", "sim_time", "num_completed", "train_loss", "train_loss_before", "update_norm",
+    cols = ["round", "model_version", "sim_time_s", "num_completed", "train_loss", "train_loss_before", "update_norm",
             "staleness_max", "eval_loss_pre", "eval_loss_post"]
     pd.testing.assert_frame_equal(sr[cols], ar[cols], check_exact=True)
     pd.testing.assert_frame_equal(se.drop(columns="actor_id"), ae.drop(columns="actor_id"), check_exact=True)

@@ -148,6 +148,6 @@ def test_a_run_charges_the_compressed_bytes_and_upload_time(tmp_path):
     assert (top["bytes_up"] == 6 * 8 * kept(p, 0.1)).all() and (top["bytes_down"] == plain["bytes_down"]).all()
     # every client: download 4p B at 0.1 Mbit/s, 20 samples at 100/s, upload at 0.05 Mbit/s
     up, down = 0.05 * 125_000, 0.1 * 125_000
-    np.testing.assert_allclose(plain["round_sim_duration"], 4 * p / down + 0.2 + 4 * p / up, rtol=1e-12)
-    np.testing.assert_allclose(top["round_sim_duration"], 4 * p / down + 0.2 + 8 * 176 / up, rtol=1e-12)
+    np.testing.assert_allclose(plain["round_sim_duration_s"], 4 * p / down + 0.2 + 4 * p / up, rtol=1e-12)
+    np.testing.assert_allclose(top["round_sim_duration_s"], 4 * p / down + 0.2 + 8 * 176 / up, rtol=1e-12)
     assert not np.allclose(plain["update_norm"], top["update_norm"])

@@ -40,7 +40,7 @@ def test_ordered_rejects_missing_or_extra_clients():
 
 def test_steady_updates_per_s_skips_the_first_round():
     # round durations 1.0, 0.5, 1.0, 0.5: from the second round on the median is 0.5 s for 10 clients
-    history = [{"wall_time": t, "num_completed": 10} for t in (1.0, 1.5, 2.5, 3.0)]
+    history = [{"wall_time_s": t, "num_completed": 10} for t in (1.0, 1.5, 2.5, 3.0)]
     assert steady_updates_per_s(history) == pytest.approx(20.0)
     assert steady_updates_per_s(history[:1]) is None
 

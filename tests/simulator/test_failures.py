@@ -104,7 +104,7 @@ def test_failing_client_work_is_rerun_and_the_results_are_unchanged(tmp_path):
     _go(InlineBackend, tmp_path / "ref")
     flaky = type("Twice", (Flaky,), {"fail_calls": {2, 3}})  # round 1 fails twice, then succeeds
     assert _go(flaky, tmp_path / "flaky", **{"system.max_failures": 2})["status"] == "completed"
-    a, b = (pd.read_parquet(tmp_path / d / "rounds.parquet").drop(columns="wall_time") for d in ("ref", "flaky"))
+    a, b = (pd.read_parquet(tmp_path / d / "rounds.parquet").drop(columns="wall_time_s") for d in ("ref", "flaky"))
     pd.testing.assert_frame_equal(a, b, check_exact=True)
 
 
@@ -122,6 +122,6 @@ def test_failures_beyond_the_limit_stop_the_run_cleanly_and_it_resumes_exactly(t
     state = checkpoint.load(tmp_path / "run")
     assert state is not None and state["next_round"] == summary["rounds_completed"]
     assert _go(InlineBackend, tmp_path / "run", resume=True, **extra)["status"] == "completed"
-    a, b = (pd.read_parquet(tmp_path / d / "rounds.parquet").drop(columns="wall_time").sort_values("round")
+    a, b = (pd.read_parquet(tmp_path / d / "rounds.parquet").drop(columns="wall_time_s").sort_values("round")
             .reset_index(drop=True) for d in ("ref", "run"))
     pd.testing.assert_frame_equal(a, b, check_exact=True)

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import run_with_backend, small_overrides
@@ -253,10 +254,17 @@ def test_a_tiny_run_end_to_end_on_files(tmp_path, dataset):
     cfg = load_config(None, small_overrides(**{
         "data.name": dataset, "data.path": str(path), "data.num_clients": 8, "data.eval_clients": 2,
         "clients.per_round": 4, "eval.clients": 2, "system.backend": "inline", "algorithm.local_lr": 0.05}))
-    summary = run_with_backend(cfg, tmp_path / "run", prepare(cfg))
+    prepared = prepare(cfg)
+    summary = run_with_backend(cfg, tmp_path / "run", prepared)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 4
     assert np.isfinite(summary["final_eval"]["eval_loss_post"])
     assert (tmp_path / "run" / "label_histogram.parquet").exists()
+    ids = pd.read_parquet(tmp_path / "run" / "client_ids.parquet")  # metafleet's client id -> the user's key
+    # a table whose client_column is itself named client_id keeps the user's values beside metafleet's ids
+    key, expected = ("user", prepared.dataset.users) if dataset == "leaf" else \
+        ("client_id_in_data", prepared.dataset.client_names)
+    assert list(ids.columns) == ["client_id", key] and ids["client_id"].tolist() == list(range(10))
+    assert ids[key].tolist() == expected.tolist() and len(set(expected.tolist())) == 10
 
 
 @pytest.mark.parametrize("damage", ["index replaced", "array truncated", "manifest lost"])

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
+from conftest import small_overrides
 
+from actors.cli import main
 from simulator.rundir.files import atomic_write_bytes, write_json
 from simulator.rundir.metrics import (
     CLIENTS_SCHEMA,
@@ -17,6 +22,7 @@ from simulator.rundir.metrics import (
     MetricsWriter,
     PartitionedTable,
 )
+from simulator.rundir.summary import json_value
 
 
 def eval_row(i: int) -> dict:
@@ -109,17 +115,26 @@ def test_metrics_writer_flushes_every_n_rounds(tmp_path):
     writer.flush()
     rounds = pd.read_parquet(tmp_path / "rounds.parquet")
     assert rounds["round"].tolist() == [0, 1, 2]
-    assert rounds["sim_time"].tolist() == [0.5, 1.5, 2.5]
+    assert rounds["sim_time_s"].tolist() == [0.5, 1.5, 2.5]
     assert list(rounds.columns) == ROUNDS_SCHEMA.names
     assert pd.read_parquet(tmp_path / "clients.parquet")["client_id"].tolist() == [0, 1, 2]
     assert list((tmp_path / "evals.parquet").iterdir()) == []  # nothing appended, nothing written
 
 
+def _strict(text: str):
+    """json.loads refusing NaN and Infinity, as strict parsers (JavaScript, jq, Go) do."""
+    def refuse(name: str):
+        raise ValueError(f"not JSON: {name}")
+    return json.loads(text, parse_constant=refuse)
+
+
 def test_write_json_and_atomic_write(tmp_path):
     path = tmp_path / "summary.json"
-    write_json(path, {"a": 1, "b": [0.5, math.nan]})
-    loaded = json.loads(path.read_text())
-    assert loaded["a"] == 1 and loaded["b"][0] == 0.5 and math.isnan(loaded["b"][1])
+    with pytest.raises(ValueError):  # a bare NaN is never written
+        write_json(path, {"b": [0.5, math.nan]})
+    assert not path.exists()
+    write_json(path, json_value({"a": 1, "b": [0.5, math.nan, math.inf, -math.inf], "c": {"d": np.float64("nan")}}))
+    assert _strict(path.read_text()) == {"a": 1, "b": [0.5, None, "inf", "-inf"], "c": {"d": None}}
     atomic_write_bytes(path, b"replaced")
     assert path.read_bytes() == b"replaced"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]  # no temp file left behind
@@ -142,3 +157,31 @@ def test_a_flush_killed_before_the_rename_leaves_a_readable_table(tmp_path, monk
     leftovers = sorted(p.name for p in d.iterdir())
     assert leftovers == [".part-00001.parquet.tmp", "part-00000.parquet"]  # the partial part is hidden
     assert pd.read_parquet(d)["client_id"].tolist() == [100]
+
+
+def test_not_measured_is_null_in_parquet_and_in_summary_json(tmp_path):
+    """Rounds without evaluation, accuracy of a regression task, privacy off and clients never trained: null in
+    the files (Arrow's null count, DuckDB's IS NULL), NaN in pandas; summary.json is strict JSON."""
+    out = tmp_path / "run"
+    argv = [a for o in small_overrides(**{"system.backend": "inline", "devices.dropout": 0.3})
+            for a in ("--set", o)]
+    assert main(["run", "--out", str(out), "--no-progress", "--no-plots", *argv]) == 0
+    rounds = pq.read_table(out / "rounds.parquet").sort_by("round")
+    evaluated = sorted(set(pq.read_table(out / "evals.parquet").column("round").to_pylist()))
+    assert evaluated == [0, 2, 3]  # eval.every = 2, and the last round
+    for name in ("eval_loss_pre", "eval_loss_post", "eval_loss_post_p90"):
+        column = rounds.column(name)
+        assert [i for i, v in enumerate(column.to_pylist()) if v is not None] == evaluated
+        assert pc.is_nan(column.drop_null()).to_pylist() == [False] * 3  # real numbers where measured
+    for name in ("eval_metric_pre", "eval_metric_post", "dp_epsilon", "dp_clip"):  # regression; privacy off
+        assert rounds.column(name).null_count == 4
+    clients = pq.read_table(out / "clients.parquet")
+    untrained = pc.equal(clients.column("actor_id"), -1)
+    assert pc.any(untrained).as_py()  # drop-outs are never trained
+    for name in ("loss_after", "compute_time_s", "weight"):
+        assert clients.column(name).filter(untrained).null_count == pc.sum(untrained).as_py()
+    frame = pd.read_parquet(out / "rounds.parquet")  # pandas: the nulls are NaN, as before
+    assert frame["eval_loss_post"].dtype == np.float64 and frame["eval_loss_post"].isna().sum() == 1
+    summary = _strict((out / "summary.json").read_text())
+    assert summary["final_eval"]["eval_metric_post"] is None and summary["dp_epsilon"] is None
+    assert isinstance(summary["final_eval"]["eval_loss_post"], float)

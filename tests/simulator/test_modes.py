@@ -47,9 +47,10 @@ def test_deadline_drops_exactly_the_late_clients_and_does_not_train_them(tmp_pat
         assert rounds.loc[r, "num_completed"] == len(ids) - len(late)
     dropped = clients[clients["dropped"]]
     assert len(dropped) > 0 and (dropped["actor_id"] == -1).all() and dropped["loss_after"].isna().all()
-    assert (clients.loc[~clients["dropped"], "sim_finish"] <= clients.loc[~clients["dropped"], "sim_start"] + 0.4).all()
+    done = clients[~clients["dropped"]]
+    assert (done["sim_finish_s"] <= done["sim_start_s"] + 0.4).all()
     # each round ends at the deadline when someone was late
-    durations = rounds["round_sim_duration"].to_numpy()
+    durations = rounds["round_sim_duration_s"].to_numpy()
     assert np.all(durations <= 0.4 + 1e-12)
     assert np.allclose(durations[rounds["dropped_deadline"] > 0], 0.4)
     assert summary["dropped"]["deadline"] == len(dropped)
@@ -65,16 +66,16 @@ def test_overselect_keeps_the_first_per_round_to_finish(tmp_path):
         assert sorted(rows.loc[~rows["dropped"], "client_id"]) == sorted(first.tolist())
         assert (rows.loc[rows["dropped"], "drop_reason"] == "overselect").all()
         assert rounds.loc[r, "num_sampled"] == 9 and rounds.loc[r, "dropped_overselect"] == 3
-        assert rounds.loc[r, "round_sim_duration"] == pytest.approx(np.sort(d)[5], rel=1e-12)
+        assert rounds.loc[r, "round_sim_duration_s"] == pytest.approx(np.sort(d)[5], rel=1e-12)
 
 
 def test_sync_round_lasts_as_long_as_its_slowest_client_and_counts_bytes(tmp_path):
     cfg, _, rounds, clients = _run(tmp_path, PARETO)
     for r in range(cfg.rounds):
         ids = sample_cohort(cfg.seed, r, cfg.data.num_clients, cfg.clients.per_round)
-        assert rounds.loc[r, "round_sim_duration"] == pytest.approx(_durations(cfg, ids).max(), rel=1e-12)
+        assert rounds.loc[r, "round_sim_duration_s"] == pytest.approx(_durations(cfg, ids).max(), rel=1e-12)
     assert (rounds["bytes_up"] == 6 * 7044).all() and (rounds["bytes_down"] == 6 * 7044).all()
-    assert np.allclose(rounds["sim_time"], np.cumsum(rounds["round_sim_duration"]))
+    assert np.allclose(rounds["sim_time_s"], np.cumsum(rounds["round_sim_duration_s"]))
     assert (clients["staleness"] == 0).all() and not clients["dropped"].any()
     assert clients["compute_speed"].nunique() > 1  # heterogeneous devices are recorded per client
 
@@ -83,8 +84,8 @@ def test_offline_and_dropout_clients_are_counted_and_not_aggregated(tmp_path):
     cfg, summary, rounds, clients = _run(tmp_path, "devices.availability=0.6", "devices.dropout=0.3", rounds=6)
     offline, dropout = clients[clients["drop_reason"] == "offline"], clients[clients["drop_reason"] == "dropout"]
     assert len(offline) > 0 and len(dropout) > 0
-    assert (offline["sim_finish"] == offline["sim_start"]).all()
-    assert (dropout["sim_finish"] < dropout["sim_start"] + _durations(cfg, dropout["client_id"].to_numpy())).all()
+    assert (offline["sim_finish_s"] == offline["sim_start_s"]).all()
+    assert (dropout["sim_finish_s"] < dropout["sim_start_s"] + _durations(cfg, dropout["client_id"].to_numpy())).all()
     per_round = clients.groupby("round")["dropped"].agg(["sum", "size"])
     assert (rounds["num_dropped"].to_numpy() == per_round["sum"].to_numpy()).all()
     assert (rounds["num_completed"] + rounds["num_dropped"] == rounds["num_sampled"]).all()

@@ -164,3 +164,36 @@ def test_bad_input_is_a_config_error_naming_the_key(tmp_path, case):
     with pytest.raises(ConfigError, match=r"data\.(path|client_column|label_column)") as err:
         TableDataset(cfg, 0)
     assert err.match(message)
+
+
+@pytest.mark.parametrize("kind", ["int", "string"])
+def test_unset_num_clients_is_every_client_but_the_held_out_and_the_run_maps_ids_back(tmp_path, kind):
+    from conftest import run_with_backend, small_overrides
+
+    from simulator.experiment import load_config
+    from simulator.rounds.context import prepare
+
+    rng = np.random.default_rng(3)
+    n = 200
+    owner = rng.integers(0, 14, n)
+    df = pd.DataFrame({"device": owner + 1000 if kind == "int" else [f"d{o:02d}" for o in owner],
+                       "a": rng.random(n), "label": rng.integers(0, 3, n)})
+    df = pd.concat([df, pd.DataFrame({"device": [5000 if kind == "int" else "lonely"], "a": [0.5], "label": [1]})])
+    df.to_parquet(tmp_path / "t.parquet")  # 14 clients with >= 2 rows, and one with a single row (left out)
+    overrides = [o for o in small_overrides() if not o.startswith("data.num_clients")]
+    cfg = load_config(None, overrides + ['data.name="table"', f'data.path="{tmp_path / "t.parquet"}"',
+                                         'data.client_column="device"', "data.eval_clients=4", "clients.per_round=5",
+                                         'system.backend="inline"'])
+    assert cfg.data.num_clients == 14 - 4  # every client with 2 rows but the 4 held out
+    prepared = prepare(cfg)
+    summary = run_with_backend(cfg, tmp_path / "run", prepared)
+    assert summary["status"] == "completed"
+    ids = pd.read_parquet(tmp_path / "run" / "client_ids.parquet")
+    assert list(ids.columns) == ["client_id", "device"] and ids["client_id"].tolist() == list(range(14))
+    assert pq.read_schema(tmp_path / "run" / "client_ids.parquet").field("device").type == (
+        pa.int64() if kind == "int" else pa.string())  # the user's own type
+    assert sorted(ids["device"].tolist()) == sorted(df["device"].value_counts().loc[lambda c: c >= 2].index.tolist())
+    for c, value in zip(ids["client_id"], ids["device"], strict=True):  # the mapping names each client's own rows
+        shard = prepared.dataset.shard(int(c))
+        got = np.sort(torch.cat([shard.support.x, shard.query.x])[:, 0].numpy())
+        np.testing.assert_array_equal(got, np.sort(df.loc[df["device"] == value, "a"].to_numpy(np.float32)))

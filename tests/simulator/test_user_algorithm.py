@@ -4,6 +4,7 @@ vectorized and sequential, and the logged fall-back of a record without a vector
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -52,7 +53,9 @@ def test_the_proximal_step_in_exact_numbers():
 
 def test_the_factory_names_the_algorithm_and_bad_factories_are_config_errors():
     c = load_config(None, [f'algorithm.factory="{MODULE}:fedprox"'])
-    assert c.algorithm.name == "fedprox" and to_dict(c)["algorithm"]["factory"] == f"{MODULE}:fedprox"
+    # a module in the working directory is recorded as its file, which workers load by path
+    here = Path(__file__).resolve().parent / "proximal_algorithm.py"
+    assert c.algorithm.name == "fedprox" and to_dict(c)["algorithm"]["factory"] == f"{here}:fedprox"
     record = resolve(c.algorithm)
     assert isinstance(record, Algorithm) and record.weighting == "samples" and record.vectorized_step is not None
     for overrides, needle in (
