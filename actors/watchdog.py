@@ -23,6 +23,8 @@ from typing import Any
 
 #: a call may take this many times the slowest per-client speed seen so far before it counts as stuck
 SLACK = 20.0
+#: a call that has run this fraction of its allowed time is reported as late (once), before it is overdue
+LATE = 0.5
 
 
 @dataclass
@@ -40,6 +42,7 @@ class Watchdog:
         self.per_client = 0.0  # slowest seconds per client of any call seen done
         self._actors: dict[int, _Actor] = {}
         self._owner: dict[Any, int] = {}  # call reference -> its actor's key
+        self._reported: set[int] = set()  # ids of the calls already reported late
 
     def started(self, actor: Any, ref: Any, clients: int) -> None:
         state = self._actors.setdefault(id(actor), _Actor())
@@ -103,3 +106,18 @@ class Watchdog:
         now = self.clock()
         return [(key, self._deadline(s) - s.since) for key, s in self._actors.items()
                 if s.calls and now > self._deadline(s)]
+
+    def late(self) -> list[tuple[int, float, float]]:
+        """(actor key, seconds its oldest call has run, the seconds it is allowed) of every oldest call past
+        ``LATE`` of its allowed time, each reported once: the warning before the watchdog acts."""
+        if self.timeout_s <= 0:
+            return []
+        now, out = self.clock(), []
+        for key, s in self._actors.items():
+            if not s.calls or id(s.calls[0][0]) in self._reported:
+                continue
+            allowed = self._deadline(s) - s.since
+            if now - s.since > LATE * allowed:
+                self._reported.add(id(s.calls[0][0]))
+                out.append((key, now - s.since, allowed))
+        return out

@@ -66,3 +66,18 @@ def test_watchdog_deadlines_in_exact_numbers():
     dog.done("a2", timed=False)  # seen late: no speed is measured from it
     assert dog.per_client == 2.0 and dog.wait_s() is None
     assert Watchdog(0.0, clock).wait_s() is None  # call_timeout_s = 0: no deadlines
+
+
+def test_a_late_call_is_reported_once_before_its_deadline():
+    clock, a = _Clock(), object()
+    dog = Watchdog(10.0, clock)
+    dog.started(a, "a1", 4)
+    clock.now = 105.0  # exactly half of the 10 s it is allowed: not yet late
+    assert dog.late() == []
+    clock.now = 105.5
+    assert dog.late() == [(id(a), 5.5, 10.0)] and dog.late() == []  # once
+    dog.done("a1")
+    dog.started(a, "a2", 4)  # a new call is watched afresh: 5.5 s for 4 clients, so 20 x 1.375 x 4 = 110 s
+    clock.now = 105.5 + 55.5
+    assert dog.late() == [(id(a), 55.5, 110.0)]
+    assert Watchdog(0.0, clock).late() == []
