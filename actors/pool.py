@@ -49,7 +49,17 @@ from actors.cluster import connect, log_level
 from actors.watchdog import Watchdog
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import ConfigError, SystemConfig
-from simulator.contract import Backend, EvalResult, Keys, Method, TrainResult, WorkerFailure, WorkerSpec, split_work
+from simulator.contract import (
+    Backend,
+    EvalResult,
+    Keys,
+    Method,
+    Reduction,
+    TrainResult,
+    WorkerFailure,
+    WorkerSpec,
+    split_work,
+)
 from simulator.rounds.retry import ANSI
 
 log = logging.getLogger("metafleet.pool")
@@ -82,9 +92,10 @@ class ClientActor:
         if self.calls == self.die_on_call:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def train(self, theta: np.ndarray, keys: int | list[int], client_ids: list[int]) -> TrainResult:
+    def train(self, theta: np.ndarray, keys: int | list[int], client_ids: list[int],
+              reduce: Reduction | None = None) -> TrainResult:
         self._call()
-        return self.worker.train(theta, keys, client_ids)
+        return self.worker.train(theta, keys, client_ids, reduce)
 
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: list[int]) -> EvalResult:
         self._call()
@@ -101,10 +112,13 @@ class _Slot:
     restarts: int = 0
 
 
-def _call(actor: Any, method: Method, model_ref: Any, keys: int | list[int], client_ids: list[int]) -> Any:
-    """Start ``actor.train`` or ``actor.evaluate`` on a chunk; returns the result's object reference."""
-    remote = actor.train if method == "train" else actor.evaluate
-    return remote.remote(model_ref, keys, client_ids)
+def _call(actor: Any, method: Method, model_ref: Any, keys: int | list[int], client_ids: list[int],
+          reduce: Any = None) -> Any:
+    """Start ``actor.train`` or ``actor.evaluate`` on a chunk; returns the result's object reference. ``reduce``:
+    the object reference of a training call's ``Reduction`` (None: per-client vectors come back)."""
+    if method == "evaluate":
+        return actor.evaluate.remote(model_ref, keys, client_ids)
+    return actor.train.remote(model_ref, keys, client_ids, reduce)
 
 
 @dataclass(eq=False)
@@ -115,6 +129,7 @@ class _Batch:
     method: Method
     model_ref: Any
     failures: int = 0
+    reduce_ref: Any = None
 
 
 @dataclass
@@ -233,14 +248,15 @@ class RayPool(Backend):
     def _start(self, worker_id: int, fault: str = "") -> Any:
         return ClientActor.options(**self._opts).remote(self.spec, worker_id, log_level(), fault)
 
-    def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
-        """Dispatch the clients as one call per chunk; the model is put in the object store once."""
-        batch = _Batch(method, ray.put(theta))
+    def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
+                  reduce: Reduction | None = None) -> list[RayPending]:
+        """Dispatch the clients as one call per chunk; the model (and a reduction) is put in the object store once."""
+        batch = _Batch(method, ray.put(theta), reduce_ref=None if reduce is None else ray.put(reduce))
         pending = []
         for w, ids, k in split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor):
             slot = self._slots[w]
-            pending.append(RayPending(ids, _call(slot.actor, method, batch.model_ref, k, ids), keys=k,
-                                      slot=slot, actor=slot.actor, batch=batch))
+            pending.append(RayPending(ids, _call(slot.actor, method, batch.model_ref, k, ids, batch.reduce_ref),
+                                      keys=k, slot=slot, actor=slot.actor, batch=batch))
             self._watchdog.started(slot.actor, pending[-1].ref, len(ids))
         return pending
 
@@ -277,9 +293,10 @@ class RayPool(Backend):
             else:
                 waiting[p.ref] = p
 
-    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> Iterator[TrainResult]:
+    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
+              reduce: Reduction | None = None) -> Iterator[TrainResult]:
         """Dispatch every chunk at once; yield results as they complete."""
-        return self._completed(self._dispatch("train", theta, keys, client_ids))
+        return self._completed(self._dispatch("train", theta, keys, client_ids, reduce))
 
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: np.ndarray) -> Iterator[EvalResult]:
         return self._completed(self._dispatch("evaluate", theta, round_idx, client_ids))
@@ -340,7 +357,7 @@ class RayPool(Backend):
                     "per round)", len(p.client_ids), batch.method, slot.worker_id, batch.failures,
                     self.system.max_failures)
         p.slot, p.actor = slot, slot.actor
-        p.ref = _call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids)
+        p.ref = _call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids, batch.reduce_ref)
         self._watchdog.started(slot.actor, p.ref, len(p.client_ids))
 
     def _replace(self, slot: _Slot, reason: str) -> None:

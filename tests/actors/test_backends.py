@@ -85,15 +85,15 @@ def test_identical_metrics_in_every_mode(ray_session, tmp_path, mode, extra):
 class ShuffledBackend(InlineBackend):
     """Splits each cohort over 3 pretend workers and returns their results in reverse order."""
 
-    def _shuffled(self, fn, theta, round_idx, client_ids):
+    def _shuffled(self, fn, theta, round_idx, client_ids, *more):
         results = []
         for w, chunk in split_cohort(client_ids, 3):
-            res = fn(theta, round_idx, chunk)
+            res = fn(theta, round_idx, chunk, *more)
             results.append(type(res)(**{**res.__dict__, "worker_id": w}))
         yield from reversed(results)
 
-    def train(self, theta, round_idx, client_ids):
-        return self._shuffled(self.worker.train, theta, round_idx, client_ids)
+    def train(self, theta, round_idx, client_ids, reduce=None):
+        return self._shuffled(self.worker.train, theta, round_idx, client_ids, reduce)
 
     def evaluate(self, theta, round_idx, client_ids):
         return self._shuffled(self.worker.evaluate, theta, round_idx, client_ids)

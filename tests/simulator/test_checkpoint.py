@@ -88,11 +88,11 @@ class InterruptAt(InlineBackend):
 
     stop, calls = 7, 0
 
-    def dispatch(self, method, theta, keys, client_ids):
+    def dispatch(self, method, theta, keys, client_ids, reduce=None):
         self.calls += 1
         if self.calls == self.stop:
             raise KeyboardInterrupt
-        return super().dispatch(method, theta, keys, client_ids)
+        return super().dispatch(method, theta, keys, client_ids, reduce)
 
 
 @pytest.mark.parametrize("overrides", [SYNC, ASYNC], ids=["sync", "async"])
