@@ -6,7 +6,8 @@ mean, FedBuff's s(tau_i) c_i / sum_j c_j, DP's w_i / m). The sum has to be the s
 workers, the chunks the cohort is cut into and the order the chunks complete in, so it is computed as follows.
 
 **Scheme.** Each x_i is computed once in float64 (one rounding: |x^_ij - x_ij| <= 2^-53 |x_ij|), then rounded
-once to the grid 2^-F: q_ij = rint(x^_ij 2^F), an int64. The q_i are summed in int64: integer addition is exact,
+once to the grid 2^-F: q_ij = rint(x^_ij 2^F), an int64 (computed as rint(u_ij (a_i f_i 2^F)): the same number,
+since scaling by 2^F is exact). The q_i are summed in int64: integer addition is exact,
 so it is associative and commutative, and any split into partial sums (one per worker call, ``Partial``) and any
 order of combining them gives the same integer total Q_j; the result is Q_j 2^-F (one more rounding, to float64,
 only when |Q_j| > 2^53). A worker therefore sends one int64 vector per call, not one vector per client.
@@ -18,13 +19,13 @@ sum_i |x_ij| (Higham, "Accuracy and Stability of Numerical Algorithms", Eq. 4.4)
 (2^-25 |mean| = 3e-10 for |mean| = 0.01): the float32 results of the two schemes differ by at most one ulp, and
 only where the exact sum lies within about k 2^-(F+1) of a float32 rounding boundary.
 
-**Overflow bound.** A grid is (F, R): R = 2^e bounds the elements of an upload (|u_ij| < R), S' = 2^s >= sum_i
-|a_i| bounds the coefficients (1 for a weighted mean, m'/m for DP's fixed denominator), and F = 62 - e - s, so
-R S' 2^F = 2^62. A row is put on the grid only if max_j |x^_ij| < a_i R (i.e. |u_ij| < R); then any partial sum of
-q's is below sum_i (a_i R (1 + 2^-53) 2^F + 1/2) <= 2^62 (1 + 2^-20) (1 + 2^-53) + k / 2 < 2^63 for k < 2^61:
-no int64 sum in any order can overflow. A row that fails the test (a diverging client) is an *outlier*: it is
-kept as its float64 x^_i and added to the exact part on the driver one at a time in cohort order, so the result
-is still a function of the rows alone (not bit-exact float64 arithmetic any more, but deterministic).
+**Overflow bound.** A grid is (F, R): R = 2^e bounds the elements of an upload (|u_ij| < R), S' = 2^s >= sum_i |a_i|
+bounds the coefficients (1 for a weighted mean, m'/m for DP's fixed denominator), and F = 62 - e - s, so R S' 2^F =
+2^62. A row is put on the grid only if f_i max_j |u_ij| < R (so |x^_ij| < a_i R (1 + 2^-53)); then any partial sum
+of q's is below sum_i (a_i R (1 + 2^-53) 2^F + 1/2) <= 2^62 (1 + 2^-20) (1 + 2^-53) + k / 2 < 2^63 for k < 2^61: no
+int64 sum in any order can overflow. A row that fails the test (a diverging client) is an *outlier*: it is kept as
+its float64 x^_i and added to the exact part on the driver one at a time in cohort order, so the result is still a
+function of the rows alone (not bit-exact float64 arithmetic any more, but deterministic).
 
 R comes from a bound every worker knows before it sees the data: the clip norm C under DP (|f_i v_ij| <=
 ||f_i v_i|| <= C), C (1 + 8 sigma) with local noise, else ``DEFAULT_BOUND`` = 2^20.
@@ -103,15 +104,19 @@ class Accumulator:
             raise ValueError(f"need k x {self.size} rows and k coefficients, got {rows.shape}, {a.shape}, {f.shape}")
         step = max(1, BLOCK_ELEMENTS // max(1, self.size))
         for b in range(0, len(rows), step):
-            x = rows[b:b + step].astype(np.float64) * (a[b:b + step] * f[b:b + step])[:, None]
-            fits = np.abs(x).max(axis=1, initial=0.0) < np.abs(a[b:b + step]) * self.grid.limit
-            for i in np.flatnonzero(~fits & (a[b:b + step] != 0)).tolist():  # zero coefficients add nothing
+            u, ab, fb = rows[b:b + step], a[b:b + step], f[b:b + step]
+            peak = np.maximum(u.max(axis=1, initial=-np.inf), -u.min(axis=1, initial=np.inf)).astype(np.float64)
+            fits = (peak * fb < self.grid.limit) & (ab != 0)  # |f_i u_ij| < R (NaN fails: an outlier)
+            for i in np.flatnonzero(~fits & (ab != 0)).tolist():  # zero coefficients add nothing
                 self.keys.append(int(keys[b + i]))
-                self.rows.append(x[i])
-            on = x[fits]
-            if len(on):
-                on *= self._scale  # exact: a power of two
-                self.total += np.rint(on, out=on).astype(np.int64).sum(axis=0)
+                self.rows.append(u[i].astype(np.float64) * (ab[i] * fb[i]))
+            if fits.all():
+                on, c = u, ab * fb
+            else:
+                on, c = u[fits], ab[fits] * fb[fits]
+            if len(on):  # x_i 2^F = u_i (a_i f_i 2^F): scaling by a power of two is exact
+                q = np.multiply(on, (c * self._scale)[:, None], dtype=np.float64)
+                self.total += np.rint(q, out=q).astype(np.int64).sum(axis=0)
 
     def partial(self) -> Partial:
         keys = np.array(self.keys, np.int64)

@@ -28,8 +28,8 @@ from simulator.privacy.noise import gaussian
 
 
 def finite_rows(rows: np.ndarray, losses: np.ndarray) -> np.ndarray:
-    """Rows whose upload and loss are all finite (``rounds.rows.finite_updates``, row by row)."""
-    return np.array([bool(np.isfinite(r).all()) for r in rows], bool).reshape(len(rows)) & np.isfinite(losses)
+    """Rows whose upload and loss are all finite (as ``rounds.rows.finite_updates``)."""
+    return np.isfinite(rows).all(axis=1) & np.isfinite(losses)
 
 
 def row_norms32(rows: np.ndarray) -> np.ndarray:
