@@ -45,7 +45,7 @@ def one(clients: int, rounds: int, actors: int) -> dict[str, float]:
         'model.name="femnist_cnn"', 'algorithm.name="fedavg"', "algorithm.local_steps=1", "algorithm.batch_size=10",
         f"clients.per_round={clients}", f"rounds={rounds}", 'system.backend="ray"', f"system.actors={actors}",
         "checkpoint_every=0", "metrics.flush_every=100"])
-    ray.init(num_cpus=actors, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ray.init(address="local", num_cpus=actors, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         with make_backend(cfg) as pool, tempfile.TemporaryDirectory() as tmp:
             before = _rss_kib("VmRSS")
@@ -56,6 +56,7 @@ def one(clients: int, rounds: int, actors: int) -> dict[str, float]:
         ray.shutdown()
     peak = _rss_kib("VmHWM")
     return {"clients": clients, "rounds": rounds, "actors": actors, "status": summary["status"],
+            "error": summary.get("error", ""),
             "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024, "peak_minus_before_mb": (peak - before) / 1024,
             "model_mb": 6_603_710 * 4 / 2**20, "wall_s": wall}
 

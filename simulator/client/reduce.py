@@ -70,5 +70,6 @@ def reduce_result(res: TrainResult, red: Reduction, seed: int, keys: np.ndarray)
     acc = Accumulator(red.grid, res.vectors.shape[1])
     ids = np.asarray(res.client_ids, np.int64)
     clip_norm = reduce_rows(acc, res.vectors, ok, red.coefficients(ids), ids, red, seed, np.asarray(keys), ids)
-    return dataclasses.replace(res, vectors=res.vectors[:0], partial=acc.partial(), accepted=ok,
+    empty = np.empty((0, res.vectors.shape[1]), np.float32)  # not a view: the block's memory is released
+    return dataclasses.replace(res, vectors=empty, partial=acc.partial(), accepted=ok,
                                update_norm=row_norms32(res.vectors), clip_norm=clip_norm)
