@@ -17,7 +17,7 @@ import numpy as np
 
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import SystemConfig
-from simulator.contract import Backend, EvalResult, Keys, Method, TrainResult, WorkerSpec, split_work
+from simulator.contract import Backend, EvalResult, Keys, Method, Reduction, TrainResult, WorkerSpec, split_work
 
 
 @dataclass
@@ -36,10 +36,11 @@ class InlineBackend(Backend):
     def describe(self) -> list[dict[str, object]]:
         return [self.worker.describe()]
 
-    def dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[InlinePending]:
+    def dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
+                 reduce: Reduction | None = None) -> list[InlinePending]:
         """Every call of this backend (``train``, ``evaluate``, ``submit``) goes through here: one pending
         chunk per call of at most ``clients_per_actor`` clients, run when its result is asked for."""
-        fn = self.worker.train if method == "train" else self.worker.evaluate
+        fn = partial(self.worker.train, reduce=reduce) if method == "train" else self.worker.evaluate
         theta = np.array(theta, copy=True)  # the caller may change its array before the work runs
         return [InlinePending(ids, partial(fn, theta, k, ids))
                 for _, ids, k in split_work(client_ids, keys, 1, self.max_chunk)]
@@ -52,8 +53,9 @@ class InlineBackend(Backend):
             pending.value, pending.thunk = pending.thunk(), None
         return pending.value
 
-    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> Iterator[TrainResult]:
-        for pending in self.dispatch("train", theta, keys, client_ids):
+    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
+              reduce: Reduction | None = None) -> Iterator[TrainResult]:
+        for pending in self.dispatch("train", theta, keys, client_ids, reduce):
             yield self.result(pending)
 
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: np.ndarray) -> Iterator[EvalResult]:

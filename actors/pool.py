@@ -29,7 +29,6 @@ import logging
 import math
 import os
 import re
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -46,52 +45,31 @@ from ray.exceptions import (
     WorkerCrashedError,
 )
 
+from actors.actor import FAULT_ENV, ClientActor, start_call
 from actors.cluster import check_gcs, connect, log_level
 from actors.watchdog import Watchdog
-from simulator.client.worker import ClientWorker
 from simulator.config.schema import ConfigError, SystemConfig
-from simulator.contract import Backend, EvalResult, Keys, Method, TrainResult, WorkerFailure, WorkerSpec, split_work
+from simulator.contract import (
+    Backend,
+    EvalResult,
+    Keys,
+    Method,
+    Reduction,
+    TrainResult,
+    WorkerFailure,
+    WorkerSpec,
+    split_work,
+)
 from simulator.rounds.retry import ANSI
 
 log = logging.getLogger("metafleet.pool")
 
 #: Ray errors after which a call is run again: its actor or node died, or its result was lost
 LOST = (RayActorError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError)
-#: test-only fault injection (see the module docstring)
-FAULT_ENV = "METAFLEET_FAULT_INJECT"
 #: seconds a replacement actor may take to start before the pool gives up on it and shrinks
 REPLACE_TIMEOUT_S = 60.0
 #: how often the driver checks that the cluster's GCS still answers (``cluster.check_gcs``)
 HEALTH_S = 5.0
-
-
-@ray.remote
-class ClientActor:
-    """A Ray actor serving many clients: ``train`` and ``evaluate`` take a list of client ids."""
-
-    def __init__(self, spec: WorkerSpec, worker_id: int, log_level: int = logging.WARNING, fault: str = "") -> None:
-        logging.basicConfig(level=log_level, format="%(name)s: %(message)s")
-        self.worker = ClientWorker(spec, worker_id)
-        self.calls, self.die_on_call = 0, 0
-        if fault:
-            n, _, only = fault.partition(":")[2].partition(":")
-            self.die_on_call = int(n) if not only or int(only) == worker_id else 0
-
-    def describe(self) -> dict[str, object]:
-        return {**self.worker.describe(), "node": ray.get_runtime_context().get_node_id()}
-
-    def _call(self) -> None:
-        self.calls += 1
-        if self.calls == self.die_on_call:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    def train(self, theta: np.ndarray, keys: int | list[int], client_ids: list[int]) -> TrainResult:
-        self._call()
-        return self.worker.train(theta, keys, client_ids)
-
-    def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: list[int]) -> EvalResult:
-        self._call()
-        return self.worker.evaluate(theta, round_idx, client_ids)
 
 
 @dataclass(eq=False)
@@ -104,12 +82,6 @@ class _Slot:
     restarts: int = 0
 
 
-def _call(actor: Any, method: Method, model_ref: Any, keys: int | list[int], client_ids: list[int]) -> Any:
-    """Start ``actor.train`` or ``actor.evaluate`` on a chunk; returns the result's object reference."""
-    remote = actor.train if method == "train" else actor.evaluate
-    return remote.remote(model_ref, keys, client_ids)
-
-
 @dataclass(eq=False)
 class _Batch:
     """One dispatch (a ``train``/``evaluate`` call or a ``submit`` batch): what a lost call needs to run
@@ -118,6 +90,7 @@ class _Batch:
     method: Method
     model_ref: Any
     failures: int = 0
+    reduce_ref: Any = None
 
 
 @dataclass
@@ -237,16 +210,17 @@ class RayPool(Backend):
     def _start(self, worker_id: int, fault: str = "") -> Any:
         return ClientActor.options(**self._opts).remote(self.spec, worker_id, log_level(), fault)
 
-    def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
-        """Dispatch the clients as one call per chunk; the model is put in the object store once."""
+    def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
+                  reduce: Reduction | None = None) -> list[RayPending]:
+        """Dispatch the clients as one call per chunk; the model (and a reduction) is put in the object store once."""
         if time.monotonic() - self._checked >= HEALTH_S:  # actors answer without a GCS, for 60 s: look first
             self._check_gcs()
-        batch = _Batch(method, ray.put(theta))
+        batch = _Batch(method, ray.put(theta), reduce_ref=None if reduce is None else ray.put(reduce))
         pending = []
         for w, ids, k in split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor):
             slot = self._slots[w]
-            pending.append(RayPending(ids, _call(slot.actor, method, batch.model_ref, k, ids), keys=k,
-                                      slot=slot, actor=slot.actor, batch=batch))
+            pending.append(RayPending(ids, start_call(slot.actor, method, batch.model_ref, k, ids, batch.reduce_ref),
+                                      keys=k, slot=slot, actor=slot.actor, batch=batch))
             self._watchdog.started(slot.actor, pending[-1].ref, len(ids))
         return pending
 
@@ -285,9 +259,10 @@ class RayPool(Backend):
             else:
                 waiting[p.ref] = p
 
-    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> Iterator[TrainResult]:
+    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
+              reduce: Reduction | None = None) -> Iterator[TrainResult]:
         """Dispatch every chunk at once; yield results as they complete."""
-        return self._completed(self._dispatch("train", theta, keys, client_ids))
+        return self._completed(self._dispatch("train", theta, keys, client_ids, reduce))
 
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: np.ndarray) -> Iterator[EvalResult]:
         return self._completed(self._dispatch("evaluate", theta, round_idx, client_ids))
@@ -320,6 +295,12 @@ class RayPool(Backend):
     def _kill_overdue(self) -> None:
         """Kill every actor whose oldest call is past its deadline (``actors.watchdog``): its calls then fail
         as lost ones do, and are run again on its replacement."""
+        for key, ran, allowed in self._watchdog.late():  # said once, long before the deadline acts
+            slot = next((s for s in self._slots if id(s.actor) == key), None)
+            if slot is not None:
+                log.warning("actor %d (pid %s on %s): its call has run %.0f s of the %.0f s it is allowed "
+                            "(system.call_timeout_s); at the deadline it is killed and the call re-run",
+                            slot.worker_id, slot.info.get("pid"), slot.info.get("host"), ran, allowed)
         for key, deadline in self._watchdog.overdue():
             slot = next((s for s in self._slots if id(s.actor) == key), None)
             if slot is None:  # an actor already replaced: its calls are being run again elsewhere
@@ -361,7 +342,7 @@ class RayPool(Backend):
                     "per round)", len(p.client_ids), batch.method, slot.worker_id, batch.failures,
                     self.system.max_failures)
         p.slot, p.actor = slot, slot.actor
-        p.ref = _call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids)
+        p.ref = start_call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids, batch.reduce_ref)
         self._watchdog.started(slot.actor, p.ref, len(p.client_ids))
 
     def _replace(self, slot: _Slot, reason: str) -> None:

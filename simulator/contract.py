@@ -4,7 +4,8 @@ A backend runs cohorts of client updates and evaluations against one model versi
 result per chunk of clients; the driver never learns how (Ray actors in ``actors.pool``, one in-process
 worker in ``actors.inline``). What crosses the seam is typed here: ``WorkerSpec`` (everything a worker
 needs to rebuild data and model by itself), ``TrainResult`` and ``EvalResult`` (row i belongs to
-``client_ids[i]``), ``WorkerFailure`` (work lost beyond ``system.max_failures``), and how a cohort is cut
+``client_ids[i]``), ``Reduction`` (what a worker needs to reduce its chunk to one ``exactsum.Partial`` instead of
+sending one vector per client), ``WorkerFailure`` (work lost beyond ``system.max_failures``), and how a cohort is cut
 into one call per worker (``split_cohort``). A backend is a context manager: ``with make_backend(cfg) as
 backend: ...`` releases its workers (and a Ray it started) whatever happens.
 """
@@ -18,6 +19,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
+from simulator.algorithms.exactsum import Grid, Partial
 from simulator.config.schema import (
     AlgorithmConfig,
     CompressionConfig,
@@ -62,8 +64,29 @@ class WorkerSpec:
 
 
 @dataclass(frozen=True)
+class Reduction:
+    """How a worker reduces its chunk of a release (``simulator.client.reduce``): client ``client_ids[i]`` of the
+    whole cohort (every chunk gets the same arrays) counts with nominal coefficient ``coefs[i]`` on ``grid``; a
+    non-finite upload is rejected (DP: contributes zero); ``clip`` > 0 clips every upload to L2 norm C (DP),
+    ``local_std`` > 0 adds the client's own N(0, local_std^2 I) from (seed, "dp_local", key, client id) after
+    compression and clipping (local DP)."""
+
+    client_ids: np.ndarray       # int64, the cohort
+    coefs: np.ndarray            # float64 a_i
+    grid: Grid
+    clip: float = 0.0
+    local_std: float = 0.0
+
+    def coefficients(self, client_ids: np.ndarray | list[int]) -> np.ndarray:
+        index = {int(c): i for i, c in enumerate(self.client_ids.tolist())}
+        return self.coefs[[index[int(c)] for c in client_ids]]
+
+
+@dataclass(frozen=True)
 class TrainResult:
-    """One cohort chunk's updates; row i of every array belongs to ``client_ids[i]``."""
+    """One cohort chunk's updates; row i of every array belongs to ``client_ids[i]``. Reduced (a ``Reduction`` was
+    given): ``vectors`` is 0 x P and ``partial`` holds the chunk's share of the sum, with per-client ``accepted``
+    (finite), ``update_norm`` (float32 L2 norm of the upload) and ``clip_norm`` (float64 norm DP clips by)."""
 
     worker_id: int
     client_ids: np.ndarray
@@ -73,6 +96,10 @@ class TrainResult:
     loss_before: np.ndarray
     loss_after: np.ndarray
     compute_time_s: np.ndarray   # real seconds: the chunk's time divided over its clients when trained together
+    partial: Partial | None = None
+    accepted: np.ndarray | None = None
+    update_norm: np.ndarray | None = None
+    clip_norm: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -105,8 +132,10 @@ class Backend(abc.ABC):
     num_workers: int
 
     @abc.abstractmethod
-    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> Iterator[TrainResult]:
-        """Update every client of ``client_ids`` from the server vector ``theta``."""
+    def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
+              reduce: Reduction | None = None) -> Iterator[TrainResult]:
+        """Update every client of ``client_ids`` from the server vector ``theta``; with ``reduce``, each chunk
+        comes back reduced to one partial sum (``Reduction``)."""
 
     @abc.abstractmethod
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: np.ndarray) -> Iterator[EvalResult]:

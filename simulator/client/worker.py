@@ -9,6 +9,7 @@ every backend, because the thread count changes floating-point results.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -20,14 +21,16 @@ import numpy as np
 import torch
 from torch import nn
 
+from simulator.algorithms.exactsum import merge
 from simulator.algorithms.fedavg import with_proximal
 from simulator.algorithms.record import vector_size
 from simulator.algorithms.registry import resolve
 from simulator.algorithms.stacked import VectorizedCohort, unsupported_reason
 from simulator.algorithms.steps import loss_function
 from simulator.client.evaluation import evaluate_client
+from simulator.client.reduce import reduce_result
 from simulator.compression import roundtrip
-from simulator.contract import EvalResult, TrainResult, WorkerSpec
+from simulator.contract import EvalResult, Reduction, TrainResult, WorkerSpec
 from simulator.data.base import ClientShard
 from simulator.data.registry import make_dataset
 from simulator.models import build_model
@@ -41,6 +44,9 @@ log = logging.getLogger("metafleet.worker")
 #: outgrows the caches (`python -m benchmarks.chunks --clients 10000 --chunks 100 256 1000 10000`, anchor
 #: workload, 1 thread: 204, 206, 226 and 424 us per client)
 CPU_CHUNK = 256
+#: update vectors a worker holds at once (one block; a reduced call keeps no more): LEAF's FEMNIST CNN (26 MB an
+#: update) trains 20 clients a block instead of 256 (6.7 GB), and a client's result does not depend on its block
+BLOCK_BYTES = 512 * 2**20
 
 
 def _nbytes(shard: ClientShard) -> int:
@@ -132,44 +138,64 @@ class ClientWorker:
         finally:
             torch.backends.cudnn.enabled = enabled
 
-    def train(self, theta: np.ndarray | torch.Tensor, keys: int | Sequence[int], client_ids: list[int]) -> TrainResult:
+    def train(self, theta: np.ndarray | torch.Tensor, keys: int | Sequence[int], client_ids: list[int],
+              reduce: Reduction | None = None) -> TrainResult:
         """Update every client of ``client_ids`` from ``theta``; client i's batches are drawn from
         the stream (seed, "batches", key, client id), key = the round (or, in async mode, the
-        refill group it was dispatched in): ``keys`` is one key for all or one per client."""
+        refill group it was dispatched in): ``keys`` is one key for all or one per client. With ``reduce``
+        the updates are summed here as they are produced (``simulator.client.reduce``): the result carries one
+        partial sum and per-client scalars, and this worker never holds more than one block of vectors."""
         configure_threads(self.spec.threads)
         params = self._theta(theta)
         per_client = [keys] * len(client_ids) if isinstance(keys, int | np.integer) else list(keys)
+        ids = np.asarray(client_ids, dtype=np.int64)
         shards = [self.shard(int(c)) for c in client_ids]
         rngs = generators(self.spec.seed, "batches", per_client, [int(c) for c in client_ids])
-        if self.vectorized is not None and shards:
-            chunk = CPU_CHUNK if self.device.type == "cpu" else len(shards)
-            updates, times = [], []
-            for i in range(0, len(shards), chunk):  # a client's result does not depend on its chunk-mates
-                start = time.perf_counter()
-                updates += self.vectorized.run(self.algorithm, params, shards[i:i + chunk], rngs[i:i + chunk],
-                                               self.spec.algorithm)
-                k = len(shards[i:i + chunk])
-                times += [(time.perf_counter() - start) / k] * k  # one batched computation
-        else:
-            updates, times = [], []
-            for shard, rng in zip(shards, rngs, strict=True):
-                start = time.perf_counter()
-                with self._kernels():
-                    updates.append(self.algorithm.client_step(self.model, params, shard, self.spec.algorithm, rng,
-                                                              self.loss))
-                times.append(time.perf_counter() - start)
-        rows = [(sh.num_samples, u.samples_processed, u.loss_before, u.loss_after, t)
-                for sh, u, t in zip(shards, updates, times, strict=True)]
-        vectors = np.empty((len(updates), self.vector_size), np.float32)
-        for i, u in enumerate(updates):
-            vectors[i] = u.vector.to("cpu", torch.float32).numpy()
-        if self.spec.compression.method != "none":
-            self._compress(vectors, per_client, client_ids)
-        return TrainResult(
-            self.worker_id, np.asarray(client_ids, dtype=np.int64), vectors,
-            np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.int64),
-            np.array([r[2] for r in rows], np.float64), np.array([r[3] for r in rows], np.float64),
-            np.array([r[4] for r in rows], np.float64))
+        vectorized = self.vectorized is not None and shards
+        step = (CPU_CHUNK if self.device.type == "cpu" else max(1, len(shards))) if vectorized else 1
+        step = max(1, min(step, BLOCK_BYTES // (4 * self.vector_size)))
+        parts, partial = [], None
+        for i in range(0, len(shards), step):  # a client's result does not depend on its block-mates
+            updates, times = self._updates(params, shards[i:i + step], rngs[i:i + step])
+            block = np.empty((len(updates), self.vector_size), np.float32)
+            for j, u in enumerate(updates):
+                block[j] = u.vector.to("cpu", torch.float32).numpy()
+            if self.spec.compression.method != "none":
+                self._compress(block, per_client[i:i + step], client_ids[i:i + step])
+            col = lambda values, dt: np.array(values, dt)  # noqa: E731
+            part = TrainResult(self.worker_id, ids[i:i + step], block,
+                               col([sh.num_samples for sh in shards[i:i + step]], np.int64),
+                               col([u.samples_processed for u in updates], np.int64),
+                               col([u.loss_before for u in updates], np.float64),
+                               col([u.loss_after for u in updates], np.float64), col(times, np.float64))
+            if reduce is not None:  # summed into one partial as the blocks come: O(P) memory for the call
+                part = reduce_result(part, reduce, self.spec.seed, np.asarray(per_client[i:i + step]))
+                partial = part.partial if partial is None else merge([partial, part.partial], self.vector_size)
+                part = dataclasses.replace(part, partial=None)
+            parts.append(part)
+        if not parts:
+            return TrainResult(self.worker_id, ids, np.empty((0, self.vector_size), np.float32),
+                               *(np.zeros(0, dt) for dt in (np.int64, np.int64, np.float64, np.float64, np.float64)))
+        joined = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
+                  for f in dataclasses.fields(TrainResult) if f.name not in ("worker_id", "partial")
+                  and getattr(parts[0], f.name) is not None}
+        return TrainResult(self.worker_id, partial=partial, **joined)
+
+    def _updates(self, params: torch.Tensor, shards: list[ClientShard],
+                 rngs: list[np.random.Generator]) -> tuple[list, list[float]]:
+        """The updates of some clients (trained together when vectorized) and each one's real seconds."""
+        start = time.perf_counter()
+        if self.vectorized is not None:
+            updates = self.vectorized.run(self.algorithm, params, shards, rngs, self.spec.algorithm)
+            return updates, [(time.perf_counter() - start) / len(shards)] * len(shards)  # one batched computation
+        updates, times = [], []
+        for shard, rng in zip(shards, rngs, strict=True):
+            start = time.perf_counter()
+            with self._kernels():
+                updates.append(self.algorithm.client_step(self.model, params, shard, self.spec.algorithm, rng,
+                                                          self.loss))
+            times.append(time.perf_counter() - start)
+        return updates, times
 
     def _compress(self, vectors: np.ndarray, keys: list[int], client_ids: list[int]) -> None:
         """Each finite row replaced, in place, by what the server decodes of its compressed upload (seeded from

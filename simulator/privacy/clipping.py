@@ -21,9 +21,10 @@ SAFETY = 2.0 ** -26
 
 
 def update_norms(vectors: np.ndarray | torch.Tensor) -> np.ndarray:
-    """The L2 norm of every row (k x P), computed in float64."""
+    """The L2 norm of every row (k x P), computed in float64 one row at a time (so a row's norm is the same
+    whichever chunk of rows it is computed in: in a worker or on the driver)."""
     v = torch.as_tensor(vectors)
-    return torch.linalg.vector_norm(v.to(torch.float64), dim=1).numpy() if v.numel() else np.zeros(len(v))
+    return np.array([float(torch.linalg.vector_norm(row.to(torch.float64))) for row in v], np.float64)
 
 
 def clip_factors(norms: np.ndarray, clip: float) -> np.ndarray:

@@ -3,9 +3,11 @@
 ``Privacy`` holds the mechanism's state (the current clip C, adaptive under Andrew et al. 2021, and the
 ``Ledger`` of releases) and is checkpointed with the server. Per release (a synchronous round, or a server update
 in async mode) the driver calls ``check`` first (the budget stop: ``BudgetExhausted`` before a release that would
-take epsilon past ``privacy.target_epsilon``), then ``mean``, which clips every upload to C, adds the seeded
-Gaussian noise (central: once on the sum; local: each client's own), divides by the fixed denominator m, updates
-an adaptive clip and records the release. With ``privacy.mode = "off"`` nothing here runs and the columns are NaN.
+take epsilon past ``privacy.target_epsilon``). A synchronous round then hands ``reduction`` to the workers, which
+clip every upload to C, add local noise (local DP: each client's own, after compression and clipping) and sum
+over the fixed denominator m on the exact grid (``simulator.client.reduce``); ``release`` adds the central noise
+to the combined sum, updates an adaptive clip and records the release. The asynchronous server's ``mean`` does
+the same from individual uploads on the driver. With ``privacy.mode = "off"`` nothing here runs and the columns are NaN.
 
 Every algorithm is served the same way: what is clipped is the vector the algorithm uploads (a model delta for
 FedAvg, Reptile, Per-FedAvg and Personalized FedAvg, a meta-gradient for (FO)MAML, [meta-gradient ; rate
@@ -22,10 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulator.algorithms.exactsum import Accumulator, Grid, combine
+from simulator.client.reduce import reduce_rows
 from simulator.config.schema import ExperimentConfig
+from simulator.contract import Reduction
 from simulator.privacy.accounting import Ledger, count_noise
-from simulator.privacy.clipping import adaptive_clip, clip_factors, unclipped_count, update_norms
-from simulator.privacy.noise import gaussian, local_noise_sum, private_mean
+from simulator.privacy.clipping import adaptive_clip, unclipped_count
+from simulator.privacy.noise import gaussian
 
 
 class BudgetExhausted(RuntimeError):
@@ -50,38 +55,60 @@ class Privacy:
                                   f"privacy.target_epsilon = {target:g} at delta = {self.p.delta:g} "
                                   f"(spent so far: {self.epsilon:.4g})")
 
-    def mean(self, vectors: np.ndarray, ok: np.ndarray, client_ids: np.ndarray, keys: int | np.ndarray,
-             release: int, denominator: int, weights: np.ndarray | None = None,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The released mean of one release: (sum_i w_i (f_i v_i [+ N_i]) [+ N]) / m over the finite uploads
-        (``ok``; a non-finite one contributes zero, so whether a release happens never depends on the data).
-        ``keys``: the round (or one refill key per client) of the clients' local noise; ``release``: the index of
-        the release (the round, or the server update) keying the central and the count noise; ``weights``:
-        FedBuff's staleness weights s(tau_i) <= 1 (default 1)."""
-        p, seed = self.p, self.cfg.seed
-        k = len(vectors)
+    def allows(self, multiplicity: int = 1) -> bool:
+        """Whether ``check`` would let one more release through (the driver asks before it prefetches a round)."""
+        try:
+            self.check(multiplicity)
+        except BudgetExhausted:
+            return False
+        return True
+
+    def reduction(self, client_ids: np.ndarray, denominator: int, weights: np.ndarray | None = None) -> Reduction:
+        """How the workers reduce one release's uploads (``simulator.client.reduce``): coefficients w_i / m, the clip
+        C, local noise sigma C, on the grid sized from C (|f_i v_ij| <= C; with local noise C (1 + 8 sigma))."""
+        k = len(client_ids)
         w = np.ones(k) if weights is None else np.asarray(weights, np.float64)
-        norms = update_norms(vectors[ok]) if ok.any() else np.zeros(0)
-        f = np.zeros(k)
-        f[ok] = clip_factors(norms, self.clip)
-        safe = vectors if ok.all() else np.where(ok[:, None], vectors, 0).astype(vectors.dtype)
-        size, std = vectors.shape[1], p.noise_multiplier * self.clip
-        noise = None
+        coefs = np.ones(k, np.float64) / denominator * w
+        std = self.p.noise_multiplier * self.clip
+        local = std if self.p.mode == "local" else 0.0
+        bound = self.clip * (1.0 + 8.0 * self.p.noise_multiplier) if local > 0 else self.clip
+        return Reduction(np.asarray(client_ids, np.int64), coefs, Grid.for_bound(bound, float(np.abs(coefs).sum())),
+                         self.clip, local)
+
+    def release(self, total: np.ndarray, clip_norms: np.ndarray, client_ids: np.ndarray, release: int,
+                denominator: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The released mean from the reduced sum ``total`` = sum_i w_i (f_i v_i [+ N_i]) / m (float64): central noise
+        N / m added, the adaptive clip updated from the accepted uploads' ``clip_norms``, the release recorded."""
+        p, seed = self.p, self.cfg.seed
+        std = p.noise_multiplier * self.clip
+        out = total
         if std > 0 and p.mode == "central":
-            noise = gaussian(seed, "dp_noise", release, size, std)
-        elif std > 0:  # local: each client noised its own upload, weighted like it by the server
-            kk = np.broadcast_to(np.asarray(keys, np.int64), (k,))
-            noise = np.zeros(size)
-            for key, cid, wi in zip(kk[ok].tolist(), client_ids[ok].tolist(), w[ok].tolist(), strict=True):
-                noise += wi * local_noise_sum(seed, key, np.array([cid]), size, std)
-        out = private_mean(safe, f, w, denominator, noise, dtype)
+            out = total + gaussian(seed, "dp_noise", release, len(total), std) / denominator
         if p.adaptive_quantile > 0:
             draw = float(gaussian(seed, "dp_clip", release, 1, count_noise(self.cfg))[0])
-            self.clip = adaptive_clip(self.clip, unclipped_count(norms, self.clip), draw, denominator,
+            self.clip = adaptive_clip(self.clip, unclipped_count(clip_norms, self.clip), draw, denominator,
                                       p.adaptive_quantile, p.adaptive_lr)
         self.ledger.record(max(Counter(np.asarray(client_ids).tolist()).values()))
         self.epsilon = self.ledger.epsilon()
-        return out
+        return torch.from_numpy(out).to(dtype)
+
+    def mean(self, vectors: np.ndarray, ok: np.ndarray, client_ids: np.ndarray, keys: int | np.ndarray,
+             release: int, denominator: int, weights: np.ndarray | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The released mean of one release from individual uploads (the asynchronous server's buffer):
+        (sum_i w_i (f_i v_i [+ N_i]) [+ N]) / m over the finite uploads (``ok``; a non-finite one contributes zero,
+        so whether a release happens never depends on the data), reduced exactly as the workers reduce a
+        synchronous round. ``keys``: the round (or one refill key per client) of the clients' local noise;
+        ``release``: the index of the release (the round, or the server update) keying the central and the count
+        noise; ``weights``: FedBuff's staleness weights s(tau_i) <= 1 (default 1)."""
+        k = len(vectors)
+        red = self.reduction(client_ids, denominator, weights)
+        acc = Accumulator(red.grid, vectors.shape[1])
+        rows = np.arange(k)
+        norms = reduce_rows(acc, vectors, ok, red.coefs, rows, red, self.cfg.seed,
+                            np.broadcast_to(np.asarray(keys, np.int64), (k,)), np.asarray(client_ids, np.int64))
+        total = combine([acc.partial()], rows, vectors.shape[1])
+        return self.release(total, norms[ok], client_ids, release, denominator, dtype)
 
     def columns(self) -> dict[str, float]:
         """The rounds-table columns: ``dp_epsilon`` (spent so far, at ``privacy.delta``) and ``dp_clip`` (the C the

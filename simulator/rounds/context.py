@@ -8,8 +8,9 @@ optimizer, devices, metrics writer, history, checkpoints, evaluation on held-out
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from simulator.algorithms.exactsum import Partial, combine
 from simulator.algorithms.record import Algorithm, planned_samples
 from simulator.algorithms.registry import resolve
 from simulator.algorithms.server import ServerOptimizer, ServerState, initial_vector
 from simulator.compression import encoded_bytes
 from simulator.config.schema import ExperimentConfig
 from simulator.config.toml import to_dict
-from simulator.contract import Backend, EvalResult, Keys, TrainResult
+from simulator.contract import Backend, EvalResult, Keys, Reduction, TrainResult
 from simulator.data.base import FederatedDataset
 from simulator.data.registry import make_dataset
 from simulator.experiment import from_dict
@@ -146,6 +148,30 @@ class RunContext:
         return with_retries(lambda: list(self.backend.train(theta.numpy(), keys, client_ids)),
                             f"train of clients {ids_text(client_ids)}", self.cfg.system.max_failures,
                             log_file=self.errors_log)
+
+    def dispatch(self, theta: torch.Tensor, keys: Keys, client_ids: np.ndarray,
+                 reduce: Reduction) -> Callable[[], tuple[list[TrainResult], np.ndarray]]:
+        """Start one reduced training call now; the returned function blocks for its chunks (partials dropped) and
+        the float64 sum their partials combine to (``exactsum.combine``, one partial in memory at a time). Client
+        work that raised is re-run as a whole, from a fresh dispatch (``retry``)."""
+        size = theta.numel()
+        started = [self.backend.train(theta.numpy(), keys, client_ids, reduce)]
+
+        def attempt() -> tuple[list[TrainResult], np.ndarray]:
+            results = started.pop() if started else self.backend.train(theta.numpy(), keys, client_ids, reduce)
+            chunks: list[TrainResult] = []
+
+            def partials() -> Iterator[Partial]:
+                for res in results:
+                    if res.partial is None:
+                        raise RuntimeError("the backend returned an unreduced chunk for a reduced training call")
+                    chunks.append(dataclasses.replace(res, partial=None))
+                    yield res.partial
+
+            return chunks, combine(partials(), client_ids, size)
+
+        return lambda: with_retries(attempt, f"train of clients {ids_text(client_ids)}",
+                                    self.cfg.system.max_failures, log_file=self.errors_log)
 
     def plan(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
         return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes,

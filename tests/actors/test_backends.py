@@ -85,15 +85,15 @@ def test_identical_metrics_in_every_mode(ray_session, tmp_path, mode, extra):
 class ShuffledBackend(InlineBackend):
     """Splits each cohort over 3 pretend workers and returns their results in reverse order."""
 
-    def _shuffled(self, fn, theta, round_idx, client_ids):
+    def _shuffled(self, fn, theta, round_idx, client_ids, *more):
         results = []
         for w, chunk in split_cohort(client_ids, 3):
-            res = fn(theta, round_idx, chunk)
+            res = fn(theta, round_idx, chunk, *more)
             results.append(type(res)(**{**res.__dict__, "worker_id": w}))
         yield from reversed(results)
 
-    def train(self, theta, round_idx, client_ids):
-        return self._shuffled(self.worker.train, theta, round_idx, client_ids)
+    def train(self, theta, round_idx, client_ids, reduce=None):
+        return self._shuffled(self.worker.train, theta, round_idx, client_ids, reduce)
 
     def evaluate(self, theta, round_idx, client_ids):
         return self._shuffled(self.worker.evaluate, theta, round_idx, client_ids)
@@ -132,3 +132,28 @@ def test_ray_pool_describes_actors_and_places_on_cpu(ray_session):
         for c in chunks:
             rows = [list(local.client_ids).index(i) for i in c.client_ids]
             np.testing.assert_array_equal(c.vectors, local.vectors[rows])
+
+
+@pytest.mark.parametrize(("algorithm", "dataset", "extra"), [
+    ("fedavg", "synthetic", []),  # log-normal sizes: unequal weights n_i
+    ("reptile", "sinusoid", ['privacy.mode="local"', "privacy.noise_multiplier=0.3", "privacy.clip=0.5"]),
+])
+def test_reduced_sums_are_identical_whatever_the_chunking(ray_session, tmp_path, algorithm, dataset, extra):
+    # each call reduces its chunk to one int64 partial: 1 client a call, 2 a call, the whole cohort, 2 actors
+    # with 1 client a call, and 3 pretend workers completing in reverse all combine to the same sums
+    base = small_overrides(**{"algorithm.name": algorithm, "data.name": dataset}) + HETEROGENEOUS + extra
+    inline = _run(tmp_path, "inline", base + ["system.backend=\"inline\""])
+    runs = {f"inline-{c}": _run(tmp_path, f"inline{c}", base + ["system.backend=\"inline\"",
+                                                              f"system.clients_per_actor={c}"]) for c in (1, 2)}
+    runs["ray2-1"] = _run(tmp_path, "ray2", base + ["system.backend=\"ray\"", "system.actors=2",
+                                                    "system.clients_per_actor=1"])
+    cfg = load_config(None, base + ["system.backend=\"inline\""])
+    with ShuffledBackend(WorkerSpec.from_config(cfg), cfg.system) as shuffled:
+        run(cfg, shuffled, tmp_path / "shuffled")
+    runs["shuffled"] = _tables(tmp_path / "shuffled")
+    assert inline["rounds"]["num_completed"].sum() > 0
+    for tag, tables in runs.items():
+        for name in inline:
+            pd.testing.assert_frame_equal(inline[name].drop(columns="actor_id", errors="ignore"),
+                                          tables[name].drop(columns="actor_id", errors="ignore"), check_exact=True,
+                                          obj=f"{tag} {name}")

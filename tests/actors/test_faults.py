@@ -20,7 +20,7 @@ import pytest
 from conftest import small_overrides
 
 from actors.backends import make_backend
-from actors.pool import FAULT_ENV
+from actors.actor import FAULT_ENV
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import ConfigError
 from simulator.contract import WorkerFailure, WorkerSpec
@@ -182,3 +182,4 @@ def test_a_stopped_actor_is_caught_by_the_watchdog_and_the_run_is_unchanged(ray_
     _assert_same(expected, tmp_path / "ray")
     assert [d["restarts"] for d in info] == [1, 0]  # the stopped actor was killed and replaced
     assert caplog.text.count("ran past its 6 s deadline (system.call_timeout_s); killing it") == 1
+    assert caplog.text.count("of the 6 s it is allowed (system.call_timeout_s); at the deadline it is killed") == 1

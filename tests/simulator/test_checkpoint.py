@@ -89,11 +89,11 @@ class InterruptAt(InlineBackend):
 
     stop, calls = 7, 0
 
-    def dispatch(self, method, theta, keys, client_ids):
+    def dispatch(self, method, theta, keys, client_ids, reduce=None):
         self.calls += 1
         if self.calls == self.stop:
             raise KeyboardInterrupt
-        return super().dispatch(method, theta, keys, client_ids)
+        return super().dispatch(method, theta, keys, client_ids, reduce)
 
 
 def _interrupted(overrides: list[str], run_dir: Path) -> tuple[Any, dict[str, Any]]:

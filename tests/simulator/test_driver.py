@@ -56,10 +56,10 @@ class InterruptAt(InlineBackend):
 
     stop = 2
 
-    def train(self, theta, round_idx, client_ids):
+    def train(self, theta, round_idx, client_ids, reduce=None):
         if round_idx == self.stop:
             raise KeyboardInterrupt
-        yield from super().train(theta, round_idx, client_ids)
+        yield from super().train(theta, round_idx, client_ids, reduce)
 
 
 def test_ctrl_c_keeps_what_was_measured(tmp_path):

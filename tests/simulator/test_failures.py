@@ -11,6 +11,7 @@ import pytest
 from conftest import small_overrides
 
 from actors.inline import InlineBackend
+from simulator.client.reduce import reduce_result
 from simulator.contract import TrainResult, WorkerSpec
 from simulator.experiment import load_config
 from simulator.rounds.run import run
@@ -26,13 +27,17 @@ class Poison(InlineBackend):
     bad: set[int] = set()
     bad_round = -1
 
-    def dispatch(self, method, theta, keys, client_ids):
-        pending = super().dispatch(method, theta, keys, client_ids)
+    def dispatch(self, method, theta, keys, client_ids, reduce=None):
+        pending = super().dispatch(method, theta, keys, client_ids)  # unreduced: poisoned first, reduced after
         for p in pending:
             if method == "train" and (np.isscalar(keys) and keys == self.bad_round
                                       or set(map(int, p.client_ids)) & self.bad):
                 inner = p.thunk
                 p.thunk = lambda inner=inner, key=keys: self._poison(inner(), key)
+            if reduce is not None:
+                inner = p.thunk
+                key = np.broadcast_to(np.asarray(keys, np.int64), (len(p.client_ids),))
+                p.thunk = lambda inner=inner, key=key: reduce_result(inner(), reduce, self.worker.spec.seed, key)
         return pending
 
     def _poison(self, res: TrainResult, key) -> TrainResult:
@@ -50,8 +55,8 @@ class Flaky(InlineBackend):
     fail_calls: set[int] = set()
     calls = 0
 
-    def dispatch(self, method, theta, keys, client_ids):
-        pending = super().dispatch(method, theta, keys, client_ids)
+    def dispatch(self, method, theta, keys, client_ids, reduce=None):
+        pending = super().dispatch(method, theta, keys, client_ids, reduce)
         if method == "train":
             self.calls += 1
             if self.calls in self.fail_calls:

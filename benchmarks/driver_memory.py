@@ -1,0 +1,90 @@
+"""Peak driver memory per round with LEAF's FEMNIST CNN (6.6 M parameters, 26 MB a float32 update).
+
+Before metafleet issue 17 every client's full update travelled to the driver, so a round of k clients held
+k x 26 MB there; with the updates reduced in the actors (``simulator.client.reduce``) the driver receives one
+int64 partial (2 x the model's size) per actor call. This runs FedAvg rounds of the CNN on Ray actors and reports
+the driver process's peak RSS (``VmHWM``), its RSS just before the first round and the difference, against the
+issue's target of 2 x model size x actors.
+
+Workload: ``gaussian`` data with 784 features and 62 classes (FEMNIST's shapes; the CNN's cost does not depend
+on the pixels), 10 samples per client, 1 local step of batch 10, no evaluation; one fresh Python process per
+setting, so each VmHWM is its own.
+
+    python -m benchmarks.driver_memory --clients 100 1000 --rounds 2 --actors 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def one(clients: int, rounds: int, actors: int) -> dict[str, float]:
+    """Run in this process: ``rounds`` rounds of ``clients`` clients on ``actors`` Ray actors."""
+    import ray
+
+    from actors.backends import make_backend
+    from simulator.experiment import load_config
+    from simulator.rounds.run import run
+
+    cfg = load_config(None, [
+        'name="driver-memory"', 'data.name="gaussian"', "data.features=784", "data.num_classes=62",
+        f"data.num_clients={clients}", f"data.pool_size={clients * 10}", "data.eval_clients=0", "eval.clients=0",
+        'model.name="femnist_cnn"', 'algorithm.name="fedavg"', "algorithm.local_steps=1", "algorithm.batch_size=10",
+        f"clients.per_round={clients}", f"rounds={rounds}", 'system.backend="ray"', f"system.actors={actors}",
+        "checkpoint_every=0", "metrics.flush_every=100"])
+    ray.init(address="local", num_cpus=actors, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    try:
+        with make_backend(cfg) as pool, tempfile.TemporaryDirectory() as tmp:
+            before = _rss_kib("VmRSS")
+            start = time.perf_counter()
+            summary = run(cfg, pool, Path(tmp) / "run")
+            wall = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    peak = _rss_kib("VmHWM")
+    return {"clients": clients, "rounds": rounds, "actors": actors, "status": summary["status"],
+            "error": summary.get("error", ""),
+            "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024, "peak_minus_before_mb": (peak - before) / 1024,
+            "model_mb": 6_603_710 * 4 / 2**20, "wall_s": wall}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, nargs="+", default=[100, 1000])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--actors", type=int, default=2)
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="benchmarks/results/driver_memory.json")
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.clients[0], args.rounds, args.actors)))
+        return
+    rows = []
+    for k in args.clients:  # a fresh process each: VmHWM is a process's peak
+        out = subprocess.run([sys.executable, "-m", "benchmarks.driver_memory", "--one", "--clients", str(k),
+                              "--rounds", str(args.rounds), "--actors", str(args.actors)],
+                             check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{k} clients/round: driver peak RSS {r['peak_rss_mb']:,.0f} MB ({r['rss_before_mb']:,.0f} MB before "
+              f"the first round, +{r['peak_minus_before_mb']:,.0f} MB; target 2 x {r['model_mb']:.1f} MB x "
+              f"{args.actors} = {2 * r['model_mb'] * args.actors:.0f} MB), {r['wall_s']:.0f} s", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

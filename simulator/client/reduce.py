@@ -1,0 +1,75 @@
+"""Aggregation where the updates are: a worker reduces its chunk of a release to one ``exactsum.Partial``.
+
+Per client, in this order (``reduce_rows``): the upload ``v_i`` (already decoded from its compressed form in the
+worker) is rejected when it or its loss is non-finite (under DP it then contributes zero, as before: whether a
+release happens never depends on the data); under DP it is clipped to L2 norm C (McMahan et al. 2018, Alg. 1,
+FlatClip: f_i = min(1, C / ||v_i||), ``privacy.clipping``); under local DP the client's own noise
+N_i ~ N(0, sigma^2 C^2 I) from (seed, "dp_local", key, client id) is added *after* compression and clipping
+(u_i = f_i v_i + N_i, in float64); then a_i u_i goes onto the exact grid (``exactsum.Accumulator``). Per-client
+scalars travel with the partial: accepted, the float32 norm of v_i (clients.parquet ``update_norm``) and the
+float64 norm DP clips by (adaptive clipping counts the unclipped ones on the driver).
+
+The same function serves the driver's own sums of individual vectors (FedBuff's buffer under DP), so a release
+is bit for bit the same whether its rows were reduced in the workers or on the driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import torch
+
+from simulator.algorithms.exactsum import Accumulator
+from simulator.contract import Reduction, TrainResult
+from simulator.privacy.clipping import clip_factors, update_norms
+from simulator.privacy.noise import gaussian
+
+
+def finite_rows(rows: np.ndarray, losses: np.ndarray) -> np.ndarray:
+    """Rows whose upload and loss are all finite (as ``rounds.rows.finite_updates``)."""
+    return np.isfinite(rows).all(axis=1) & np.isfinite(losses)
+
+
+def row_norms32(rows: np.ndarray) -> np.ndarray:
+    """Each row's L2 norm computed in float32, one row at a time (as the asynchronous server computes it)."""
+    return np.array([float(torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(r)))) for r in rows],
+                    np.float64)
+
+
+def reduce_rows(acc: Accumulator, rows: np.ndarray, accepted: np.ndarray, coefs: np.ndarray, keys: np.ndarray,
+                red: Reduction, seed: int, noise_keys: np.ndarray, client_ids: np.ndarray) -> np.ndarray:
+    """Add the accepted rows (k x P) with coefficients ``coefs`` to ``acc``, clipped and noised as ``red`` says;
+    ``keys`` order the outliers (client ids, or buffer positions), ``noise_keys`` key the local noise (the round,
+    or the refill group). Returns the float64 norms DP clips by (NaN where not clipped or not accepted)."""
+    k = len(rows)
+    clip_norm = np.full(k, math.nan)
+    ok = np.flatnonzero(accepted)
+    if not ok.size:
+        return clip_norm
+    factors = np.ones(ok.size)
+    if red.clip > 0:
+        clip_norm[ok] = update_norms(rows[ok])
+        factors = clip_factors(clip_norm[ok], red.clip)
+    if red.local_std <= 0:
+        acc.add(rows[ok], coefs[ok], keys[ok], factors)
+        return clip_norm
+    size = rows.shape[1]
+    for j, i in enumerate(ok.tolist()):
+        u = rows[i].astype(np.float64) * factors[j] + gaussian(seed, "dp_local", int(noise_keys[i]), size,
+                                                                 red.local_std, int(client_ids[i]))
+        acc.add(u[None], coefs[i:i + 1], keys[i:i + 1])
+    return clip_norm
+
+
+def reduce_result(res: TrainResult, red: Reduction, seed: int, keys: np.ndarray) -> TrainResult:
+    """A chunk's result with its vectors reduced to one partial sum and per-client scalars (``keys``: each client's
+    batch-stream key, which also keys its local noise). Vectors must be already decoded from compression."""
+    ok = finite_rows(res.vectors, res.loss_after)
+    acc = Accumulator(red.grid, res.vectors.shape[1])
+    ids = np.asarray(res.client_ids, np.int64)
+    clip_norm = reduce_rows(acc, res.vectors, ok, red.coefficients(ids), ids, red, seed, np.asarray(keys), ids)
+    empty = np.empty((0, res.vectors.shape[1]), np.float32)  # not a view: the block's memory is released
+    return dataclasses.replace(res, vectors=empty, partial=acc.partial(), accepted=ok,
+                               update_norm=row_norms32(res.vectors), clip_norm=clip_norm)
