@@ -297,7 +297,8 @@ class RayPool(Backend):
         as lost ones do, and are run again on its replacement."""
         for key, ran, allowed in self._watchdog.late():  # said once, long before the deadline acts
             slot = next((s for s in self._slots if id(s.actor) == key), None)
-            if slot is not None:
+            refs = self._watchdog.calls(key)  # calls that finished unseen (the async mode waits on one actor)
+            if slot is not None and not ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]:
                 log.warning("actor %d (pid %s on %s): its call has run %.0f s of the %.0f s it is allowed "
                             "(system.call_timeout_s); at the deadline it is killed and the call re-run",
                             slot.worker_id, slot.info.get("pid"), slot.info.get("host"), ran, allowed)

@@ -21,9 +21,10 @@ WARMUP = 50
 #: buffers and allocator noise (measured: 10-25 MiB of fluctuation, no trend). The model is 265 KB
 #: (hidden [256, 256]), so leaking one model or one round's updates per round would add 66-260 MiB.
 RSS_SLACK_MB = 40.0
-#: object references the driver may hold between rounds (a model's reference is counted for a moment
-#: after its last call returned)
-MAX_REFS = 2
+#: object references the driver may hold between rounds: round r+1 is already dispatched while round r's row is
+#: written (the overlap of ``rounds.sync``), so its model and its reduction, plus round r's two, counted for a
+#: moment after their last call returned, plus an evaluation's model; a bound, not a growth (the end holds 0)
+MAX_REFS = 6
 
 
 def rss_mb() -> float:
