@@ -9,6 +9,9 @@ backend, which computes in the driver) and its actor pool (``system.actors`` bun
 ``cpus_per_actor``/``gpus_per_actor``); Ray places the actors the trial starts inside its group, so a trial
 gets what its config needs and the cluster runs as many trials at once as it holds. Tune schedules, isolates
 failures (a failed or killed trial never stops the others) and writes its own logs under ``SWEEP/.tune/``.
+Tune reuses a trial's process for the next trial with the same resources (``reuse_actors``): a process
+imports torch and the simulator once, not once per trial (12 small trials: 29 s instead of 69 s on 2 cores),
+and a trial's metrics do not depend on it (every draw is seeded; the worker sets torch's threads per run).
 ``SWEEP/index.json`` maps each trial to its keys, seed, status and node, and is kept current as trials end.
 ``--resume`` re-runs only trials that did not complete, continuing each from its own checkpoint (the
 run directory is the trial's state, so a resumed trial's metrics equal an uninterrupted one's).
@@ -188,7 +191,7 @@ def _tune(study: Study, todo: list[Trial], sweep_dir: Path, entries: dict[str, d
     name = f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
     tuner = tune.Tuner(
         trainable, param_space={"trial": tune.grid_search([t.name for t in todo])},
-        tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent or None, reuse_actors=False,
+        tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent or None, reuse_actors=True,
                                     trial_name_creator=lambda trial: trial.config["trial"],
                                     trial_dirname_creator=lambda trial: trial.config["trial"]),
         run_config=tune.RunConfig(storage_path=str((sweep_dir / ".tune").resolve()), name=name, verbose=0,
