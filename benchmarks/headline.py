@@ -57,6 +57,9 @@ def straggler_modes(seeds: tuple[int, ...], sync_rounds: int) -> Study:
     defaults = flatten_dict(to_dict(ExperimentConfig())) | flatten_dict(base)  # where a policy leaves a key
     varied = sorted({k for p in policies for k in p} - set(common))
     zipped = {k: [p.get(k, defaults[k]) for p in policies] for k in varied}
+    same = {k: v[0] for k, v in zipped.items() if all(x == v[0] for x in v)}  # e.g. FedBuff's keys: base, not axis
+    base = set_dotted(base, same)
+    zipped = {k: v for k, v in zipped.items() if k not in same}
     return expand(base, {"grid": {"algorithm.name": list(stragglers.ALGORITHM_NAMES)}, "zip": zipped,
                          "seeds": list(seeds)})
 
