@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 from conftest import small_overrides
 
-from actors.backends import make_backend
 from actors.actor import FAULT_ENV
+from actors.backends import make_backend
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import ConfigError
 from simulator.contract import WorkerFailure, WorkerSpec
