@@ -80,11 +80,13 @@ def _changes(overrides: Mapping[str, Any] | Iterable[str]) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Result:
-    """A finished (or stopped) run: its directory, summary and config; the metric frames load on first use."""
+    """A finished (or stopped) run: its directory, summary, config and figures; the metric frames load on first
+    use."""
 
     run_dir: Path
     summary: dict[str, Any]
     config: ExperimentConfig
+    figures: tuple[Path, ...] = ()  # the standard figures this run drew (none with plots=False)
 
     @property
     def status(self) -> str:
@@ -115,29 +117,31 @@ class Result:
                 f"on {s['dataset']}, run_dir={str(self.run_dir)!r})")
 
 
-def new_run_dir(cfg: ExperimentConfig, out: str | Path | None, key: str = "--out") -> Path:
-    """The run directory to create (``out``, or ``runs/NAME-TIMESTAMP``), checked before anything is written."""
+def new_run_dir(name: str, out: str | Path | None, parent: str = "runs",
+                fix: str = "choose a new directory (each run writes into its own)") -> Path:
+    """The directory to create (``out``, or ``PARENT/NAME-TIMESTAMP``, numbered on a clash), checked before
+    anything is written: not being written, empty (or holding only a lock), creatable. ``fix``: what the
+    error for an existing ``out`` tells the user to do."""
     if out:
         path = Path(out)
         if path.is_dir() and (writer := lock.holder(path)):
-            raise ConfigError(f"{key} {str(out)!r} is being written by {writer}; wait for that run to end, or choose "
-                              "another directory")
+            raise ConfigError(f"--out {str(out)!r} is being written by {writer}; wait for that run to end, or "
+                              "choose another directory")
         if path.exists() and (not path.is_dir() or not lock.is_unused(path)):
-            raise ConfigError(f"{key} {str(out)!r} already exists and is not an empty directory; "
-                              "choose a new directory (each run writes into its own)")
-        check_creatable(path, key)
+            raise ConfigError(f"--out {str(out)!r} already exists and is not an empty directory; {fix}")
+        check_creatable(path, "--out")
         return path
-    runs = Path("runs")
-    if runs.exists() and not runs.is_dir():
-        raise ConfigError(f"{str(runs.resolve())!r} is a file, so run directories cannot go under runs/; move it, "
-                          f"or pass {key} DIR")
+    root, kind = Path(parent), parent.rstrip("s")  # runs/ holds run directories, sweeps/ sweep directories
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{str(root.resolve())!r} is a file, so {kind} directories cannot go under {parent}/; "
+                          "move it, or pass --out DIR")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = runs / f"{cfg.name}-{stamp}"
+    path = root / f"{name}-{stamp}"
     suffix = 1
     while path.exists():
-        path = runs / f"{cfg.name}-{stamp}-{suffix}"
+        path = root / f"{name}-{stamp}-{suffix}"
         suffix += 1
-    check_creatable(path, "run directory")
+    check_creatable(path, f"{kind} directory")
     return path
 
 
@@ -193,7 +197,7 @@ def start(cfg: ExperimentConfig, out: str | Path | None = None, resume: bool = F
     if address is not None:
         cfg = replace(cfg, **{"system.address": address})
     prepared = prepare(cfg)
-    run_dir = Path(out) if resume and out is not None else new_run_dir(cfg, out)
+    run_dir = Path(out) if resume and out is not None else new_run_dir(cfg.name, out)
     trackers = open_trackers(cfg, run_dir)
     try:
         if cfg.system.backend == "ray" and not ray.is_initialized():
@@ -222,7 +226,7 @@ def execute(started: Started, on_round: RoundCallback | Iterable[RoundCallback] 
                 log.warning("could not draw the figures (%s: %s); the metrics are intact, retry with `metafleet "
                             "plot %s`", type(exc).__name__, exc, s.run_dir)
         s.trackers.finish(summary, figures)
-    return Result(s.run_dir, summary, s.cfg)
+    return Result(s.run_dir, summary, s.cfg, tuple(figures))
 
 
 def run(cfg: ExperimentConfig | Source = None, out: str | Path | None = None, *,

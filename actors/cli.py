@@ -255,9 +255,8 @@ def _run(args: argparse.Namespace, stop: _Stop) -> int:
         print(f"metafleet: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     summary = result.summary
-    if not args.no_plots and (run_dir / "figures").is_dir():
-        names = sorted(p.name for p in (run_dir / "figures").iterdir())
-        print(f"figures: {run_dir}/figures/ ({', '.join(names)})", file=sys.stderr)
+    if result.figures:
+        print(f"figures: {run_dir}/figures/ ({', '.join(p.name for p in result.figures)})", file=sys.stderr)
     _print_summary(summary, run_dir)
     if summary["status"] == "failed":
         print(f"metafleet: error: {summary['error']}", file=sys.stderr)

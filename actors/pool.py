@@ -240,8 +240,7 @@ class RayPool(Backend):
             if pending.ref in ready:
                 self._fetch(pending)
             else:
-                self._check_gcs()
-                self._kill_overdue()
+                self._idle()
         return pending.value
 
     def _completed(self, pending: list[RayPending]) -> Iterator[Any]:
@@ -250,8 +249,7 @@ class RayPool(Backend):
         while waiting:
             done, _ = ray.wait(list(waiting), num_returns=1, timeout=self._wait_s())
             if not done:
-                self._check_gcs()  # no result for a while: is the cluster still there? then the deadlines
-                self._kill_overdue()
+                self._idle()
                 continue
             p = waiting.pop(done[0])
             if self._fetch(p):
@@ -292,26 +290,35 @@ class RayPool(Backend):
             self._gcs_lost = True
             raise
 
+    def _idle(self) -> None:
+        """No result for a while: is the cluster still there (``cluster.check_gcs``)? Then the deadlines."""
+        self._check_gcs()
+        self._kill_overdue()
+
+    def _finished_unseen(self, key: int) -> bool:
+        """Mark the calls of actor ``key`` that finished unseen (the async mode waits on one actor) as done;
+        True if there were any (the actor is making progress)."""
+        refs = self._watchdog.calls(key)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        for ref in refs[:len(ready)]:  # an actor finishes its calls in order
+            self._watchdog.done(ref, timed=False)
+        return bool(ready)
+
     def _kill_overdue(self) -> None:
         """Kill every actor whose oldest call is past its deadline (``actors.watchdog``): its calls then fail
-        as lost ones do, and are run again on its replacement."""
+        as lost ones do, and are run again on its replacement. A call past half its time is reported first."""
         for key, ran, allowed in self._watchdog.late():  # said once, long before the deadline acts
-            slot = next((s for s in self._slots if id(s.actor) == key), None)
-            refs = self._watchdog.calls(key)  # calls that finished unseen (the async mode waits on one actor)
-            if slot is not None and not ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]:
+            slot = self._slot_of(key)
+            if slot is not None and not self._finished_unseen(key):
                 log.warning("actor %d (pid %s on %s): its call has run %.0f s of the %.0f s it is allowed "
                             "(system.call_timeout_s); at the deadline it is killed and the call re-run",
                             slot.worker_id, slot.info.get("pid"), slot.info.get("host"), ran, allowed)
         for key, deadline in self._watchdog.overdue():
-            slot = next((s for s in self._slots if id(s.actor) == key), None)
+            slot = self._slot_of(key)
             if slot is None:  # an actor already replaced: its calls are being run again elsewhere
                 self._watchdog.forget(key)
                 continue
-            refs = self._watchdog.calls(key)  # calls that finished unseen (the async mode waits on one actor)
-            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
-            if ready:
-                for ref in refs[:len(ready)]:  # an actor finishes its calls in order
-                    self._watchdog.done(ref, timed=False)
+            if self._finished_unseen(key):
                 continue
             why = f"a call ran past its {deadline:.0f} s deadline (system.call_timeout_s)"
             self._stuck[key] = why
@@ -319,6 +326,9 @@ class RayPool(Backend):
                         slot.info.get("host"), why)
             self._watchdog.dropped(slot.actor)
             ray.kill(slot.actor, no_restart=True)
+
+    def _slot_of(self, key: int) -> _Slot | None:
+        return next((s for s in self._slots if id(s.actor) == key), None)
 
     def _recover(self, p: RayPending, exc: BaseException) -> None:
         """Count the lost call against its batch, replace its actor (once per death), resubmit it."""

@@ -43,7 +43,7 @@ from simulator.config.schema import ConfigError, ExperimentConfig
 from simulator.config.toml import dumps_toml, read_toml, to_dict
 from simulator.experiment import from_dict, replace
 from simulator.rundir import lock
-from simulator.rundir.files import atomic_write_bytes, check_creatable
+from simulator.rundir.files import atomic_write_bytes
 from simulator.study import Study, Trial, expand, read_study
 
 log = logging.getLogger("metafleet.sweep")
@@ -74,20 +74,6 @@ def resources(trial: ExperimentConfig, driver_cpus: float) -> list[dict[str, flo
         return [{"CPU": float(system.threads)}]
     actor = {"CPU": system.cpus_per_actor, **({"GPU": system.gpus_per_actor} if system.gpus_per_actor else {})}
     return [{"CPU": driver_cpus}] + [dict(actor) for _ in range(system.actors)]
-
-
-def new_sweep_dir(study: Study, out: str | Path | None) -> Path:
-    if out:
-        path = Path(out)
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ConfigError(f"--out {str(out)!r} already exists and is not an empty directory; choose a new "
-                              "directory, or continue that sweep with `metafleet sweep --resume DIR`")
-        check_creatable(path, "--out")
-        return path
-    name = study.trials[0].config.name.rsplit("-t0000", 1)[0] if study.trials else "sweep"
-    path = Path("sweeps") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    check_creatable(path, "sweep directory")
-    return path
 
 
 def open_sweep(sweep_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Study:
@@ -161,7 +147,9 @@ def run_sweep(study: Study, out: str | Path | None = None, *, address: str | Non
             raise ConfigError(f"--resume {str(resume)!r}: the sweep is being run by {writer}; resume it once that "
                               "process has ended")
     else:
-        sweep_dir = new_sweep_dir(study, out)
+        name = study.trials[0].config.name.rsplit("-t0000", 1)[0] if study.trials else "sweep"
+        sweep_dir = api.new_run_dir(name, out, "sweeps", "choose a new directory, or continue that sweep with "
+                                    "`metafleet sweep --resume DIR`")
     first = study.trials[0].config
     connect(first.system)  # one Ray for every trial (already running: reused)
     with lock.exclusive(sweep_dir):
