@@ -48,6 +48,11 @@ class ClientActor:
         self._call()
         return self.worker.train(theta, keys, client_ids, reduce)
 
+    def prefetch(self, client_ids: list[int]) -> int:
+        """Build the shards of the clients this actor trains next (queued behind its current call, so it runs
+        while the driver aggregates); not counted as a call by the fault injection."""
+        return self.worker.prefetch(client_ids)
+
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: list[int]) -> EvalResult:
         self._call()
         return self.worker.evaluate(theta, round_idx, client_ids)

@@ -7,13 +7,14 @@ it never joins a cluster it merely finds on the machine (another user's, or a de
 ``ray_current_cluster`` file). An unreachable address fails fast
 with one clear line instead of Ray's endless retries. A cluster started with ``ray start`` (Ray 2.60) uses
 token authentication, which Ray never sends to an explicitly named address unless ``RAY_AUTH_MODE=token`` is
-set: a refused connection says so.
+set: a refused connection says so. ``pool_size`` sizes the actor pool from what the cluster holds.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import secrets
 import socket
@@ -162,3 +163,33 @@ def _probe(address: str, timeout_s: float = 5.0) -> None:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"system.address = {address!r}: nothing answers there ({exc}); start the cluster "
                           "with `ray start --head`, fix --address, or use --address '' for a local Ray") from None
+
+
+def actors_that_fit(system: SystemConfig, cpus: float, gpus: float) -> int:
+    """How many actors of ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs the resources hold."""
+    fit = math.floor(cpus / system.cpus_per_actor + 1e-9)
+    if system.gpus_per_actor > 0:
+        fit = min(fit, math.floor(gpus / system.gpus_per_actor + 1e-9))
+    return fit
+
+
+def pool_size(system: SystemConfig, per_round: int, cpus: float, gpus: float) -> int:
+    """Actors to start: ``system.actors`` if set, else as many as the resources hold, no more than
+    one per ``clients_per_actor`` clients of a round (and never more than the round's clients)."""
+    if system.gpus_per_actor > 0 and gpus <= 0:
+        raise ConfigError(f"system.gpus_per_actor = {system.gpus_per_actor} but the Ray cluster has no GPU; "
+                          "set system.gpus_per_actor = 0")
+    fit = actors_that_fit(system, cpus, gpus)
+    if system.actors:
+        if system.actors > fit:
+            raise ConfigError(
+                f"system.actors = {system.actors} actors of {system.cpus_per_actor} CPU / "
+                f"{system.gpus_per_actor} GPU do not fit the cluster ({cpus:g} CPU, {gpus:g} GPU); "
+                "lower system.actors or system.cpus_per_actor (fractions such as 0.5 are allowed)")
+        return system.actors
+    if fit < 1:
+        raise ConfigError(f"not one actor of {system.cpus_per_actor} CPU / {system.gpus_per_actor} GPU fits the "
+                          f"cluster ({cpus:g} CPU, {gpus:g} GPU); lower system.cpus_per_actor")
+    if system.clients_per_actor > 0:
+        fit = min(fit, -(-per_round // system.clients_per_actor))
+    return max(1, min(fit, per_round))

@@ -26,7 +26,6 @@ the start of its N-th ``train``/``evaluate`` call; ``"die_on_call:N:W"`` only ac
 from __future__ import annotations
 
 import logging
-import math
 import os
 import re
 import time
@@ -46,7 +45,7 @@ from ray.exceptions import (
 )
 
 from actors.actor import FAULT_ENV, ClientActor, start_call
-from actors.cluster import check_gcs, connect, log_level
+from actors.cluster import actors_that_fit, check_gcs, connect, log_level, pool_size
 from actors.watchdog import Watchdog
 from simulator.config.schema import ConfigError, SystemConfig
 from simulator.contract import (
@@ -58,6 +57,7 @@ from simulator.contract import (
     TrainResult,
     WorkerFailure,
     WorkerSpec,
+    split_cohort,
     split_work,
 )
 from simulator.rounds.retry import ANSI
@@ -107,36 +107,6 @@ class RayPending:
     batch: _Batch | None = field(default=None, repr=False)
 
 
-def actors_that_fit(system: SystemConfig, cpus: float, gpus: float) -> int:
-    """How many actors of ``cpus_per_actor`` CPUs and ``gpus_per_actor`` GPUs the resources hold."""
-    fit = math.floor(cpus / system.cpus_per_actor + 1e-9)
-    if system.gpus_per_actor > 0:
-        fit = min(fit, math.floor(gpus / system.gpus_per_actor + 1e-9))
-    return fit
-
-
-def pool_size(system: SystemConfig, per_round: int, cpus: float, gpus: float) -> int:
-    """Actors to start: ``system.actors`` if set, else as many as the resources hold, no more than
-    one per ``clients_per_actor`` clients of a round (and never more than the round's clients)."""
-    if system.gpus_per_actor > 0 and gpus <= 0:
-        raise ConfigError(f"system.gpus_per_actor = {system.gpus_per_actor} but the Ray cluster has no GPU; "
-                          "set system.gpus_per_actor = 0")
-    fit = actors_that_fit(system, cpus, gpus)
-    if system.actors:
-        if system.actors > fit:
-            raise ConfigError(
-                f"system.actors = {system.actors} actors of {system.cpus_per_actor} CPU / "
-                f"{system.gpus_per_actor} GPU do not fit the cluster ({cpus:g} CPU, {gpus:g} GPU); "
-                "lower system.actors or system.cpus_per_actor (fractions such as 0.5 are allowed)")
-        return system.actors
-    if fit < 1:
-        raise ConfigError(f"not one actor of {system.cpus_per_actor} CPU / {system.gpus_per_actor} GPU fits the "
-                          f"cluster ({cpus:g} CPU, {gpus:g} GPU); lower system.cpus_per_actor")
-    if system.clients_per_actor > 0:
-        fit = min(fit, -(-per_round // system.clients_per_actor))
-    return max(1, min(fit, per_round))
-
-
 def _first_line(exc: BaseException) -> str:
     """``ErrorType: first line`` of a Ray error, plus the line that says why an actor died."""
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
@@ -172,6 +142,7 @@ class RayPool(Backend):
         self._next = 0  # round-robin over survivors for chunks whose actor could not be replaced
         self._watchdog = Watchdog(system.call_timeout_s)
         self._stuck: dict[int, str] = {}  # actors the watchdog killed -> why
+        self._prefetching: list[Any] = []  # prefetch calls not yet seen done (their errors are dropped)
         self._owns_ray = connect(system)
         self._gcs, self._checked, self._gcs_lost = ray.get_runtime_context().gcs_address, time.monotonic(), False
         actors: list[Any] = []
@@ -224,6 +195,24 @@ class RayPool(Backend):
             self._watchdog.started(slot.actor, pending[-1].ref, len(ids))
         return pending
 
+    def prefetch(self, client_ids: np.ndarray) -> None:
+        """Queue a ``prefetch`` behind each actor's current call, for the clients ``train`` will place on it (the
+        same ``split_cohort``): it builds their shards while the driver aggregates the current round."""
+        self._settle_prefetch()
+        self._prefetching += [self._slots[w].actor.prefetch.remote(ids)
+                              for w, ids in split_cohort(client_ids, self.num_workers, self.system.clients_per_actor)]
+
+    def _settle_prefetch(self) -> None:
+        """Forget finished prefetches; one whose actor died raised, which only the next ``train`` call must see."""
+        if not self._prefetching:
+            return
+        done, self._prefetching = ray.wait(self._prefetching, num_returns=len(self._prefetching), timeout=0)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a hint that failed costs nothing but its shards
+                log.debug("a prefetch failed: %s", _first_line(exc))
+
     def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
         return self._dispatch("train", theta, keys, client_ids)
 
@@ -253,7 +242,8 @@ class RayPool(Backend):
                 continue
             p = waiting.pop(done[0])
             if self._fetch(p):
-                yield p.value
+                value, p.value = p.value, None  # held only by the caller: a partial sum is freed once added
+                yield value
             else:
                 waiting[p.ref] = p
 
@@ -383,6 +373,9 @@ class RayPool(Backend):
                     slot.info.get("pid"), reason, len(self._slots))
 
     def close(self) -> None:
+        if not self._gcs_lost:
+            self._settle_prefetch()
+        self._prefetching = []
         if not self._gcs_lost:  # without a GCS, ray.kill would wait for it; the actors die with their raylet
             for slot in self._slots:
                 ray.kill(slot.actor)

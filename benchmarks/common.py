@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.plots import save_figures
 from benchmarks.stragglers import run_one
 
 #: evaluation columns of ``rounds.parquet`` (NaN on rounds without an evaluation)
@@ -122,7 +123,6 @@ def write_outputs(out: Path, stem: str, table: pd.DataFrame, text: str, settings
 
 def save(figures: dict[str, Any], out: Path) -> list[Path]:
     """Save figures (PNG) with ``analysis.plots.save_figures`` and release them."""
-    from analysis.plots import save_figures
 
     paths = save_figures(figures, out, fmt="png")
     figures.clear()

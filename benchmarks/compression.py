@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from analysis.load import load_runs
+from analysis.plots import curves
 from benchmarks.common import Spec, final_evals, markdown, run_specs, save, write_outputs
 
 HERE = Path(__file__).resolve().parent
@@ -41,8 +43,6 @@ def main() -> None:
     specs = [Spec(name.replace(" ", "-"), (f'name="compression-{name.replace(" ", "-")}"', *BASE, *extra))
              for name, extra in METHODS.items()]
     run_specs(specs, args.runs, args.jobs)
-    from analysis.load import load_runs
-    from analysis.plots import curves
 
     rs = load_runs([str(args.runs / s.name) for s in specs])
     fig = curves(rs.rounds, y="eval_loss_post", x="sim_time_s",

@@ -36,6 +36,8 @@ from typing import Any
 
 import pandas as pd
 
+from analysis.load import load_runs
+from analysis.plots import curves, personalization_gain, save_figures
 from benchmarks.common import Timer, final_evals, markdown, mean_std, pm, write_outputs
 
 #: (server step in words, overrides, relative cost) per algorithm; learning rates from short pilots
@@ -97,7 +99,6 @@ def run_safe(over: tuple[str, ...], run_dir: str) -> tuple[dict[str, Any] | None
 def table(dirs: list[str], names: list[str], errors: dict[str, str]) -> tuple[pd.DataFrame, str, pd.DataFrame]:
     """Final-evaluation mean ± std per algorithm over this invocation's finished runs, and their rounds
     labelled by algorithm."""
-    from analysis.load import load_runs
 
     runs = load_runs(sorted(d for d in dirs if (Path(d) / "summary.json").is_file()))
     algo = {r.path.name: r.path.name.rsplit("-s", 1)[0] for r in runs.runs}
@@ -160,7 +161,6 @@ def main() -> None:
         for n, s, o, d in jobs:
             done(n, s, run_safe(o, d))
 
-    from analysis.plots import curves, personalization_gain, save_figures
 
     stats, text, labelled = table([d for *_, d in jobs], names, errors)
     save_figures({"personalization": personalization_gain(labelled, metric="accuracy"),

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis.styling import LINESTYLES, MARKERS, PALETTE
 from benchmarks.common import Timer, markdown, write_outputs
 from benchmarks.throughput import ANCHOR
 from simulator.contract import WorkerSpec
@@ -147,7 +148,6 @@ def figure(table: pd.DataFrame, p: dict[str, Any]) -> Any:
     execution (inline, Ray with 1 and 2 actors; one line per cohort size)."""
     from matplotlib.figure import Figure
 
-    from analysis.plots import LINESTYLES, MARKERS, PALETTE
 
     fig = Figure(figsize=(12, 5.0), layout="constrained")
     left, right = fig.subplots(1, 2, sharey=True)

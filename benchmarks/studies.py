@@ -29,7 +29,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from analysis import plots
 from analysis.load import load_runs
+from analysis.styling import MARKERS, PALETTE
 from benchmarks.common import Spec, final_evals, markdown, mean_std, pm, run_specs, save, write_outputs
 
 ALGORITHMS = ("fedavg", "reptile", "fomaml", "maml")
@@ -98,7 +100,6 @@ def _finals(specs: list[Spec], rounds: pd.DataFrame, summaries: dict[str, dict[s
 
 def algorithms_study(preset: str, out: Path, jobs: int) -> dict[str, Any]:
     """Run study 1; write its figures, table and runs under ``out``; return the table and markdown."""
-    from analysis import plots
 
     p = ALGORITHM_PRESETS[preset]
     specs = algorithm_specs(p)
@@ -192,7 +193,6 @@ def heterogeneity_specs(p: dict[str, Any]) -> list[Spec]:
 
 def heterogeneity_study(preset: str, out: Path, jobs: int) -> dict[str, Any]:
     """Run study 2; write its figures, table and runs under ``out``; return the table and markdown."""
-    from analysis import plots
 
     p = HETEROGENEITY_PRESETS[preset]
     specs = heterogeneity_specs(p)
@@ -247,7 +247,6 @@ def gain_by_alpha(stats: pd.DataFrame, p: dict[str, Any]) -> Any:
     """Accuracy before/after adaptation and the gain against Dirichlet alpha (log x), per algorithm."""
     from matplotlib.figure import Figure
 
-    from analysis.plots import MARKERS, PALETTE
 
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     left, right = fig.subplots(1, 2)

@@ -149,6 +149,12 @@ class Backend(abc.ABC):
     def result(self, pending: Any) -> TrainResult:
         """Block until one submitted chunk is done."""
 
+    def prefetch(self, client_ids: np.ndarray) -> None:
+        """A hint: these clients train next (a round planned ahead). A backend whose workers would otherwise wait
+        builds their shards in that wait, on the workers ``train`` will place them on; results never depend on
+        it. Default: nothing (the in-process backend has no idle worker)."""
+        return None
+
     @abc.abstractmethod
     def describe(self) -> list[dict[str, object]]:
         """Each worker's device, pid and host."""

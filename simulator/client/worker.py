@@ -111,6 +111,22 @@ class ClientWorker:
             self._shards.move_to_end(client_id)
         return shard
 
+    def prefetch(self, client_ids: Sequence[int], training: bool = True) -> int:
+        """Build (and cache) these clients' shards ahead of their call, while this worker would otherwise wait;
+        returns how many were built. It stops at half the cache (shards or MiB), so that it never evicts the shards
+        it has just built, nor all the others."""
+        built, nbytes, budget = 0, 0, self.spec.shard_cache_mb * 2**20 / 2
+        for cid in client_ids:
+            if built >= self.spec.shard_cache // 2 or nbytes >= budget:
+                break
+            fresh = int(cid) not in self._shards
+            shard = self.shard(int(cid))
+            if training:
+                _ = shard.all  # the concatenated local data a training client steps on
+            if fresh:
+                built, nbytes = built + 1, nbytes + _nbytes(shard)
+        return built
+
     def _theta(self, theta: np.ndarray | torch.Tensor) -> torch.Tensor:
         """The server vector on this worker's device: the model's flat parameters, followed (Meta-SGD)
         by their learned rates; client steps and evaluation load only the parameter part into the module."""

@@ -98,7 +98,9 @@ class Synthetic:
         w, b, v = self._model(rng)
         k, n_test = self.split_sizes(client_id)
         n = k + n_test
-        x = v + rng.standard_normal((n, self.input_dim)) * self._sigma
+        x = rng.standard_normal((n, self.input_dim))
+        x *= self._sigma
+        x += v  # in place: the same values as v + z * sigma (IEEE addition commutes), no temporaries
         y = np.argmax(x @ w + b, axis=1)  # softmax is monotone: argmax of the logits
         xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
         return ClientShard(client_id, Split(xt[:k], yt[:k]), Split(xt[k:], yt[k:]))

@@ -94,6 +94,8 @@ def sync_rounds(ctx: RunContext) -> None:
             inflight = ctx.dispatch(theta, r, p.kept, red)
         end = p.end(ctx)
         nxt = plan_sync_round(ctx, r + 1, end) if r + 1 < cfg.rounds else None  # while the actors compute
+        if cfg.system.prefetch and nxt is not None and nxt.plan.kept.any():  # shards built between r and r + 1
+            ctx.backend.prefetch(nxt.kept)
         reason, base = plan.reason.copy(), version
         trained = nan_columns(ids.size)
         update_norm, losses, losses_before = math.nan, np.zeros(0), np.zeros(0)
@@ -118,7 +120,9 @@ def sync_rounds(ctx: RunContext) -> None:
                     if not ok.all():  # the coefficients were w_i / (sum over all kept): renormalize once
                         total = total * (weight_total(w) / weight_total(w[ok]))
                     mean = torch.from_numpy(total).to(torch.float32)
+                del total  # the float64 sum: not held through the bookkeeping and the next round's sum
                 new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, mean))
+                del mean
                 update_norm = float(torch.linalg.vector_norm(new_theta - theta))
                 theta, version = new_theta, version + 1
                 losses, losses_before = after[ok], col("loss_before")[ok]

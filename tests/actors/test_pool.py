@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from actors.pool import pool_size
+from actors.cluster import pool_size
 from actors.watchdog import Watchdog
 from simulator.config.schema import ConfigError, SystemConfig
 

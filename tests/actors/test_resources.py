@@ -23,8 +23,9 @@ WARMUP = 50
 RSS_SLACK_MB = 40.0
 #: object references the driver may hold between rounds: round r+1 is already dispatched while round r's row is
 #: written (the overlap of ``rounds.sync``), so its model and its reduction, plus round r's two, counted for a
-#: moment after their last call returned, plus an evaluation's model; a bound, not a growth (the end holds 0)
-MAX_REFS = 6
+#: moment after their last call returned, plus an evaluation's model, plus round r + 1's prefetch calls, one per
+#: actor (``RayPool.prefetch``: kept until seen done); a bound, not a growth (the end holds 0)
+MAX_REFS = 6 + 2
 
 
 def rss_mb() -> float:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -72,3 +75,41 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path):
     assert on_disk["status"] == "interrupted"
     assert pd.read_parquet(tmp_path / "rounds.parquet")["round"].tolist() == [0, 1]  # flushed on the way out
     assert len(pd.read_parquet(tmp_path / "clients.parquet")) == 12
+
+
+#: run in a fresh interpreter: in a long-lived one a freed chunk of the heap may serve the block without any mapping
+FREED_PROBE = """
+from pathlib import Path
+import numpy as np
+from simulator.rounds.run import MMAP_THRESHOLD, return_large_frees
+
+def anon():
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))
+    return int(line.split()[1]) * 1024
+
+big = np.ones(24 * 2**20 // 8)  # freed: glibc's own threshold rises to 24 MiB
+del big
+fixed = {fixed}
+if fixed:
+    assert return_large_frees()
+size = 2 * MMAP_THRESHOLD  # 16 MiB: below the risen threshold, above the fixed one
+before = anon()
+block = np.ones(size // 8)
+held = anon()
+del block
+print(held - before >= 0.9 * size, held - anon() >= 0.9 * size)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ,
+                    reason="glibc's mallopt, unless the user set the threshold")
+def test_a_freed_model_sized_array_goes_back_to_the_os():
+    """After ``return_large_frees`` a block of the threshold or more is unmapped when freed, however large the
+    blocks freed before it; without it, glibc keeps it resident (its threshold rose to the earlier block's size)."""
+    def probe(fixed: bool) -> str:
+        out = subprocess.run([sys.executable, "-c", FREED_PROBE.format(fixed=fixed)], capture_output=True, text=True,
+                             check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        return out.stdout.split()
+
+    assert probe(True) == ["True", "True"]
+    assert probe(False) == ["True", "False"]  # the same block, held and then kept: what the call changes

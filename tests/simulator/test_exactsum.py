@@ -8,7 +8,15 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from simulator.algorithms.exactsum import DEFAULT_BOUND, Accumulator, Grid, combine, exact_dot, weight_total
+from simulator.algorithms.exactsum import (
+    DEFAULT_BOUND,
+    Accumulator,
+    Grid,
+    combine,
+    exact_dot,
+    on_grid,
+    weight_total,
+)
 
 
 def _rows(gen: np.random.Generator, k: int, p: int) -> np.ndarray:
@@ -109,3 +117,18 @@ def test_weight_total_is_order_free():
     gen = np.random.default_rng(4)
     w = gen.uniform(0, 1, 1000) * 10.0 ** gen.integers(-6, 6, 1000)
     assert weight_total(w) == weight_total(w[::-1]) == weight_total(gen.permutation(w))
+
+
+def test_on_grid_is_numpys_float64_product_rounded_half_to_even():
+    """The torch pass equals numpy's reference bit for bit, ties included (x.5 products round to even)."""
+    gen = np.random.default_rng(3)
+    rows = _rows(gen, 40, 300)
+    rows[0, :8] = np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 0.0], np.float32)  # exact ties at scale 1
+    scales = np.concatenate([[1.0], 2.0 ** gen.integers(10, 40, 39) * gen.uniform(0.5, 1.0, 39)])
+    ref = np.rint(np.multiply(rows, scales[:, None], dtype=np.float64)).astype(np.int64).sum(axis=0)
+    got = on_grid(rows, scales)
+    assert got.dtype == np.int64 and np.array_equal(got, ref)
+    assert np.array_equal(on_grid(rows[:1, :8], np.ones(1)), [0, 2, 2, 0, -2, -2, 4, 0])
+    f64 = rows.astype(np.float64)
+    on_grid(f64, scales)
+    assert np.array_equal(f64, rows.astype(np.float64))  # a float64 input is not scaled in place

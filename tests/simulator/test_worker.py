@@ -120,6 +120,17 @@ def test_the_shard_cache_keeps_to_its_memory_budget(sinusoid):
     assert np.array_equal(res.vectors, worker.train(theta, 0, [1, 2, 3, 1]).vectors)
 
 
+def test_prefetch_builds_the_shards_ahead_and_stops_at_half_the_cache(sinusoid):
+    worker, theta = sinusoid
+    cfg = load_config(None, [*BASE, "system.shard_cache=6"])
+    fresh = ClientWorker(WorkerSpec.from_config(cfg))
+    assert fresh.prefetch([4, 5, 6, 7, 8]) == 3  # half of 6: clients 4, 5, 6
+    assert list(fresh._shards) == [4, 5, 6] and "all" in vars(fresh._shards[4])  # the training concat too
+    assert fresh.prefetch([4, 5]) == 0  # cached: nothing to build
+    res = fresh.train(theta, 0, [4, 5, 6, 9])
+    assert np.array_equal(res.vectors, worker.train(theta, 0, [4, 5, 6, 9]).vectors)  # results never depend on it
+
+
 @pytest.mark.parametrize("algorithm", ["fedavg", "reptile", "fomaml", "maml"])
 @pytest.mark.parametrize("dataset", ["sinusoid", "synthetic"])
 def test_every_algorithm_on_every_dataset(algorithm, dataset):
