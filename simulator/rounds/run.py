@@ -8,14 +8,12 @@ passed in (``actors.backends.make_backend``); this package never imports Ray.
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from simulator.client.worker import return_large_frees
 from simulator.config.schema import ExperimentConfig
 from simulator.config.toml import dumps_toml, to_dict
 from simulator.contract import Backend, WorkerFailure
@@ -38,25 +36,6 @@ log = logging.getLogger("metafleet.driver")
 #: what to do after a write error, in the summary's one-line error
 WRITE_FIX = ("free disk space (or fix the directory's permissions), then continue with "
              "`metafleet run --resume {run_dir}`")
-
-
-#: allocations from this size up are mapped on their own and returned to the OS when freed (glibc ``mallopt``)
-MMAP_THRESHOLD = 8 * 2**20
-_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-
-
-def return_large_frees() -> bool:
-    """Make glibc hand a freed block of ``MMAP_THRESHOLD`` bytes or more straight back to the OS. By default its
-    threshold rises to 32 MiB after the first such free, so a big model's per-round vectors (a 26 MB float32
-    update of LEAF's CNN: mean, pseudo-gradient, new model) come from the heap and stay resident as fragments;
-    measured by ``benchmarks.driver_memory``, the driver's private peak then grows round after round. A user's own
-    ``MALLOC_MMAP_THRESHOLD_`` wins; elsewhere than glibc this does nothing. Returns whether it was set."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
-    except (AttributeError, OSError):  # musl and other C libraries without mallopt
-        return False
 
 
 def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepared | None = None,

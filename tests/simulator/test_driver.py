@@ -81,7 +81,7 @@ def test_ctrl_c_keeps_what_was_measured(tmp_path):
 FREED_PROBE = """
 from pathlib import Path
 import numpy as np
-from simulator.rounds.run import MMAP_THRESHOLD, return_large_frees
+from simulator.client.worker import MMAP_THRESHOLD, return_large_frees
 
 def anon():
     line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon:"))
