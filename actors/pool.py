@@ -373,12 +373,11 @@ class RayPool(Backend):
                     slot.info.get("pid"), reason, len(self._slots))
 
     def close(self) -> None:
-        if not self._gcs_lost:
+        if not self._gcs_lost:  # without a GCS, ray.wait and ray.kill would wait; the actors die with their raylet
             self._settle_prefetch()
-        self._prefetching = []
-        if not self._gcs_lost:  # without a GCS, ray.kill would wait for it; the actors die with their raylet
             for slot in self._slots:
                 ray.kill(slot.actor)
+        self._prefetching = []
         self._slots = []
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()

@@ -86,8 +86,9 @@ class Partial:
 
 def on_grid(rows: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """sum_i rint(u_i s_i) in int64 (k x P rows, k float64 scales): each product in float64 (one rounding, as numpy's
-    float32 x float64 multiply), rounded half to even, converted exactly and summed exactly. In torch, one pass per
-    step over a copy: 5.6x numpy's ``multiply``/``rint``/``astype``/``sum`` on 100 x 4,554 (0.63 against 3.5 ms)."""
+    float32 x float64 multiply), rounded half to even, converted exactly and summed exactly: the integers of numpy's
+    ``multiply``/``rint``/``astype``/``sum``, as one torch pass per step over one copy (its cost in a worker:
+    ``benchmarks.exactsum_speed``)."""
     q = torch.from_numpy(np.ascontiguousarray(rows)).to(torch.float64, copy=True)
     q.mul_(torch.from_numpy(np.asarray(scales, np.float64))[:, None]).round_()
     return q.to(torch.int64).sum(dim=0).numpy()

@@ -69,8 +69,8 @@ def configure_threads(threads: int) -> None:
 MMAP_THRESHOLD = 8 * 2**20
 #: free memory at the heap's top kept before it is trimmed: fixing the mmap threshold also fixes this one, at
 #: 128 KiB, and then every mid-sized array (a vectorized cohort's 2-4 MB blocks) faults its pages in again each
-#: time (measured: ``exactsum.on_grid`` of 100 anchor rows 3.75 against 2.35 ms, median of 40); 64 MiB is the
-#: most glibc's own dynamic rule would keep
+#: time (the inline run's CPU time with and without: ``benchmarks/README.md``); 64 MiB is the most glibc's own
+#: dynamic rule would keep
 TRIM_THRESHOLD = 64 * 2**20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
@@ -141,7 +141,7 @@ class ClientWorker:
             self._shards.move_to_end(client_id)
         return shard
 
-    def prefetch(self, client_ids: Sequence[int], training: bool = True) -> int:
+    def prefetch(self, client_ids: Sequence[int]) -> int:
         """Build (and cache) these clients' shards ahead of their call, while this worker would otherwise wait;
         returns how many were built. It stops at half the cache (shards or MiB), so that it never evicts the shards
         it has just built, nor all the others."""
@@ -151,8 +151,7 @@ class ClientWorker:
                 break
             fresh = int(cid) not in self._shards
             shard = self.shard(int(cid))
-            if training:
-                _ = shard.all  # the concatenated local data a training client steps on
+            _ = shard.all  # the concatenated local data a training client steps on
             if fresh:
                 built, nbytes = built + 1, nbytes + _nbytes(shard)
         return built
