@@ -33,6 +33,7 @@ R comes from a bound every worker knows before it sees the data: the clip norm C
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -133,45 +134,41 @@ class Accumulator:
         return Partial(self.grid, self.total, keys, np.stack(self.rows) if self.rows else None)
 
 
-def merge(partials: list[Partial], size: int) -> Partial:
-    """One partial from several of one sum (a worker's blocks): their int64 totals added, their outliers kept."""
-    if not partials:
-        raise ValueError("nothing to merge")
-    grid = partials[0].grid
-    total = np.zeros(size, np.int64)
-    keys, rows = [], []
+def merge(partials: Iterable[Partial], size: int) -> Partial:
+    """One partial from several of one sum (a worker's blocks, or a release's calls): their int64 totals added into a
+    copy of the first (never a caller's array; each partial may be freed once it is added), their outliers kept."""
+    total, grid, keys, rows = None, None, [], []
     for p in partials:
-        if p.grid != grid:
+        if grid is not None and p.grid != grid:
             raise ValueError(f"partials of one sum on different grids: {grid} and {p.grid}")
-        total += p.total
+        grid = p.grid
+        if total is None:
+            total = np.array(p.total, np.int64, copy=True)
+        else:
+            total += p.total
         if p.outliers is not None:
             keys.append(p.outlier_keys)
             rows.append(p.outliers)
+    if grid is None or total is None or total.size != size:
+        raise ValueError(f"nothing to merge, or totals of {None if total is None else total.size} values, not {size}")
     return Partial(grid, total, np.concatenate(keys) if keys else np.zeros(0, np.int64),
                    np.concatenate(rows) if rows else None)
 
 
 def combine(partials: Iterable[Partial], order: np.ndarray, size: int) -> np.ndarray:
-    """sum_i x_i in float64 from the partials of one release: the int64 totals summed (exactly, in any order), times
-    2^-F, then the outliers added one at a time in the order of ``order`` (the cohort's client ids)."""
-    total, grid, outliers = None, None, []
-    for p in partials:  # each partial may be freed as soon as it is added (one in memory at a time)
-        if grid is not None and p.grid != grid:
-            raise ValueError(f"partials of one sum on different grids: {grid} and {p.grid}")
-        grid = p.grid
-        if total is None:
-            total = np.array(p.total, np.int64, copy=True)  # never the caller's array: it is converted in place
-        else:
-            total += p.total
-        if p.outliers is not None:
-            outliers.extend(zip(p.outlier_keys.tolist(), p.outliers, strict=True))
-    if total is None:
-        total = np.zeros(size, np.int64)
-    out = to_float64(total, 0 if grid is None else grid.frac_bits)
-    if outliers:
+    """sum_i x_i in float64 from the partials of one release (``merge``: the int64 totals summed exactly, in any
+    order), times 2^-F, then the outliers added one at a time in the order of ``order`` (the cohort's client ids).
+    No partial at all sums to zeros."""
+    parts = iter(partials)
+    first = next(parts, None)
+    if first is None:
+        return np.zeros(size)
+    m = merge(itertools.chain([first], parts), size)
+    out = to_float64(m.total, m.grid.frac_bits)  # m.total is merge's own copy: converted in place
+    if m.outliers is not None:
         position = {int(c): i for i, c in enumerate(np.asarray(order).tolist())}
-        for _, x in sorted(outliers, key=lambda kv: position[kv[0]]):
-            out += x
+        for i in np.argsort([position[int(k)] for k in m.outlier_keys.tolist()], kind="stable").tolist():
+            out += m.outliers[i]
     return out
 
 

@@ -56,7 +56,7 @@ class Privacy:
                                   f"(spent so far: {self.epsilon:.4g})")
 
     def allows(self, multiplicity: int = 1) -> bool:
-        """Whether ``check`` would let one more release through (the driver asks before it prefetches a round)."""
+        """Whether ``check`` would let one more release through (the driver asks before it dispatches a round ahead)."""
         try:
             self.check(multiplicity)
         except BudgetExhausted:
