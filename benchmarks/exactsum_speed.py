@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--size", type=int, default=4554)
     args = parser.parse_args()
+    if args.clients < 1 or args.size < 1:
+        parser.error(f"--clients and --size must be at least 1, got {args.clients} and {args.size}")
     torch.set_num_threads(1)
     gen = np.random.default_rng(0)
     rows = (gen.standard_normal((args.clients, args.size)) * 0.01).astype(np.float32)

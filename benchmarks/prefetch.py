@@ -30,6 +30,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--actors", type=int, default=2)
     args = parser.parse_args()
+    for flag in ("per_round", "population", "rounds", "repeats", "actors"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.per_round > args.population:
+        parser.error(f"--per-round {args.per_round} is more than --population {args.population}")
     ray.init(address="local", num_cpus=args.actors, include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
     steady: dict[bool, list[float]] = {True: [], False: []}

@@ -36,6 +36,9 @@ def main() -> None:
     parser.add_argument("--ray", type=int, default=0, metavar="N", help="with --whole-run: N Ray actors")
     parser.add_argument("--population", type=int, default=1000, help="with --whole-run: registered clients")
     args = parser.parse_args()
+    if args.ray < 0 or args.population < 100 or (args.rounds is not None and args.rounds < 3):
+        parser.error(f"need --ray >= 0, --population >= 100 (a round has 100 clients) and --rounds >= 3, got "
+                     f"{args.ray}, {args.population} and {args.rounds}")
     try:
         from pyinstrument import Profiler
     except ImportError:
