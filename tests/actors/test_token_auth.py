@@ -20,6 +20,10 @@ from conftest import small_overrides
 ROOT = Path(__file__).resolve().parents[2]
 
 
+#: a refused client tries the GCS once a second, 20 times by default (``RAY_NUM_REDIS_GET_RETRIES``): 3 suffice
+FEW_RETRIES = {"RAY_NUM_REDIS_GET_RETRIES": "3"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -52,7 +56,7 @@ def test_joining_a_token_authenticated_cluster(tmp_path):
             except OSError:
                 time.sleep(0.5)
         time.sleep(3)
-        refused = _metafleet(tmp_path / "refused", address, env)
+        refused = _metafleet(tmp_path / "refused", address, env | FEW_RETRIES)
         assert refused.returncode == 2, refused.stderr[-2000:]
         assert "uses token authentication: export RAY_AUTH_MODE=token" in refused.stderr
         assert "Traceback" not in refused.stderr and not (tmp_path / "refused").exists()
@@ -101,7 +105,8 @@ def test_the_runs_own_ray_refuses_anyone_without_its_token(tmp_path):
         token = Path(info["token"])
         assert token.stat().st_mode & 0o777 == 0o600 and token.parent.stat().st_mode & 0o777 == 0o700
         for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}):
-            intruder = subprocess.run([sys.executable, "-c", INTRUDER, info["gcs"]], cwd=ROOT, env=env | extra,
+            intruder = subprocess.run([sys.executable, "-c", INTRUDER, info["gcs"]], cwd=ROOT,
+                                      env=env | FEW_RETRIES | extra,
                                       capture_output=True, text=True, timeout=120)
             assert intruder.returncode != 0 and "CONNECTED" not in intruder.stdout, intruder.stdout
             if extra:  # it reached the GCS, which refused the token
