@@ -59,9 +59,10 @@ class ClientActor:
 
 
 def start_call(actor: Any, method: Method, model_ref: Any, keys: int | list[int], client_ids: list[int],
-          reduce: Any = None) -> Any:
+               reduce: Reduction | None = None) -> Any:
     """Start ``actor.train`` or ``actor.evaluate`` on a chunk; returns the result's object reference. ``reduce``:
-    the object reference of a training call's ``Reduction`` (None: per-client vectors come back)."""
+    the chunk's share of a training call's ``Reduction`` (``Reduction.parts``; None: per-client vectors come
+    back)."""
     if method == "evaluate":
         return actor.evaluate.remote(model_ref, keys, client_ids)
     return actor.train.remote(model_ref, keys, client_ids, reduce)

@@ -4,7 +4,7 @@ Each ``ClientActor`` reserves ``cpus_per_actor`` CPUs and ``gpus_per_actor`` of 
 fraction lets several actors share one GPU), wraps a ``ClientWorker`` that builds its
 clients' shards locally, and trains a whole chunk of the cohort per call. The model travels
 once per round: the driver ``ray.put``s the flat parameter vector and every call receives the
-same object reference.
+same object reference; a reduced call carries its chunk's share of the ``Reduction`` by value.
 
 Failures. An actor that dies mid-call (its process killed, out of memory, its node removed)
 loses that call; because every client's work is a pure function of (model version, client id,
@@ -90,7 +90,6 @@ class _Batch:
     method: Method
     model_ref: Any
     failures: int = 0
-    reduce_ref: Any = None
 
 
 @dataclass
@@ -102,6 +101,7 @@ class RayPending:
     ref: Any
     value: Any = field(default=None)
     keys: int | list[int] = 0
+    reduce: Reduction | None = field(default=None, repr=False)  # its share of a reduced call, sent by value
     slot: _Slot | None = field(default=None, repr=False)
     actor: Any = field(default=None, repr=False)
     batch: _Batch | None = field(default=None, repr=False)
@@ -186,12 +186,16 @@ class RayPool(Backend):
         """Dispatch the clients as one call per chunk; the model (and a reduction) is put in the object store once."""
         if time.monotonic() - self._checked >= HEALTH_S:  # actors answer without a GCS, for 60 s: look first
             self._check_gcs()
-        batch = _Batch(method, ray.put(theta), reduce_ref=None if reduce is None else ray.put(reduce))
+        batch = _Batch(method, ray.put(theta))
+        work = split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor)
+        # a chunk's share of the reduction travels inside its call: a ray.put of its own cost more CPU than the
+        # rest of the dispatch (benchmarks/README.md)
+        parts = reduce.parts([ids for _, ids, _ in work]) if reduce is not None else [None] * len(work)
         pending = []
-        for w, ids, k in split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor):
+        for (w, ids, k), part in zip(work, parts, strict=True):
             slot = self._slots[w]
-            pending.append(RayPending(ids, start_call(slot.actor, method, batch.model_ref, k, ids, batch.reduce_ref),
-                                      keys=k, slot=slot, actor=slot.actor, batch=batch))
+            pending.append(RayPending(ids, start_call(slot.actor, method, batch.model_ref, k, ids, part), keys=k,
+                                      reduce=part, slot=slot, actor=slot.actor, batch=batch))
             self._watchdog.started(slot.actor, pending[-1].ref, len(ids))
         return pending
 
@@ -343,7 +347,7 @@ class RayPool(Backend):
                     "per round)", len(p.client_ids), batch.method, slot.worker_id, batch.failures,
                     self.system.max_failures)
         p.slot, p.actor = slot, slot.actor
-        p.ref = start_call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids, batch.reduce_ref)
+        p.ref = start_call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids, p.reduce)
         self._watchdog.started(slot.actor, p.ref, len(p.client_ids))
 
     def _replace(self, slot: _Slot, reason: str) -> None:

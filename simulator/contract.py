@@ -13,6 +13,7 @@ backend: ...`` releases its workers (and a Ray it started) whatever happens.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -66,7 +67,7 @@ class WorkerSpec:
 @dataclass(frozen=True)
 class Reduction:
     """How a worker reduces its chunk of a release (``simulator.client.reduce``): client ``client_ids[i]`` of the
-    whole cohort (every chunk gets the same arrays) counts with nominal coefficient ``coefs[i]`` on ``grid``; a
+    cohort (or of one chunk: ``parts``) counts with nominal coefficient ``coefs[i]`` on the cohort's ``grid``; a
     non-finite upload is rejected (DP: contributes zero); ``clip`` > 0 clips every upload to L2 norm C (DP),
     ``local_std`` > 0 adds the client's own N(0, local_std^2 I) from (seed, "dp_local", key, client id) after
     compression and clipping (local DP)."""
@@ -80,6 +81,13 @@ class Reduction:
     def coefficients(self, client_ids: np.ndarray | list[int]) -> np.ndarray:
         index = {int(c): i for i, c in enumerate(self.client_ids.tolist())}
         return self.coefs[[index[int(c)] for c in client_ids]]
+
+    def parts(self, chunks: list[list[int]]) -> list[Reduction]:
+        """The same reduction for each chunk's clients: their coefficients (the same values), the cohort's grid.
+        A few bytes a client, so each travels inside its chunk's call instead of as one object of its own."""
+        index = {int(c): i for i, c in enumerate(self.client_ids.tolist())}
+        return [dataclasses.replace(self, client_ids=np.asarray(ids, np.int64),
+                                    coefs=self.coefs[[index[int(c)] for c in ids]]) for ids in chunks]
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
 from simulator.client.evaluation import evaluate_client, summarize
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import AlgorithmConfig, EvalConfig
-from simulator.contract import WorkerSpec
+from simulator.contract import Reduction, WorkerSpec
 from simulator.data.base import ClientShard, Split, eval_client_ids
 from simulator.experiment import load_config
 from simulator.params import flat_params
@@ -226,3 +227,19 @@ def test_a_cohort_larger_than_a_vectorized_chunk_gives_the_same_results(monkeypa
     chunked = w.train(theta, 3, ids)
     for field in ("client_ids", "vectors", "num_samples", "samples_processed", "loss_before", "loss_after"):
         np.testing.assert_array_equal(getattr(chunked, field), getattr(whole, field))
+
+
+def test_a_chunks_share_of_a_reduction_reduces_its_clients_as_the_whole_does(synthetic):
+    """``Reduction.parts`` (what the Ray calls carry) keeps each client's coefficient and the cohort's grid, so a
+    chunk reduced with its share gives the same partial, bit for bit, as with the whole cohort's reduction."""
+    worker, theta = synthetic
+    cohort = np.array([3, 7, 1, 12, 9], np.int64)
+    coefs = np.array([0.1, 0.3, 0.2, 0.15, 0.25])
+    whole = Reduction(cohort, coefs, Grid.for_bound(DEFAULT_BOUND, float(coefs.sum())))
+    part, rest = whole.parts([[12, 1], [3, 7, 9]])
+    assert part.client_ids.tolist() == [12, 1] and part.coefs.tolist() == [0.15, 0.2] and part.grid == whole.grid
+    assert rest.coefs.tolist() == [0.1, 0.3, 0.25]
+    a, b = (worker.train(theta, 2, [12, 1], red).partial for red in (whole, part))
+    assert a.grid == b.grid and np.array_equal(a.total, b.total) and a.total.any()
+    with pytest.raises(KeyError):
+        whole.parts([[4]])  # not in the cohort
