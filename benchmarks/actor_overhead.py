@@ -16,13 +16,13 @@ import argparse
 import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
 from actors.cluster import connect
+from benchmarks.cpu_budget import parent_and_cpu
 from benchmarks.throughput import ANCHOR
 from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
 from simulator.algorithms.server import initial_vector
@@ -31,7 +31,6 @@ from simulator.contract import Reduction, WorkerSpec
 from simulator.experiment import load_config
 from simulator.params import flat_params
 
-TICK = os.sysconf("SC_CLK_TCK")
 CHUNK, CALLS = 50, 30
 SPEC = WorkerSpec.from_config(load_config(None, ANCHOR + ["data.num_clients=1000000", "system.vectorize=true"]))
 
@@ -68,9 +67,7 @@ class Probe:
 
 
 def _cpu(pid: int) -> float:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rfind(")") + 2:].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    return parent_and_cpu(pid)[1]
 
 
 def per_call(probe: Any, pid: int, fn: Any, n: int = 1000) -> tuple[float, float, float]:

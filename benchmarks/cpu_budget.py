@@ -31,17 +31,23 @@ TICK = os.sysconf("SC_CLK_TCK")
 SYSTEMS = {"inline": 0, "ray-1": 1, "ray-2": 2}
 
 
+def parent_and_cpu(pid: int) -> tuple[int, float]:
+    """A process's parent pid and the CPU seconds (user + system) it has used, from ``/proc/PID/stat``."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2:].split()  # after "(comm) ": state, ppid, ... utime (14th), stime (15th)
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / TICK
+
+
 def _processes() -> dict[int, tuple[int, str, float]]:
     """Every process: pid -> (parent pid, command line, CPU seconds so far)."""
     out = {}
     for proc in Path("/proc").glob("[0-9]*"):
         try:
-            stat = (proc / "stat").read_text()
+            parent, cpu = parent_and_cpu(int(proc.name))
             cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # it ended meanwhile
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "(comm) ": state, ppid, ... utime (14th), stime (15th)
-        out[int(proc.name)] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / TICK)
+        out[int(proc.name)] = (parent, cmd, cpu)
     return out
 
 
