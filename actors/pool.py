@@ -183,7 +183,8 @@ class RayPool(Backend):
 
     def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
                   reduce: Reduction | None = None) -> list[RayPending]:
-        """Dispatch the clients as one call per chunk; the model (and a reduction) is put in the object store once."""
+        """Dispatch the clients as one call per chunk; the model is put in the object store once, and each chunk's
+        share of a reduction travels inside its call."""
         if time.monotonic() - self._checked >= HEALTH_S:  # actors answer without a GCS, for 60 s: look first
             self._check_gcs()
         batch = _Batch(method, ray.put(theta))

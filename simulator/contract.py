@@ -79,10 +79,9 @@ class Reduction:
     local_std: float = 0.0
 
     def coefficients(self, client_ids: np.ndarray | list[int]) -> np.ndarray:
-        index = {int(c): i for i, c in enumerate(self.client_ids.tolist())}
-        return self.coefs[[index[int(c)] for c in client_ids]]
+        return self.parts([client_ids])[0].coefs
 
-    def parts(self, chunks: list[list[int]]) -> list[Reduction]:
+    def parts(self, chunks: list[np.ndarray | list[int]]) -> list[Reduction]:
         """The same reduction for each chunk's clients: their coefficients (the same values), the cohort's grid.
         A few bytes a client, so each travels inside its chunk's call instead of as one object of its own."""
         index = {int(c): i for i, c in enumerate(self.client_ids.tolist())}

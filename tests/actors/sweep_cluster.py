@@ -25,8 +25,8 @@ from actors import sweep  # noqa: E402
 from simulator.study import expand  # noqa: E402
 
 STORE = 80 * 1024 * 1024
-BASE = {"rounds": 200, "data": {"num_clients": 24, "eval_clients": 4}, "clients": {"per_round": 6},
-        "eval": {"every": 100, "clients": 4, "adapt_steps": 2}, "algorithm": {"local_steps": 2},
+BASE = {"rounds": 600, "data": {"num_clients": 24, "eval_clients": 4}, "clients": {"per_round": 6},
+        "eval": {"every": 300, "clients": 4, "adapt_steps": 2}, "algorithm": {"local_steps": 2},
         "system": {"backend": "inline"}}
 
 
