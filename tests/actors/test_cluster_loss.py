@@ -1,7 +1,6 @@
 """Loss of the run's own Ray GCS mid-run (SIGKILL of its gcs_server, found by the run's private temp dir):
 the run stops within seconds as ``failed`` with a one-line cause, a checkpoint and ``summary.json``, no Ray
-process of the run outlives it, and ``--resume`` completes it with the metrics of an uninterrupted run (resumed
-in process: the backend is an execution choice a resume may change, and Ray resumes are tested elsewhere)."""
+process of the run outlives it, and ``--resume`` completes it with the metrics of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -71,7 +70,7 @@ def test_a_dead_gcs_ends_the_run_with_its_summary_and_it_resumes(tmp_path):
     assert not _processes_under(temp), "a Ray process of the run outlived it"
     # continue to a few rounds past the checkpoint, and compare with a run never interrupted
     target = done + 3
-    resume = [a for o in [f"rounds={target}", "system.backend=inline"] for a in ("--set", o)]  # a free choice
+    resume = [a for o in [f"rounds={target}"] for a in ("--set", o)]
     out, err = _cli(["--resume", str(run_dir), *resume], env).communicate(timeout=240)
     assert "completed" in out, err[-3000:]
     straight = tmp_path / "straight"
