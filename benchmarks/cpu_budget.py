@@ -23,12 +23,11 @@ from pathlib import Path
 
 from actors.backends import make_backend
 from benchmarks.common import markdown
-from benchmarks.throughput import ANCHOR
+from benchmarks.scale import SYSTEMS, overrides
 from simulator.experiment import load_config
 from simulator.rounds.run import run
 
 TICK = os.sysconf("SC_CLK_TCK")
-SYSTEMS = {"inline": 0, "ray-1": 1, "ray-2": 2}
 
 
 def parent_and_cpu(pid: int) -> tuple[int, float]:
@@ -75,12 +74,8 @@ def _role(pid: int, me: int, cmd: str) -> str:
 
 
 def measure(system: str, rounds: int, population: int, per_round: int) -> dict[str, float]:
-    actors = SYSTEMS[system]
-    backend = ['system.backend="ray"', f"system.actors={actors}"] if actors else ['system.backend="inline"']
-
-    def config(r: int):
-        return load_config(None, ANCHOR + [f"rounds={r}", f"data.num_clients={population}",
-                                          f"clients.per_round={per_round}", "system.vectorize=true", *backend])
+    def config(r: int):  # the anchor workload on this execution, as benchmarks.scale runs it
+        return load_config(None, list(overrides(system, per_round, r, population=population)))
 
     with make_backend(config(rounds)) as pool, tempfile.TemporaryDirectory() as tmp:
         run(config(2), pool, Path(tmp) / "warm-up")
