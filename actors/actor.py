@@ -3,11 +3,13 @@
 ``ClientActor`` is a thin Ray wrapper around ``simulator.client.worker.ClientWorker``, which builds its own
 clients' shards and model; ``start_call`` starts one call of a chunk and returns its result's reference.
 ``FAULT_ENV`` (tests only) makes an actor SIGKILL itself at the start of its N-th call: ``die_on_call:N`` (every
-actor) or ``die_on_call:N:W`` (only worker W); ``die_once_on_call`` spares the replacements (``actors.pool``).
+actor) or ``die_on_call:N:W`` (only worker W); ``die_once_on_call`` spares the replacements (``actors.pool``);
+``die_on_release`` / ``die_once_on_release`` count its ``release`` calls (combining a round's partials) instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -16,8 +18,10 @@ from typing import Any
 import numpy as np
 import ray
 
+from simulator.algorithms.exactsum import Partial
+from simulator.client.reduce import release_mean
 from simulator.client.worker import ClientWorker
-from simulator.contract import EvalResult, Method, Reduction, TrainResult, WorkerSpec
+from simulator.contract import EvalResult, Method, Reduction, Release, TrainResult, WorkerSpec
 
 #: test-only fault injection (see the module docstring)
 FAULT_ENV = "METAFLEET_FAULT_INJECT"
@@ -30,10 +34,15 @@ class ClientActor:
     def __init__(self, spec: WorkerSpec, worker_id: int, log_level: int = logging.WARNING, fault: str = "") -> None:
         logging.basicConfig(level=log_level, format="%(name)s: %(message)s")
         self.worker = ClientWorker(spec, worker_id)
-        self.calls, self.die_on_call = 0, 0
+        self.calls, self.die_on_call, self.releases, self.die_on_release = 0, 0, 0, 0
         if fault:
-            n, _, only = fault.partition(":")[2].partition(":")
-            self.die_on_call = int(n) if not only or int(only) == worker_id else 0
+            name, _, rest = fault.partition(":")
+            n, _, only = rest.partition(":")
+            mine = int(n) if not only or int(only) == worker_id else 0
+            if name.endswith("on_release"):
+                self.die_on_release = mine
+            else:
+                self.die_on_call = mine
 
     def describe(self) -> dict[str, object]:
         return {**self.worker.describe(), "node": ray.get_runtime_context().get_node_id()}
@@ -48,6 +57,23 @@ class ClientActor:
         self._call()
         return self.worker.train(theta, keys, client_ids, reduce)
 
+    @ray.method(num_returns=2)
+    def train_kept(self, theta: np.ndarray, keys: int | list[int], client_ids: list[int],
+                   reduce: Reduction) -> tuple[TrainResult, Partial]:
+        """``train`` of a reduced chunk whose partial stays in this node's object store (its own reference): the
+        driver fetches the per-client scalars, and the partials go to ``release`` (``system.combine``)."""
+        self._call()
+        res = self.worker.train(theta, keys, client_ids, reduce)
+        return dataclasses.replace(res, partial=None), res.partial
+
+    def release(self, release: Release, size: int, *partials: Partial) -> np.ndarray:
+        """A release's float32 mean from its partials (Ray resolves their references here, from the object store):
+        the only model-sized vector that reaches the driver. Counted apart by the fault injection (``on_release``)."""
+        self.releases += 1
+        if self.releases == self.die_on_release:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return release_mean(list(partials), release, size)
+
     def prefetch(self, client_ids: list[int]) -> int:
         """Build the shards of the clients this actor trains next (queued behind its current call, so it runs
         while the driver aggregates); not counted as a call by the fault injection."""
@@ -59,10 +85,13 @@ class ClientActor:
 
 
 def start_call(actor: Any, method: Method, model_ref: Any, keys: int | list[int], client_ids: list[int],
-               reduce: Reduction | None = None) -> Any:
-    """Start ``actor.train`` or ``actor.evaluate`` on a chunk; returns the result's object reference. ``reduce``:
-    the chunk's share of a training call's ``Reduction`` (``Reduction.parts``; None: per-client vectors come
-    back)."""
+               reduce: Reduction | None = None, keep: bool = False) -> tuple[Any, Any]:
+    """Start ``actor.train`` or ``actor.evaluate`` on a chunk; returns the references of its result and of its
+    partial sum when ``keep`` (``train_kept``; else None). ``reduce``: the chunk's share of a training call's
+    ``Reduction`` (``Reduction.parts``; None: per-client vectors come back)."""
     if method == "evaluate":
-        return actor.evaluate.remote(model_ref, keys, client_ids)
-    return actor.train.remote(model_ref, keys, client_ids, reduce)
+        return actor.evaluate.remote(model_ref, keys, client_ids), None
+    if keep and reduce is not None:
+        result, partial = actor.train_kept.remote(model_ref, keys, client_ids, reduce)
+        return result, partial
+    return actor.train.remote(model_ref, keys, client_ids, reduce), None

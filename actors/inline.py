@@ -15,9 +15,20 @@ from typing import Any
 
 import numpy as np
 
+from simulator.client.reduce import release_mean
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import SystemConfig
-from simulator.contract import Backend, EvalResult, Keys, Method, Reduction, TrainResult, WorkerSpec, split_work
+from simulator.contract import (
+    Backend,
+    EvalResult,
+    Keys,
+    Method,
+    Reduction,
+    Release,
+    TrainResult,
+    WorkerSpec,
+    split_work,
+)
 
 
 @dataclass
@@ -61,6 +72,9 @@ class InlineBackend(Backend):
     def evaluate(self, theta: np.ndarray, round_idx: int, client_ids: np.ndarray) -> Iterator[EvalResult]:
         for pending in self.dispatch("evaluate", theta, round_idx, client_ids):
             yield self.result(pending)
+
+    def release(self, partials: list[Any], release: Release, size: int) -> np.ndarray:
+        return release_mean(partials, release, size)
 
     def close(self) -> None:
         pass

@@ -4,7 +4,9 @@ Each ``ClientActor`` reserves ``cpus_per_actor`` CPUs and ``gpus_per_actor`` of 
 fraction lets several actors share one GPU), wraps a ``ClientWorker`` that builds its
 clients' shards locally, and trains a whole chunk of the cohort per call. The model travels
 once per round: the driver ``ray.put``s the flat parameter vector and every call receives the
-same object reference; a reduced call carries its chunk's share of the ``Reduction`` by value.
+same object reference; a reduced call carries its chunk's share of the ``Reduction`` by value. With
+``system.combine`` "actors" (or "auto" and a large model) the calls' partial sums stay in the object store and
+one actor combines them into the round's mean (``release``), so the driver reads one float32 vector a round.
 
 Failures. An actor that dies mid-call (its process killed, out of memory, its node removed)
 loses that call; because every client's work is a pure function of (model version, client id,
@@ -25,28 +27,22 @@ the start of its N-th ``train``/``evaluate`` call; ``"die_on_call:N:W"`` only ac
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import ray
-from ray.exceptions import (
-    GetTimeoutError,
-    NodeDiedError,
-    ObjectLostError,
-    OutOfMemoryError,
-    RayActorError,
-    WorkerCrashedError,
-)
+from ray.exceptions import GetTimeoutError, ObjectLostError
 
 from actors.actor import FAULT_ENV, ClientActor, start_call
+from actors.calls import FIX, LOST, Batch, KeptPartial, PartialLost, RayPending, Slot, creation_error, first_line
 from actors.cluster import actors_that_fit, check_gcs, connect, log_level, pool_size
 from actors.watchdog import Watchdog
+from simulator.client.reduce import release_mean
 from simulator.config.schema import ConfigError, SystemConfig
 from simulator.contract import (
     Backend,
@@ -54,79 +50,24 @@ from simulator.contract import (
     Keys,
     Method,
     Reduction,
+    Release,
     TrainResult,
     WorkerFailure,
     WorkerSpec,
     split_cohort,
     split_work,
 )
-from simulator.rounds.retry import ANSI
+from simulator.rounds.retry import first_line as cause_line
 
 log = logging.getLogger("metafleet.pool")
 
-#: Ray errors after which a call is run again: its actor or node died, or its result was lost
-LOST = (RayActorError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError)
 #: seconds a replacement actor may take to start before the pool gives up on it and shrinks
 REPLACE_TIMEOUT_S = 60.0
 #: how often the driver checks that the cluster's GCS still answers (``cluster.check_gcs``)
 HEALTH_S = 5.0
-
-
-@dataclass(eq=False)
-class _Slot:
-    """One place in the pool: its worker id, its current actor and what that actor said about itself."""
-
-    worker_id: int
-    actor: Any
-    info: dict[str, object]
-    restarts: int = 0
-
-
-@dataclass(eq=False)
-class _Batch:
-    """One dispatch (a ``train``/``evaluate`` call or a ``submit`` batch): what a lost call needs to run
-    again, and how many calls it has lost. Its model reference is released with the last chunk fetched."""
-
-    method: Method
-    model_ref: Any
-    failures: int = 0
-
-
-@dataclass
-class RayPending:
-    """A submitted chunk: its clients and keys, the object reference of its result (None once
-    fetched), and the slot, actor and batch needed to submit it again if its actor dies."""
-
-    client_ids: list[int]
-    ref: Any
-    value: Any = field(default=None)
-    keys: int | list[int] = 0
-    reduce: Reduction | None = field(default=None, repr=False)  # its share of a reduced call, sent by value
-    slot: _Slot | None = field(default=None, repr=False)
-    actor: Any = field(default=None, repr=False)
-    batch: _Batch | None = field(default=None, repr=False)
-
-
-def _first_line(exc: BaseException) -> str:
-    """``ErrorType: first line`` of a Ray error, plus the line that says why an actor died."""
-    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-    text = f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
-    why = next((ln.strip() for ln in lines[1:] if not ln.startswith((" ", "\t"))), "")  # after the attributes
-    return f"{text} {why.split('. ')[0].rstrip('.')}." if why else text
-
-
-def creation_error(exc: BaseException) -> str:
-    """The error an actor's constructor raised, as ``ErrorType: message``, out of Ray's remote traceback."""
-    lines = [ANSI.sub("", ln).rstrip() for ln in str(exc).splitlines()]
-    raised = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", ln)]
-    if not raised:
-        return _first_line(exc)
-    kind, _, message = raised[-1].partition(":")
-    return f"{kind.rsplit('.', 1)[-1]}:{message}"
-
-
-FIX = ("check memory and node health (`ray status`, the Ray logs), raise system.max_failures, "
-       "and resume with `metafleet run --resume RUN_DIR`")
+#: ``system.combine = "auto"``: a model vector of at least this many values (a partial of 8 MiB) is combined in
+#: an actor; below it the partials come to the driver (one call fewer a round)
+COMBINE_MIN_VALUES = 1 << 20
 
 
 class RayPool(Backend):
@@ -138,7 +79,7 @@ class RayPool(Backend):
         self.replace_timeout_s = REPLACE_TIMEOUT_S
         self._fault = os.environ.get(FAULT_ENV, "")
         self._opts = {"num_cpus": system.cpus_per_actor, "num_gpus": system.gpus_per_actor, "max_restarts": 0}
-        self._slots: list[_Slot] = []
+        self._slots: list[Slot] = []
         self._next = 0  # round-robin over survivors for chunks whose actor could not be replaced
         self._watchdog = Watchdog(system.call_timeout_s)
         self._stuck: dict[int, str] = {}  # actors the watchdog killed -> why
@@ -160,7 +101,7 @@ class RayPool(Backend):
                 ray.kill(a)
             self.close()
             raise
-        self._slots = [_Slot(i, a, d) for i, (a, d) in enumerate(zip(actors, infos, strict=True))]
+        self._slots = [Slot(i, a, d) for i, (a, d) in enumerate(zip(actors, infos, strict=True))]
         for d in infos:
             log.info("actor %s: %s (%s), %s torch threads, pid %s on %s", d["worker_id"], d["device"],
                      d["device_name"], d["threads"], d["pid"], d["host"])
@@ -187,18 +128,66 @@ class RayPool(Backend):
         share of a reduction travels inside its call."""
         if time.monotonic() - self._checked >= HEALTH_S:  # actors answer without a GCS, for 60 s: look first
             self._check_gcs()
-        batch = _Batch(method, ray.put(theta))
+        batch = Batch(method, ray.put(theta))
         work = split_work(client_ids, keys, self.num_workers, self.system.clients_per_actor)
         # a chunk's share of the reduction travels inside its call: a ray.put of its own cost more CPU than the
         # rest of the dispatch (benchmarks/README.md)
         parts = reduce.parts([ids for _, ids, _ in work]) if reduce is not None else [None] * len(work)
+        keep = reduce is not None and self.combines_in_actors(theta.size)
         pending = []
         for (w, ids, k), part in zip(work, parts, strict=True):
             slot = self._slots[w]
-            pending.append(RayPending(ids, start_call(slot.actor, method, batch.model_ref, k, ids, part), keys=k,
-                                      reduce=part, slot=slot, actor=slot.actor, batch=batch))
-            self._watchdog.started(slot.actor, pending[-1].ref, len(ids))
+            ref, partial_ref = start_call(slot.actor, method, batch.model_ref, k, ids, part, keep)
+            pending.append(RayPending(ids, ref, keys=k, reduce=part, keep=keep, partial_ref=partial_ref, slot=slot,
+                                      actor=slot.actor, batch=batch))
+            self._watchdog.started(slot.actor, ref, len(ids))
         return pending
+
+    def combines_in_actors(self, size: int) -> bool:
+        """Whether a reduced call's partials stay in the object store and an actor combines them
+        (``system.combine``; "auto": models of at least ``COMBINE_MIN_VALUES`` values)."""
+        mode = self.system.combine
+        return mode == "actors" or (mode == "auto" and size >= COMBINE_MIN_VALUES)
+
+    def release(self, partials: list[Any], release: Release, size: int) -> np.ndarray:
+        """The release's float32 mean. Partials the driver holds are combined here; kept ones by one actor (the
+        one whose chunk finished first, behind at most its prefetch), which reads them from the object store, so
+        that the driver maps one float32 vector instead of an int64 partial per call. A combining actor that dies
+        is replaced and the combine runs again (``system.max_failures`` times); a lost partial re-runs the round
+        (``PartialLost``)."""
+        kept = [h for h in partials if isinstance(h, KeptPartial)]
+        if not kept:
+            return release_mean(partials, release, size)
+        refs = [h.ref for h in kept] + [ray.put(h) for h in partials if not isinstance(h, KeptPartial)]
+        slot = next((s for s in self._slots if s.worker_id == kept[0].worker_id), self._slots[0])
+        failures = 0
+        while True:
+            ref = slot.actor.release.remote(release, size, *refs)
+            self._watchdog.started(slot.actor, ref, 1)
+            try:
+                while not ray.wait([ref], timeout=self._wait_s(), fetch_local=False)[0]:
+                    self._idle()
+                value = ray.get(ref)
+                self._watchdog.done(ref, timed=False)
+                return value
+            except ObjectLostError as exc:
+                self._watchdog.done(ref, timed=False)
+                raise PartialLost(f"a partial sum was lost before it was combined ({cause_line(exc)}); the "
+                                  "round's training runs again") from None
+            except LOST as exc:
+                self._watchdog.done(ref, timed=False)
+                failures += 1
+                reason = self._stuck.get(id(slot.actor)) or first_line(exc)
+                if failures > self.system.max_failures:
+                    raise WorkerFailure(f"actor {slot.worker_id} lost the combining of a round's partials "
+                                        f"{failures} times, more than system.max_failures = "
+                                        f"{self.system.max_failures}; last Ray error: {reason}; {FIX}") from None
+                if slot in self._slots:
+                    self._replace(slot, reason)
+                if not self._slots:
+                    raise WorkerFailure(f"every actor of the pool was lost (last Ray error: {reason}); {FIX}") from None
+                slot = slot if slot in self._slots else self._slots[0]
+                log.warning("re-running the combining of a round's partials on actor %d", slot.worker_id)
 
     def prefetch(self, client_ids: np.ndarray) -> None:
         """Queue a ``prefetch`` behind each actor's current call, for the clients ``train`` will place on it (the
@@ -216,7 +205,7 @@ class RayPool(Backend):
             try:
                 ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - a hint that failed costs nothing but its shards
-                log.debug("a prefetch failed: %s", _first_line(exc))
+                log.debug("a prefetch failed: %s", first_line(exc))
 
     def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
         return self._dispatch("train", theta, keys, client_ids)
@@ -269,7 +258,10 @@ class RayPool(Backend):
             self._recover(p, exc)
             return False
         self._watchdog.done(p.ref)
-        p.ref = p.slot = p.actor = p.batch = None
+        if p.keep:
+            assert p.slot is not None
+            p.value = dataclasses.replace(p.value, partial=KeptPartial(p.partial_ref, p.slot.worker_id))
+        p.ref = p.partial_ref = p.slot = p.actor = p.batch = None
         return True
 
     def _wait_s(self) -> float:
@@ -322,7 +314,7 @@ class RayPool(Backend):
             self._watchdog.dropped(slot.actor)
             ray.kill(slot.actor, no_restart=True)
 
-    def _slot_of(self, key: int) -> _Slot | None:
+    def _slot_of(self, key: int) -> Slot | None:
         return next((s for s in self._slots if id(s.actor) == key), None)
 
     def _recover(self, p: RayPending, exc: BaseException) -> None:
@@ -330,7 +322,7 @@ class RayPool(Backend):
         batch, slot = p.batch, p.slot
         assert batch is not None and slot is not None
         batch.failures += 1
-        reason = self._stuck.get(id(p.actor)) or _first_line(exc)
+        reason = self._stuck.get(id(p.actor)) or first_line(exc)
         if batch.failures > self.system.max_failures:
             raise WorkerFailure(
                 f"actor {slot.worker_id} (pid {slot.info.get('pid')} on {slot.info.get('host')}) lost its "
@@ -348,10 +340,11 @@ class RayPool(Backend):
                     "per round)", len(p.client_ids), batch.method, slot.worker_id, batch.failures,
                     self.system.max_failures)
         p.slot, p.actor = slot, slot.actor
-        p.ref = start_call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids, p.reduce)
+        p.ref, p.partial_ref = start_call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids, p.reduce,
+                                          p.keep)
         self._watchdog.started(slot.actor, p.ref, len(p.client_ids))
 
-    def _replace(self, slot: _Slot, reason: str) -> None:
+    def _replace(self, slot: Slot, reason: str) -> None:
         """Start a new actor with the slot's worker id, or drop the slot when the cluster lost the room."""
         old_pid = slot.info.get("pid")
         self._watchdog.dropped(slot.actor)
@@ -366,13 +359,13 @@ class RayPool(Backend):
             info = ray.get(actor.describe.remote(), timeout=self.replace_timeout_s)
         except (GetTimeoutError, *LOST) as exc:
             ray.kill(actor)
-            self._drop(slot, f"{reason}; its replacement did not start ({_first_line(exc)})")
+            self._drop(slot, f"{reason}; its replacement did not start ({first_line(exc)})")
             return
         slot.actor, slot.info, slot.restarts = actor, info, slot.restarts + 1
         log.warning("actor %d (pid %s) died (%s); replaced by pid %s on %s", slot.worker_id, old_pid, reason,
                     info.get("pid"), info.get("host"))
 
-    def _drop(self, slot: _Slot, reason: str) -> None:
+    def _drop(self, slot: Slot, reason: str) -> None:
         self._slots.remove(slot)
         log.warning("actor %d (pid %s) died (%s); not replaced, continuing with %d actor(s)", slot.worker_id,
                     slot.info.get("pid"), reason, len(self._slots))

@@ -90,10 +90,28 @@ class Reduction:
 
 
 @dataclass(frozen=True)
+class Release:
+    """How one release's partials become the float32 mean the server applies (``client.reduce.release_mean``), so
+    that it can run wherever the partials are: the exact sum times 2^-F, then the outliers in the order of
+    ``order`` (the cohort's client ids), times ``scale`` (w_i / sum over the accepted clients' w_j, when some
+    were rejected; 1 otherwise), plus central DP noise N(0, ``noise_std``^2 I) from (``noise_seed``, "dp_noise",
+    ``noise_key``) over ``denominator`` (``noise_std`` 0: none), rounded once to float32."""
+
+    order: np.ndarray
+    scale: float = 1.0
+    noise_std: float = 0.0
+    noise_seed: int = 0
+    noise_key: int = 0
+    denominator: int = 1
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """One cohort chunk's updates; row i of every array belongs to ``client_ids[i]``. Reduced (a ``Reduction`` was
-    given): ``vectors`` is 0 x P and ``partial`` holds the chunk's share of the sum, with per-client ``accepted``
-    (finite), ``update_norm`` (float32 L2 norm of the upload) and ``clip_norm`` (float64 norm DP clips by)."""
+    given): ``vectors`` is 0 x P and ``partial`` holds the chunk's share of the sum (an ``exactsum.Partial``, or the
+    backend's handle to one it keeps where it was computed: ``Backend.release`` takes either), with per-client
+    ``accepted`` (finite), ``update_norm`` (float32 L2 norm of the upload) and ``clip_norm`` (float64 norm DP
+    clips by)."""
 
     worker_id: int
     client_ids: np.ndarray
@@ -103,7 +121,7 @@ class TrainResult:
     loss_before: np.ndarray
     loss_after: np.ndarray
     compute_time_s: np.ndarray   # real seconds: the chunk's time divided over its clients when trained together
-    partial: Partial | None = None
+    partial: Partial | Any = None
     accepted: np.ndarray | None = None
     update_norm: np.ndarray | None = None
     clip_norm: np.ndarray | None = None
@@ -155,6 +173,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def result(self, pending: Any) -> TrainResult:
         """Block until one submitted chunk is done."""
+
+    @abc.abstractmethod
+    def release(self, partials: list[Any], release: Release, size: int) -> np.ndarray:
+        """The float32 mean (``size`` values; possibly read-only) that one reduced training call's partials
+        (``TrainResult.partial`` of its chunks) give under ``release`` (``client.reduce.release_mean``): the
+        same bits wherever it is computed."""
 
     def prefetch(self, client_ids: np.ndarray) -> None:
         """A hint: these clients train next (a round planned ahead). A backend whose workers would otherwise wait

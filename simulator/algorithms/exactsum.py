@@ -134,25 +134,51 @@ class Accumulator:
         return Partial(self.grid, self.total, keys, np.stack(self.rows) if self.rows else None)
 
 
-def merge(partials: Iterable[Partial], size: int) -> Partial:
-    """One partial from several of one sum (a worker's blocks, or a release's calls): their int64 totals added into a
-    copy of the first (never a caller's array; each partial may be freed once it is added), their outliers kept."""
-    total, grid, keys, rows = None, None, [], []
-    for p in partials:
-        if grid is not None and p.grid != grid:
-            raise ValueError(f"partials of one sum on different grids: {grid} and {p.grid}")
-        grid = p.grid
-        if total is None:
-            total = np.array(p.total, np.int64, copy=True)
+class Merger:
+    """Adds the partials of one sum as they arrive (a worker's blocks, a release's calls): their int64 totals into
+    one buffer of its own (a copy of the first: never a caller's array, so each partial may be freed once added),
+    their outliers kept. Integer addition is exact: any order of ``add`` gives the same ``partial``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.grid: Grid | None = None
+        self.total: np.ndarray | None = None
+        self.keys: list[np.ndarray] = []
+        self.rows: list[np.ndarray] = []
+
+    def add(self, p: Partial) -> None:
+        if self.grid is not None and p.grid != self.grid:
+            raise ValueError(f"partials of one sum on different grids: {self.grid} and {p.grid}")
+        if p.total.size != self.size:
+            raise ValueError(f"a partial of {p.total.size} values in a sum of {self.size}")
+        self.grid = p.grid
+        if self.total is None:
+            self.total = np.array(p.total, np.int64, copy=True)
         else:
-            total += p.total
+            self.total += p.total
         if p.outliers is not None:
-            keys.append(p.outlier_keys)
-            rows.append(p.outliers)
-    if grid is None or total is None or total.size != size:
-        raise ValueError(f"nothing to merge, or totals of {None if total is None else total.size} values, not {size}")
-    return Partial(grid, total, np.concatenate(keys) if keys else np.zeros(0, np.int64),
-                   np.concatenate(rows) if rows else None)
+            self.keys.append(p.outlier_keys)
+            self.rows.append(p.outliers)
+
+    def partial(self) -> Partial:
+        if self.grid is None or self.total is None:
+            raise ValueError("nothing to merge")
+        return Partial(self.grid, self.total, np.concatenate(self.keys) if self.keys else np.zeros(0, np.int64),
+                       np.concatenate(self.rows) if self.rows else None)
+
+
+def merge(partials: Iterable[Partial], size: int) -> Partial:
+    """One partial from several of one sum (``Merger``)."""
+    m = Merger(size)
+    for p in partials:
+        m.add(p)
+    return m.partial()
+
+
+def outlier_order(p: Partial, order: np.ndarray) -> list[int]:
+    """The rows of ``p.outliers`` in the order their keys (client ids) have in ``order`` (the cohort)."""
+    position = {int(c): i for i, c in enumerate(np.asarray(order).tolist())}
+    return np.argsort([position[int(k)] for k in p.outlier_keys.tolist()], kind="stable").tolist()
 
 
 def combine(partials: Iterable[Partial], order: np.ndarray, size: int) -> np.ndarray:
@@ -166,8 +192,7 @@ def combine(partials: Iterable[Partial], order: np.ndarray, size: int) -> np.nda
     m = merge(itertools.chain([first], parts), size)
     out = to_float64(m.total, m.grid.frac_bits)  # m.total is merge's own copy: converted in place
     if m.outliers is not None:
-        position = {int(c): i for i, c in enumerate(np.asarray(order).tolist())}
-        for i in np.argsort([position[int(k)] for k in m.outlier_keys.tolist()], kind="stable").tolist():
+        for i in outlier_order(m, order):
             out += m.outliers[i]
     return out
 

@@ -128,6 +128,8 @@ class ServerOptimizer:
         return float(num_samples) if self.phase.weighting == "samples" else 1.0
 
     def step(self, g: torch.Tensor) -> torch.Tensor:
+        """Apply pseudo-gradient ``g``; returns the new parameters: the state's own tensor, not a copy (nothing
+        changes a server vector in place: every step makes a new one), so a model-sized copy is saved a round."""
         g = g.to(self.state.theta.dtype)
         st, ph = self.state, self.phase
         fresh = st.step == ph.start  # the first step of a phase: its optimizer's moments start afresh
@@ -141,7 +143,7 @@ class ServerOptimizer:
         else:
             new = sgd_step(local, g, ph.lr, ph.momentum)
         self.state = ServerState(new.theta, st.step + 1, new.momentum, new.exp_avg, new.exp_avg_sq)
-        return self.params
+        return self.state.theta
 
     @property
     def params(self) -> torch.Tensor:

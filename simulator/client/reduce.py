@@ -9,6 +9,10 @@ N_i ~ N(0, sigma^2 C^2 I) from (seed, "dp_local", key, client id) is added *afte
 scalars travel with the partial: accepted, the float32 norm of v_i (clients.parquet ``update_norm``) and the
 float64 norm DP clips by (adaptive clipping counts the unclipped ones on the driver).
 
+A release's partials become the mean the server applies in ``release_mean``, block by block (``Release``: the
+exact sum, its outliers, the renormalization or the central DP noise, one rounding to float32), so that it can run
+in a worker next to the partials (``system.combine``) or on the driver, with the same bits.
+
 The same function serves the driver's own sums of individual vectors (FedBuff's buffer under DP), so a release
 is bit for bit the same whether its rows were reduced in the workers or on the driver.
 """
@@ -21,8 +25,8 @@ import math
 import numpy as np
 import torch
 
-from simulator.algorithms.exactsum import Accumulator
-from simulator.contract import Reduction, TrainResult
+from simulator.algorithms.exactsum import Accumulator, Grid, Merger, Partial, outlier_order
+from simulator.contract import Reduction, Release, TrainResult
 from simulator.privacy.clipping import clip_factors, update_norms
 from simulator.privacy.noise import gaussian
 
@@ -73,3 +77,35 @@ def reduce_result(res: TrainResult, red: Reduction, seed: int, keys: np.ndarray)
     empty = np.empty((0, res.vectors.shape[1]), np.float32)  # not a view: the block's memory is released
     return dataclasses.replace(res, vectors=empty, partial=acc.partial(), accepted=ok,
                                update_norm=row_norms32(res.vectors), clip_norm=clip_norm)
+
+
+#: float64 elements ``release_mean`` converts at a time (2 MiB): it never holds a float64 copy of the sum
+RELEASE_BLOCK = 1 << 18
+
+
+def release_mean(partials: list[Partial], release: Release, size: int,
+                 dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """The float32 mean of one release from its partials (``Merger``: their int64 totals summed exactly, in any
+    order), per element: Q 2^-F in float64, + each outlier in cohort order, x ``scale`` (when not 1), + the central
+    noise N_j / m, rounded once to float32 (``dtype``). Element by element the same operations, in the same order, as
+    ``exactsum.combine`` followed by the renormalization or ``Privacy``'s noise on the whole float64 vector, so
+    the bits are those of that computation; only a block of 2 MiB is ever held in float64."""
+    merged = Merger(size)
+    for p in partials:
+        merged.add(p)
+    m = merged.partial() if partials else Partial(Grid(0, 1.0), np.zeros(size, np.int64))  # no call: a zero sum
+    rows = [m.outliers[i] for i in outlier_order(m, release.order)] if m.outliers is not None else []
+    noise = (gaussian(release.noise_seed, "dp_noise", release.noise_key, size, release.noise_std)
+             / release.denominator if release.noise_std > 0 else None)
+    out, scale = np.empty(size, dtype), math.ldexp(1.0, -m.grid.frac_bits)
+    for b in range(0, size, RELEASE_BLOCK):
+        block = slice(b, b + RELEASE_BLOCK)
+        x = m.total[block].astype(np.float64) * scale
+        for row in rows:
+            x += row[block]
+        if release.scale != 1.0:
+            x *= release.scale
+        if noise is not None:
+            x += noise[block]
+        out[block] = x
+    return out

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from simulator.algorithms.exactsum import merge
+from simulator.algorithms.exactsum import Merger
 from simulator.algorithms.fedavg import with_proximal
 from simulator.algorithms.record import vector_size
 from simulator.algorithms.registry import resolve
@@ -199,7 +199,7 @@ class ClientWorker:
         vectorized = self.vectorized is not None and shards
         step = (CPU_CHUNK if self.device.type == "cpu" else max(1, len(shards))) if vectorized else 1
         step = max(1, min(step, BLOCK_BYTES // (4 * self.vector_size)))
-        parts, partial = [], None
+        parts, merged = [], Merger(self.vector_size)
         for i in range(0, len(shards), step):  # a client's result does not depend on its block-mates
             updates, times = self._updates(params, shards[i:i + step], rngs[i:i + step])
             block = np.empty((len(updates), self.vector_size), np.float32)
@@ -215,7 +215,7 @@ class ClientWorker:
                                col([u.loss_after for u in updates], np.float64), col(times, np.float64))
             if reduce is not None:  # summed into one partial as the blocks come: O(P) memory for the call
                 part = reduce_result(part, reduce, self.spec.seed, np.asarray(per_client[i:i + step]))
-                partial = part.partial if partial is None else merge([partial, part.partial], self.vector_size)
+                merged.add(part.partial)  # into one buffer of its own: no copy per block
                 part = dataclasses.replace(part, partial=None)
             parts.append(part)
         if not parts:
@@ -224,7 +224,7 @@ class ClientWorker:
         joined = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
                   for f in dataclasses.fields(TrainResult) if f.name not in ("worker_id", "partial")
                   and getattr(parts[0], f.name) is not None}
-        return TrainResult(self.worker_id, partial=partial, **joined)
+        return TrainResult(self.worker_id, partial=merged.partial() if reduce is not None else None, **joined)
 
     def _updates(self, params: torch.Tensor, shards: list[ClientShard],
                  rngs: list[np.random.Generator]) -> tuple[list, list[float]]:

@@ -112,6 +112,7 @@ class SystemConfig:
     shard_cache_mb: float = 512.0  # ... and at most this many MiB of them
     vectorize: bool = True     # train a cohort's clients together with torch.func.vmap where the model allows
     prefetch: bool = True      # actors build the next round's shards while the driver aggregates (sync modes)
+    combine: str = "auto"      # where a round's partial sums become its mean: "driver" | "actors" | "auto" (by size)
     max_failures: int = 3      # lost worker calls (actor or node death) retried per round before the run stops
     call_timeout_s: float = 600.0  # a worker call this long past its start is stuck: its actor is replaced (0 = off)
     # round policy, in simulated time
@@ -259,6 +260,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "algorithm.server_optimizer": ("sgd", "adam", "fedadagrad", "fedadam", "fedyogi"),
     "system.backend": ("ray", "inline"),
     "system.mode": ("sync", "deadline", "overselect", "async"),
+    "system.combine": ("auto", "driver", "actors"),
     "async.rule": ("fedbuff", "fedasync"),
     "async.staleness": ("constant", "polynomial", "sqrt", "hinge"),
     "compression.method": ("none", "fp16", "int8", "qsgd", "randk", "topk"),

@@ -5,8 +5,9 @@
 in async mode) the driver calls ``check`` first (the budget stop: ``BudgetExhausted`` before a release that would
 take epsilon past ``privacy.target_epsilon``). A synchronous round then hands ``reduction`` to the workers, which
 clip every upload to C, add local noise (local DP: each client's own, after compression and clipping) and sum
-over the fixed denominator m on the exact grid (``simulator.client.reduce``); ``release`` adds the central noise
-to the combined sum, updates an adaptive clip and records the release. The asynchronous server's ``mean`` does
+over the fixed denominator m on the exact grid (``simulator.client.reduce``); ``finishing`` says how the combined
+sum becomes the mean (the central noise added, wherever ``client.reduce.release_mean`` runs), and ``record``
+updates an adaptive clip and records the release. The asynchronous server's ``mean`` does
 the same from individual uploads on the driver. With ``privacy.mode = "off"`` nothing here runs and the columns are NaN.
 
 Every algorithm is served the same way: what is clipped is the vector the algorithm uploads (a model delta for
@@ -17,6 +18,7 @@ sample count scale its contribution past C; McMahan et al. 2018 bound them, w_i 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from typing import Any
@@ -24,10 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.algorithms.exactsum import Accumulator, Grid, combine
-from simulator.client.reduce import reduce_rows
+from simulator.algorithms.exactsum import Accumulator, Grid
+from simulator.client.reduce import reduce_rows, release_mean
 from simulator.config.schema import ExperimentConfig
-from simulator.contract import Reduction
+from simulator.contract import Reduction, Release
 from simulator.privacy.accounting import Ledger, count_noise
 from simulator.privacy.clipping import adaptive_clip, unclipped_count
 from simulator.privacy.noise import gaussian
@@ -75,22 +77,24 @@ class Privacy:
         return Reduction(np.asarray(client_ids, np.int64), coefs, Grid.for_bound(bound, float(np.abs(coefs).sum())),
                          self.clip, local)
 
-    def release(self, total: np.ndarray, clip_norms: np.ndarray, client_ids: np.ndarray, release: int,
-                denominator: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The released mean from the reduced sum ``total`` = sum_i w_i (f_i v_i [+ N_i]) / m (float64): central noise
-        N / m added, the adaptive clip updated from the accepted uploads' ``clip_norms``, the release recorded."""
-        p, seed = self.p, self.cfg.seed
-        std = p.noise_multiplier * self.clip
-        out = total
-        if std > 0 and p.mode == "central":
-            out = total + gaussian(seed, "dp_noise", release, len(total), std) / denominator
+    def finishing(self, client_ids: np.ndarray, release: int, denominator: int) -> Release:
+        """How release ``release``'s reduced sum sum_i w_i (f_i v_i [+ N_i]) / m becomes its mean: central noise N / m
+        (N ~ N(0, sigma^2 C^2 I) from (seed, "dp_noise", release), at the current C), no renormalization (the
+        denominator m is fixed). Asked before ``record`` updates C."""
+        std = self.p.noise_multiplier * self.clip if self.p.mode == "central" else 0.0
+        return Release(np.asarray(client_ids, np.int64), 1.0, std if std > 0 else 0.0, self.cfg.seed, release,
+                       denominator)
+
+    def record(self, clip_norms: np.ndarray, client_ids: np.ndarray, release: int, denominator: int) -> None:
+        """After a release: the adaptive clip updated from the accepted uploads' ``clip_norms``, the release
+        recorded in the ledger (with its multiplicity: the most uploads one client made to it)."""
+        p = self.p
         if p.adaptive_quantile > 0:
-            draw = float(gaussian(seed, "dp_clip", release, 1, count_noise(self.cfg))[0])
+            draw = float(gaussian(self.cfg.seed, "dp_clip", release, 1, count_noise(self.cfg))[0])
             self.clip = adaptive_clip(self.clip, unclipped_count(clip_norms, self.clip), draw, denominator,
                                       p.adaptive_quantile, p.adaptive_lr)
         self.ledger.record(max(Counter(np.asarray(client_ids).tolist()).values()))
         self.epsilon = self.ledger.epsilon()
-        return torch.from_numpy(out).to(dtype)
 
     def mean(self, vectors: np.ndarray, ok: np.ndarray, client_ids: np.ndarray, keys: int | np.ndarray,
              release: int, denominator: int, weights: np.ndarray | None = None,
@@ -107,8 +111,10 @@ class Privacy:
         rows = np.arange(k)
         norms = reduce_rows(acc, vectors, ok, red.coefs, rows, red, self.cfg.seed,
                             np.broadcast_to(np.asarray(keys, np.int64), (k,)), np.asarray(client_ids, np.int64))
-        total = combine([acc.partial()], rows, vectors.shape[1])
-        return self.release(total, norms[ok], client_ids, release, denominator, dtype)
+        fin = dataclasses.replace(self.finishing(client_ids, release, denominator), order=rows)
+        mean = release_mean([acc.partial()], fin, vectors.shape[1], torch.empty(0, dtype=dtype).numpy().dtype)
+        self.record(norms[ok], client_ids, release, denominator)
+        return torch.from_numpy(mean)
 
     def columns(self) -> dict[str, float]:
         """The rounds-table columns: ``dp_epsilon`` (spent so far, at ``privacy.delta``) and ``dp_clip`` (the C the

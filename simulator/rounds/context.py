@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.algorithms.exactsum import Partial, combine
+from simulator.algorithms.exactsum import Merger, Partial
 from simulator.algorithms.record import Algorithm, planned_samples
 from simulator.algorithms.registry import resolve
 from simulator.algorithms.server import ServerOptimizer, ServerState, initial_vector
 from simulator.compression import encoded_bytes
 from simulator.config.schema import ExperimentConfig
 from simulator.config.toml import to_dict
-from simulator.contract import Backend, EvalResult, Keys, Reduction, TrainResult
+from simulator.contract import Backend, EvalResult, Keys, Reduction, Release, TrainResult
 from simulator.data.base import FederatedDataset
 from simulator.data.registry import make_dataset
 from simulator.experiment import from_dict
@@ -75,6 +75,8 @@ def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDatas
 
 RoundCallback = Callable[[dict[str, Any]], None]
 StateFn = dict[str, Any] | Callable[[], dict[str, Any]]
+#: how a reduced call's chunks (their per-client scalars) are released: a ``Release``, or None for no release
+Releasing = Callable[[list[TrainResult]], Release | None]
 
 
 #: client work that raised, each failure's whole text (remote tracebacks included), appended as it happens
@@ -150,28 +152,37 @@ class RunContext:
                             log_file=self.errors_log)
 
     def dispatch(self, theta: torch.Tensor, keys: Keys, client_ids: np.ndarray,
-                 reduce: Reduction) -> Callable[[], tuple[list[TrainResult], np.ndarray]]:
-        """Start one reduced training call now; the returned function blocks for its chunks (partials dropped) and
-        the float64 sum their partials combine to (``exactsum.combine``, one partial in memory at a time). Client
-        work that raised is re-run as a whole, from a fresh dispatch (``retry``)."""
+                 reduce: Reduction) -> Callable[[Releasing], tuple[list[TrainResult], np.ndarray | None]]:
+        """Start one reduced training call now. The returned function blocks for its chunks (partials dropped) and
+        the mean their partials give (``Backend.release``) under the ``Release`` that ``releasing`` makes of the
+        chunks' scalars (None: no release). Partials that reach the driver are added as they come (``Merger``: one
+        in memory at a time); a backend that keeps them with its workers combines them there. Client work that
+        raised is re-run as a whole, from a fresh dispatch (``retry``)."""
         size = theta.numel()
         started = [self.backend.train(theta.numpy(), keys, client_ids, reduce)]
 
-        def attempt() -> tuple[list[TrainResult], np.ndarray]:
+        def attempt(releasing: Releasing) -> tuple[list[TrainResult], np.ndarray | None]:
             results = started.pop() if started else self.backend.train(theta.numpy(), keys, client_ids, reduce)
             chunks: list[TrainResult] = []
+            held: list[Any] = []  # the backend's handles to partials it kept
+            merged = Merger(size)
+            for res in results:
+                if res.partial is None:
+                    raise RuntimeError("the backend returned an unreduced chunk for a reduced training call")
+                chunks.append(dataclasses.replace(res, partial=None))
+                if isinstance(res.partial, Partial):
+                    merged.add(res.partial)
+                else:
+                    held.append(res.partial)
+                del res
+            if merged.total is not None:
+                held.append(merged.partial())
+            del merged
+            release = releasing(chunks)
+            return chunks, None if release is None else self.backend.release(held, release, size)
 
-            def partials() -> Iterator[Partial]:
-                for res in results:
-                    if res.partial is None:
-                        raise RuntimeError("the backend returned an unreduced chunk for a reduced training call")
-                    chunks.append(dataclasses.replace(res, partial=None))
-                    yield res.partial
-
-            return chunks, combine(partials(), client_ids, size)
-
-        return lambda: with_retries(attempt, f"train of clients {ids_text(client_ids)}",
-                                    self.cfg.system.max_failures, log_file=self.errors_log)
+        return lambda releasing: with_retries(lambda: attempt(releasing), f"train of clients {ids_text(client_ids)}",
+                                              self.cfg.system.max_failures, log_file=self.errors_log)
 
     def plan(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
         return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes,

@@ -3,24 +3,27 @@
 Each round samples a seeded cohort, decides from the clients' device profiles who will count and when the
 round ends (``scheduling.plan_round``), hands the kept clients to the backend in one call per worker together
 with a ``Reduction``: each worker rejects its non-finite updates, clips them under DP and sums its chunk on the
-exact fixed-point grid (``simulator.client.reduce``, ``algorithms.exactsum``), so the driver receives one partial
-sum per call and per-client scalars, never a vector per client. The driver combines the partials (exactly: the
-same sum whatever the actor count, chunking or completion order), applies the server optimizer, evaluates on
-held-out clients when due, and appends the round's rows. The asynchronous mode is ``rounds.asynchronous``;
-both are written against ``RunContext``.
+exact fixed-point grid (``simulator.client.reduce``, ``algorithms.exactsum``), so the driver receives per-client
+scalars, never a vector per client. The partial sums combine exactly (the same sum whatever the actor count,
+chunking or completion order) into the round's float32 mean, on the driver or next to the partials in a worker
+(``system.combine``). The driver applies the server optimizer, evaluates on held-out clients when due, and
+appends the round's rows. The asynchronous mode is ``rounds.asynchronous``; both are written against
+``RunContext``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 
 from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid, weight_total
 from simulator.algorithms.record import pseudo_gradient
-from simulator.contract import Reduction
+from simulator.contract import Reduction, Release, TrainResult
 from simulator.rounds.context import RunContext
 from simulator.rounds.rows import client_rows, nan_columns, ordered, round_row, take_profiles
 from simulator.scheduling import Profiles, RoundPlan, VirtualClock, cohort_size, plan_round, sample_cohort
@@ -71,6 +74,26 @@ def reduction(ctx: RunContext, p: Planned) -> tuple[Reduction, np.ndarray]:
     return Reduction(p.kept, coefs, Grid.for_bound(DEFAULT_BOUND, float(np.abs(coefs).sum()))), w
 
 
+def releasing(ctx: RunContext, p: Planned, w: np.ndarray, chunks: list[TrainResult]) -> Release | None:
+    """How round ``p``'s reduced sum becomes its mean, from its chunks' scalars. Without DP: no release when every
+    upload was non-finite, else the sum renormalized once when some were (the coefficients were w_i / the sum
+    over all kept clients). With DP every round releases (its noise, even when every upload was rejected)."""
+    if ctx.privacy.on:
+        return ctx.privacy.finishing(p.kept, p.r, ctx.cfg.clients.per_round)
+    ok = ordered(chunks, p.kept)[0]("accepted")
+    if not ok.any():
+        return None
+    return Release(p.kept, 1.0 if ok.all() else weight_total(w) / weight_total(w[ok]))
+
+
+def readonly_tensor(values: np.ndarray) -> torch.Tensor:
+    """A tensor over ``values`` without a copy, even when they are read-only (a mean read from Ray's object store);
+    the server's step only reads it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(values)
+
+
 def sync_rounds(ctx: RunContext) -> None:
     """``cfg.rounds`` rounds of the sync, deadline or overselect policy (from the checkpoint when resumed).
 
@@ -78,7 +101,7 @@ def sync_rounds(ctx: RunContext) -> None:
     as the model it starts from exists, before round r's rows, evaluation and checkpoint are written (with the
     in-process backend the work still runs when it is collected: the results are the same)."""
     cfg = ctx.cfg
-    theta, version, clock, first = ctx.opt.params, 0, VirtualClock(), 0
+    theta, version, clock, first = ctx.opt.state.theta, 0, VirtualClock(), 0  # never changed in place
     if ctx.resumed:
         version, clock, first = ctx.resumed["version"], VirtualClock(ctx.resumed["clock"]), ctx.resumed["next_round"]
     dp = ctx.privacy
@@ -101,7 +124,7 @@ def sync_rounds(ctx: RunContext) -> None:
         update_norm, losses, losses_before = math.nan, np.zeros(0), np.zeros(0)
         if inflight is not None:
             kept = p.kept
-            (chunks, total), inflight = inflight(), None
+            (chunks, released), inflight = inflight(partial(releasing, ctx, p, w)), None
             col, workers = ordered(chunks, kept)
             if not np.array_equal(col("samples_processed"), p.samples[plan.kept]) or \
                     not np.array_equal(col("num_samples"), p.n_samples[plan.kept]):
@@ -113,16 +136,11 @@ def sync_rounds(ctx: RunContext) -> None:
             for name, values in cols.items():
                 trained[name][plan.kept] = values
             reason[np.flatnonzero(plan.kept)[~ok]] = "nonfinite"
-            if ok.any() or dp.on:  # with DP a round whose uploads were all non-finite still releases its noise
+            if released is not None:
                 if dp.on:
-                    mean = dp.release(total, col("clip_norm")[ok], kept, r, cfg.clients.per_round)
-                else:
-                    if not ok.all():  # the coefficients were w_i / (sum over all kept): renormalize once
-                        total = total * (weight_total(w) / weight_total(w[ok]))
-                    mean = torch.from_numpy(total).to(torch.float32)
-                del total  # the float64 sum: not held through the bookkeeping and the next round's sum
-                new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, mean))
-                del mean
+                    dp.record(col("clip_norm")[ok], kept, r, cfg.clients.per_round)
+                new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, readonly_tensor(released)))
+                del released  # the mean: not held through the bookkeeping and the next round's sum
                 update_norm = float(torch.linalg.vector_norm(new_theta - theta))
                 theta, version = new_theta, version + 1
                 losses, losses_before = after[ok], col("loss_before")[ok]

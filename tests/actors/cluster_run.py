@@ -2,11 +2,14 @@
 because Ray is initialized once per process and the test session already runs a local Ray.
 
     python tests/actors/cluster_run.py RUN_DIR '["rounds=6", ...]'
+    python tests/actors/cluster_run.py --lost-partial '["rounds=6", ...]'
 
 Builds a ``ray.cluster_utils.Cluster`` on this machine (a head node and one worker node, 1 CPU
 each, so the pool's two 1-CPU actors land one per node), runs ``simulator.rounds.run.run`` with the
 Ray backend joined to it, removes the worker node after round 1, and prints one JSON line: the
-summary's status, the actors' nodes before and the pool's description after the run.
+summary's status, the actors' nodes before and the pool's description after the run. ``--lost-partial``: one
+reduced training call with ``system.combine = "actors"``, the worker node removed after it completed and before
+its partials are combined; prints what ``RayPool.release`` raised.
 """
 
 from __future__ import annotations
@@ -19,23 +22,53 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import numpy as np  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from actors.backends import make_backend  # noqa: E402
+from actors.calls import PartialLost  # noqa: E402
+from simulator.algorithms.exactsum import Grid  # noqa: E402
+from simulator.client.worker import ClientWorker  # noqa: E402
+from simulator.contract import Reduction, Release, WorkerSpec  # noqa: E402
 from simulator.experiment import load_config  # noqa: E402
+from simulator.params import flat_params  # noqa: E402
 from simulator.rounds.run import run  # noqa: E402
 
 #: object store per node: small, the runs put a few KB per round
 STORE = 80 * 1024 * 1024
 
 
-def main(run_dir: Path, overrides: list[str], remove_after: int = 1) -> dict[str, object]:
+def _cluster(overrides: list[str]) -> tuple[Cluster, object, object]:
+    """The head and one worker node, 1 CPU each, and the config of a 2-actor pool joined to them."""
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "object_store_memory": STORE,
                                                             "include_dashboard": False})
     worker = cluster.add_node(num_cpus=1, object_store_memory=STORE)
     cluster.wait_for_nodes()
     cfg = load_config(None, overrides + [f'system.address="{cluster.address}"', 'system.backend="ray"',
                                          "system.actors=2"])
+    return cluster, worker, cfg
+
+
+def lost_partial(overrides: list[str]) -> dict[str, object]:
+    cluster, worker, cfg = _cluster(overrides + ['system.combine="actors"'])
+    theta = flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
+    ids = np.arange(6)
+    try:
+        with make_backend(cfg) as pool:
+            chunks = list(pool.train(theta, 0, ids, Reduction(ids, np.full(6, 1 / 6), Grid.for_bound())))
+            cluster.remove_node(worker)  # the partial of the chunk trained there goes with its object store
+            try:
+                pool.release([c.partial for c in chunks], Release(ids), theta.size)
+                raised = ""
+            except PartialLost as exc:
+                raised = f"PartialLost: {exc}"
+            return {"raised": raised, "actors_after": len(pool.describe())}
+    finally:
+        cluster.shutdown()
+
+
+def main(run_dir: Path, overrides: list[str], remove_after: int = 1) -> dict[str, object]:
+    cluster, worker, cfg = _cluster(overrides)
     removed: list[int] = []
 
     def on_round(row: dict[str, object]) -> None:
@@ -55,4 +88,7 @@ def main(run_dir: Path, overrides: list[str], remove_after: int = 1) -> dict[str
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(Path(sys.argv[1]), json.loads(sys.argv[2]))))
+    if sys.argv[1] == "--lost-partial":
+        print(json.dumps(lost_partial(json.loads(sys.argv[2]))))
+    else:
+        print(json.dumps(main(Path(sys.argv[1]), json.loads(sys.argv[2]))))

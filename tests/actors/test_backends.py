@@ -10,10 +10,14 @@ import pytest
 from conftest import small_overrides
 
 from actors.backends import make_backend
+from actors.calls import KeptPartial
 from actors.inline import InlineBackend
+from simulator.algorithms.exactsum import Grid, Partial
+from simulator.client.reduce import release_mean
 from simulator.client.worker import ClientWorker
-from simulator.contract import WorkerSpec, split_cohort
+from simulator.contract import Reduction, Release, WorkerSpec, split_cohort
 from simulator.experiment import load_config
+from simulator.params import flat_params
 from simulator.rounds.run import run
 from simulator.rundir.metrics import WALL_CLOCK_COLUMNS
 
@@ -122,8 +126,6 @@ def test_ray_pool_describes_actors_and_places_on_cpu(ray_session):
         assert len({d["pid"] for d in info}) == 2  # two processes
         theta = np.zeros(1, np.float32)
         worker = ClientWorker(WorkerSpec.from_config(cfg))
-        from simulator.params import flat_params
-
         theta = flat_params(worker.model).numpy()
         pool.prefetch(np.arange(6))  # each actor builds the shards of the clients train places on it
         assert sorted(ray_session.get(pool._prefetching)) == [3, 3]
@@ -150,6 +152,8 @@ def test_reduced_sums_are_identical_whatever_the_chunking(ray_session, tmp_path,
                                                               f"system.clients_per_actor={c}"]) for c in (1, 2)}
     runs["ray2-1"] = _run(tmp_path, "ray2", base + ["system.backend=\"ray\"", "system.actors=2",
                                                     "system.clients_per_actor=1"])
+    runs["ray2-1-combined-in-actors"] = _run(tmp_path, "ray2a", base + [
+        "system.backend=\"ray\"", "system.actors=2", "system.clients_per_actor=1", "system.combine=\"actors\""])
     cfg = load_config(None, base + ["system.backend=\"inline\""])
     with ShuffledBackend(WorkerSpec.from_config(cfg), cfg.system) as shuffled:
         run(cfg, shuffled, tmp_path / "shuffled")
@@ -160,3 +164,43 @@ def test_reduced_sums_are_identical_whatever_the_chunking(ray_session, tmp_path,
             pd.testing.assert_frame_equal(inline[name].drop(columns="actor_id", errors="ignore"),
                                           tables[name].drop(columns="actor_id", errors="ignore"), check_exact=True,
                                           obj=f"{tag} {name}")
+
+
+def test_a_mean_combined_in_an_actor_is_the_drivers(ray_session, tmp_path):
+    # system.combine = "actors": the partials stay in the object store and one actor turns them into the round's
+    # mean, with the central noise (at the adaptive clip of the moment) added there: the metrics are the inline
+    # run's, and the adaptive clip moved (the next rounds' noise and clipping depend on it)
+    base = small_overrides(**{"algorithm.name": "fedavg", "data.name": "synthetic", "rounds": 5}) + HETEROGENEOUS + [
+        'privacy.mode="central"', "privacy.noise_multiplier=0.5", "privacy.clip=0.5", "privacy.adaptive_quantile=0.5"]
+    inline = _run(tmp_path, "inline", base + ["system.backend=\"inline\""])
+    combined = _run(tmp_path, "ray", base + ["system.backend=\"ray\"", "system.actors=2", "system.clients_per_actor=2",
+                                             "system.combine=\"actors\""])
+    assert inline["rounds"]["dp_clip"].nunique() > 1
+    for name in inline:
+        pd.testing.assert_frame_equal(inline[name].drop(columns="actor_id", errors="ignore"),
+                                      combined[name].drop(columns="actor_id", errors="ignore"), check_exact=True,
+                                      obj=name)
+
+
+def test_kept_partials_are_combined_by_an_actor_into_the_in_process_mean(ray_session):
+    # the pool's own path, without a run: with combine = "actors" every chunk's partial stays in the object store
+    # (a KeptPartial), and the mean an actor makes of them is the one the in-process worker's partials give
+    cfg = load_config(None, small_overrides(**{"system.actors": 2, "system.clients_per_actor": 2,
+                                               "system.combine": "actors", "algorithm.name": "fedavg"}))
+    worker = ClientWorker(WorkerSpec.from_config(cfg))
+    theta = flat_params(worker.model).numpy()
+    ids = np.arange(7)
+    red = Reduction(ids, np.arange(1, 8) / 28.0, Grid.for_bound())
+    release = Release(ids, 1.25)
+    expected = release_mean([worker.train(theta, 3, ids.tolist(), red).partial], release, theta.size)
+    with make_backend(cfg) as pool:
+        assert pool.combines_in_actors(theta.size)
+        chunks = list(pool.train(theta, 3, ids, red))
+        assert len(chunks) == 4 and all(isinstance(c.partial, KeptPartial) for c in chunks)
+        np.testing.assert_array_equal(pool.release([c.partial for c in chunks], release, theta.size), expected)
+    auto = load_config(None, small_overrides(**{"system.actors": 1}))
+    with make_backend(auto) as pool:  # "auto": a small model's partials come to the driver
+        assert not pool.combines_in_actors(theta.size) and pool.combines_in_actors(1 << 20)
+        chunks = list(pool.train(theta, 3, ids, red))
+        assert all(isinstance(c.partial, Partial) for c in chunks)
+        np.testing.assert_array_equal(pool.release([c.partial for c in chunks], release, theta.size), expected)

@@ -21,9 +21,11 @@ from conftest import small_overrides
 
 from actors.actor import FAULT_ENV
 from actors.backends import make_backend
+from actors.calls import KeptPartial
+from simulator.algorithms.exactsum import Grid
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import ConfigError
-from simulator.contract import WorkerFailure, WorkerSpec
+from simulator.contract import Reduction, Release, WorkerFailure, WorkerSpec
 from simulator.experiment import load_config
 from simulator.params import flat_params
 from simulator.rounds.run import run
@@ -98,6 +100,35 @@ def test_sync_run_survives_actor_kills(ray_session, sync_expected, tmp_path, mon
     assert "replaced by pid" in caplog.text and "ActorDiedError" in caplog.text
 
 
+def test_a_combining_actor_that_dies_is_replaced_and_the_round_unchanged(ray_session, sync_expected, tmp_path,
+                                                                         monkeypatch, caplog):
+    # system.combine = "actors": every actor dies at the start of its second combine (replacements are spared);
+    # the combine runs again on the replacement, from the partials still in the object store
+    monkeypatch.setenv(FAULT_ENV, "die_once_on_release:2")
+    with caplog.at_level(logging.WARNING, logger="metafleet.pool"):
+        info = _faulty_run(tmp_path, SYNC + ['system.combine="actors"'], {})
+    _assert_same(sync_expected, tmp_path / "ray")
+    assert sum(d["restarts"] for d in info) >= 1
+    assert "re-running the combining of a round's partials" in caplog.text
+
+
+def test_combining_that_keeps_failing_stops_the_run_naming_the_fix(ray_session, monkeypatch):
+    overrides = small_overrides(**{"system.actors": 1, "system.max_failures": 1, "system.combine": "actors"})
+    monkeypatch.setenv(FAULT_ENV, "die_on_release:1")  # every actor, replacements too, dies when it combines
+    theta = _theta(overrides)
+    red = Reduction(np.arange(6), np.full(6, 1 / 6), Grid.for_bound())
+    with make_backend(load_config(None, overrides)) as pool:
+        chunks = list(pool.train(theta, 0, np.arange(6), red))
+        assert all(isinstance(c.partial, KeptPartial) for c in chunks)
+        with pytest.raises(WorkerFailure) as err:
+            pool.release([c.partial for c in chunks], Release(np.arange(6)), theta.size)
+    msg = str(err.value)
+    assert "\n" not in msg
+    for part in ("lost the combining of a round's partials 2 times", "system.max_failures = 1",
+                 "metafleet run --resume RUN_DIR"):
+        assert part in msg, part
+
+
 def test_async_fedbuff_run_survives_actor_kills(ray_session, tmp_path):
     base = small_overrides(rounds=5) + FEDBUFF
     expected = _inline(tmp_path, base)
@@ -149,6 +180,21 @@ def test_node_removal_mid_run(sync_expected, tmp_path):
     assert [d["node"] for d in out["after"]] == [n for n in out["nodes_before"] if n != out["worker_node"]]
     assert "not replaced, continuing with 1 actor(s)" in proc.stderr
     _assert_same(sync_expected, tmp_path / "ray")
+
+
+def test_a_partial_lost_with_its_node_before_it_is_combined_reruns_the_round():
+    """``system.combine = "actors"``: the node holding one chunk's partial is removed after the chunk completed;
+    the combine cannot read it, and the pool says so with ``PartialLost`` (a retried failure: the round trains
+    again). The model is large enough (> 100 KB) for Ray to keep the partials in the nodes' object stores."""
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop(FAULT_ENV, None)
+    overrides = small_overrides(rounds=1) + ["model.hidden=[200, 200]"]
+    proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), "--lost-partial", json.dumps(overrides)],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    raised = json.loads(proc.stdout.strip().splitlines()[-1])["raised"]
+    assert raised.startswith("PartialLost: a partial sum was lost before it was combined (Object"), raised
+    assert "\x1b" not in raised and raised.endswith("the round's training runs again")
 
 
 def test_a_worker_that_cannot_start_is_one_config_error(ray_session):

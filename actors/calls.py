@@ -1,0 +1,97 @@
+"""A pool's calls: what ``actors.pool`` keeps about each one in flight (its ``Slot``, ``Batch`` and ``RayPending``; a
+partial left in the object store, ``KeptPartial``) and how a lost one is told: the Ray errors after which it runs
+again (``LOST``), the first lines of Ray's errors, and the fix a ``WorkerFailure`` names (``FIX``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.exceptions import (
+    NodeDiedError,
+    ObjectLostError,
+    OutOfMemoryError,
+    RayActorError,
+    WorkerCrashedError,
+)
+
+from simulator.contract import Method, Reduction
+from simulator.rounds.retry import ANSI
+
+#: Ray errors after which a call is run again: its actor or node died, or its result was lost
+LOST = (RayActorError, WorkerCrashedError, OutOfMemoryError, NodeDiedError, ObjectLostError)
+
+
+class PartialLost(RuntimeError):
+    """A partial kept in the object store was lost with its node before it was combined: the round's training
+    runs again (``rounds.retry``), its results the same."""
+
+
+@dataclass(frozen=True)
+class KeptPartial:
+    """A chunk's partial sum left in the object store (``ClientActor.train_kept``): its reference, and the worker
+    whose node holds it."""
+
+    ref: Any
+    worker_id: int
+
+
+@dataclass(eq=False)
+class Slot:
+    """One place in the pool: its worker id, its current actor and what that actor said about itself."""
+
+    worker_id: int
+    actor: Any
+    info: dict[str, object]
+    restarts: int = 0
+
+
+@dataclass(eq=False)
+class Batch:
+    """One dispatch (a ``train``/``evaluate`` call or a ``submit`` batch): what a lost call needs to run
+    again, and how many calls it has lost. Its model reference is released with the last chunk fetched."""
+
+    method: Method
+    model_ref: Any
+    failures: int = 0
+
+
+@dataclass
+class RayPending:
+    """A submitted chunk: its clients and keys, the object reference of its result (None once
+    fetched), and the slot, actor and batch needed to submit it again if its actor dies."""
+
+    client_ids: list[int]
+    ref: Any
+    value: Any = field(default=None)
+    keys: int | list[int] = 0
+    reduce: Reduction | None = field(default=None, repr=False)  # its share of a reduced call, sent by value
+    keep: bool = False  # its partial stays in the object store (``KeptPartial``), combined by ``release``
+    partial_ref: Any = field(default=None, repr=False)
+    slot: Slot | None = field(default=None, repr=False)
+    actor: Any = field(default=None, repr=False)
+    batch: Batch | None = field(default=None, repr=False)
+
+
+def first_line(exc: BaseException) -> str:
+    """``ErrorType: first line`` of a Ray error, plus the line that says why an actor died."""
+    lines = [ln for ln in str(exc).splitlines() if ln.strip()]
+    text = f"{type(exc).__name__}: {lines[0].strip() if lines else ''}"
+    why = next((ln.strip() for ln in lines[1:] if not ln.startswith((" ", "\t"))), "")  # after the attributes
+    return f"{text} {why.split('. ')[0].rstrip('.')}." if why else text
+
+
+def creation_error(exc: BaseException) -> str:
+    """The error an actor's constructor raised, as ``ErrorType: message``, out of Ray's remote traceback."""
+    lines = [ANSI.sub("", ln).rstrip() for ln in str(exc).splitlines()]
+    raised = [ln for ln in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b", ln)]
+    if not raised:
+        return first_line(exc)
+    kind, _, message = raised[-1].partition(":")
+    return f"{kind.rsplit('.', 1)[-1]}:{message}"
+
+
+FIX = ("check memory and node health (`ray status`, the Ray logs), raise system.max_failures, "
+       "and resume with `metafleet run --resume RUN_DIR`")
