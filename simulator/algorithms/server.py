@@ -36,7 +36,9 @@ class ServerState:
 def sgd_step(state: ServerState, g: torch.Tensor, lr: float, momentum: float = 0.0) -> ServerState:
     """theta <- theta - lr * b, b = momentum * b + g (b = g when momentum is 0; FedAvgM, Hsu et al. 2019)."""
     buf = g if momentum == 0 or state.momentum is None else momentum * state.momentum + g
-    return ServerState(state.theta - lr * buf, state.step + 1, buf if momentum else None)
+    step = lr * buf
+    torch.sub(state.theta, step, out=step)  # theta - lr * b, written over lr * b: one model-sized vector, not two
+    return ServerState(step, state.step + 1, buf if momentum else None)
 
 
 def adam_step(state: ServerState, g: torch.Tensor, lr: float, betas: tuple[float, float] = (0.9, 0.999),

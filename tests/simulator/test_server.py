@@ -15,7 +15,7 @@ import torch
 from conftest import small_overrides
 from tiny import cfg, theta
 
-from simulator.algorithms.server import FEDOPT, ServerOptimizer, ServerState, fedopt_step
+from simulator.algorithms.server import FEDOPT, ServerOptimizer, ServerState, fedopt_step, sgd_step
 from simulator.config.schema import ConfigError
 from simulator.experiment import load_config
 
@@ -102,3 +102,17 @@ def test_fedasync_refuses_the_adaptive_rules():
     with pytest.raises(ConfigError, match="fedasync"):
         load_config(None, small_overrides(**{"system.mode": "async", "async.rule": "fedasync",
                                              "algorithm.server_optimizer": "fedadam"}))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_the_sgd_step_in_place_is_theta_minus_lr_b_bit_for_bit(momentum):
+    # the step writes theta - lr * b over lr * b (no second model-sized vector): the same bits as the expression,
+    # and the state it starts from is left as it was
+    gen = torch.Generator().manual_seed(3)
+    theta, g, m = (torch.randn(10_001, generator=gen) * 10.0 ** torch.randint(-6, 3, (10_001,), generator=gen)
+                   for _ in range(3))
+    state = ServerState(theta.clone(), 4, m.clone() if momentum else None)
+    new = sgd_step(state, g, 0.37, momentum)
+    b = momentum * m + g if momentum else g
+    assert torch.equal(new.theta, theta - 0.37 * b)
+    assert torch.equal(state.theta, theta) and new.theta.data_ptr() != state.theta.data_ptr()
