@@ -25,7 +25,7 @@ import math
 import numpy as np
 import torch
 
-from simulator.algorithms.exactsum import Accumulator, Grid, Merger, Partial, outlier_order
+from simulator.algorithms.exactsum import Accumulator, Grid, Partial, merge, outlier_order
 from simulator.contract import Reduction, Release, TrainResult
 from simulator.privacy.clipping import clip_factors, update_norms
 from simulator.privacy.noise import gaussian
@@ -85,15 +85,17 @@ RELEASE_BLOCK = 1 << 18
 
 def release_mean(partials: list[Partial], release: Release, size: int,
                  dtype: np.dtype | type = np.float32) -> np.ndarray:
-    """The float32 mean of one release from its partials (``Merger``: their int64 totals summed exactly, in any
+    """The float32 mean of one release from its partials (``merge``: their int64 totals summed exactly, in any
     order), per element: Q 2^-F in float64, + each outlier in cohort order, x ``scale`` (when not 1), + the central
     noise N_j / m, rounded once to float32 (``dtype``). Element by element the same operations, in the same order, as
     ``exactsum.combine`` followed by the renormalization or ``Privacy``'s noise on the whole float64 vector, so
     the bits are those of that computation; only a block of 2 MiB is ever held in float64."""
-    merged = Merger(size)
-    for p in partials:
-        merged.add(p)
-    m = merged.partial() if partials else Partial(Grid(0, 1.0), np.zeros(size, np.int64))  # no call: a zero sum
+    if not partials:
+        m = Partial(Grid(0, 1.0), np.zeros(size, np.int64))  # no call: a zero sum
+    elif len(partials) == 1 and partials[0].total.size == size:
+        m = partials[0]  # only read here: a lone partial (the driver's merged one) is not copied again
+    else:
+        m = merge(partials, size)  # raises on partials of another grid or size
     rows = [m.outliers[i] for i in outlier_order(m, release.order)] if m.outliers is not None else []
     noise = (gaussian(release.noise_seed, "dp_noise", release.noise_key, size, release.noise_std)
              / release.denominator if release.noise_std > 0 else None)

@@ -82,8 +82,7 @@ class Privacy:
         (N ~ N(0, sigma^2 C^2 I) from (seed, "dp_noise", release), at the current C), no renormalization (the
         denominator m is fixed). Asked before ``record`` updates C."""
         std = self.p.noise_multiplier * self.clip if self.p.mode == "central" else 0.0
-        return Release(np.asarray(client_ids, np.int64), 1.0, std if std > 0 else 0.0, self.cfg.seed, release,
-                       denominator)
+        return Release(np.asarray(client_ids, np.int64), 1.0, std, self.cfg.seed, release, denominator)
 
     def record(self, clip_norms: np.ndarray, client_ids: np.ndarray, release: int, denominator: int) -> None:
         """After a release: the adaptive clip updated from the accepted uploads' ``clip_norms``, the release

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.algorithms.exactsum import Accumulator, Grid, Merger, combine
+from simulator.algorithms.exactsum import Accumulator, Grid, Merger, combine, merge
 from simulator.client.reduce import RELEASE_BLOCK, release_mean
 from simulator.contract import Release
 from simulator.privacy.noise import gaussian
@@ -45,6 +45,10 @@ def test_the_mean_is_the_whole_vector_computation_bit_for_bit(scale):
         got = release_mean([parts[i] for i in order], Release(ids, scale), SIZE)
         assert got.dtype == np.float32
         np.testing.assert_array_equal(got, expected)
+    lone = merge(parts, SIZE)  # one partial (as the driver hands over its merged one): read, not written
+    before = lone.total.copy()
+    np.testing.assert_array_equal(release_mean([lone], Release(ids, scale), SIZE), expected)
+    np.testing.assert_array_equal(lone.total, before)
 
 
 def test_central_noise_is_added_as_the_mechanism_added_it():
