@@ -1,6 +1,7 @@
 """A pool's calls: what ``actors.pool`` keeps about each one in flight (its ``Slot``, ``Batch`` and ``RayPending``; a
-partial left in the object store, ``KeptPartial``) and how a lost one is told: the Ray errors after which it runs
-again (``LOST``), the first lines of Ray's errors, and the fix a ``WorkerFailure`` names (``FIX``).
+partial or a chunk's vectors left in the object store, ``KeptPartial`` and ``KeptRows``) and how a lost one is told:
+the Ray errors after which it runs again (``LOST``), the first lines of Ray's errors, and the fix a
+``WorkerFailure`` names (``FIX``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,16 @@ class KeptPartial:
     worker_id: int
 
 
+@dataclass(frozen=True, eq=False)
+class KeptRows:
+    """A submitted chunk's k x P vectors left in the object store (``ClientActor.train_rows``): its reference, and
+    the worker whose node holds it. Freed once the driver drops the last handle (every client of the chunk counted
+    or rejected)."""
+
+    ref: Any
+    worker_id: int
+
+
 @dataclass(eq=False)
 class Slot:
     """One place in the pool: its worker id, its current actor and what that actor said about itself."""
@@ -68,7 +79,8 @@ class RayPending:
     value: Any = field(default=None)
     keys: int | list[int] = 0
     reduce: Reduction | None = field(default=None, repr=False)  # its share of a reduced call, sent by value
-    keep: bool = False  # its partial stays in the object store (``KeptPartial``), combined by ``release``
+    keep: bool = False  # its partial (or vectors) stays in the object store (``KeptPartial``, ``KeptRows``)
+    rows: str = ""  # a submitted chunk: "vectors", "held" (they become its handle) or "kept" (``RayPool._dispatch``)
     partial_ref: Any = field(default=None, repr=False)
     slot: Slot | None = field(default=None, repr=False)
     actor: Any = field(default=None, repr=False)

@@ -8,6 +8,7 @@ asked for.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from simulator.client.reduce import release_mean
+from simulator.client.reduce import release_mean, selected_mean, summarize
 from simulator.client.worker import ClientWorker
 from simulator.config.schema import SystemConfig
 from simulator.contract import (
@@ -25,6 +26,7 @@ from simulator.contract import (
     Method,
     Reduction,
     Release,
+    Selection,
     TrainResult,
     WorkerSpec,
     split_work,
@@ -36,6 +38,8 @@ class InlinePending:
     client_ids: list[int]
     thunk: Callable[[], Any] | None
     value: Any = field(default=None)
+    submitted: bool = False
+    keep: bool = False
 
 
 class InlineBackend(Backend):
@@ -56,12 +60,20 @@ class InlineBackend(Backend):
         return [InlinePending(ids, partial(fn, theta, k, ids))
                 for _, ids, k in split_work(client_ids, keys, 1, self.max_chunk)]
 
-    def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[InlinePending]:
-        return self.dispatch("train", theta, keys, client_ids)
+    def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray, keep: bool = False) -> list[InlinePending]:
+        pending = self.dispatch("train", theta, keys, client_ids)
+        for p in pending:
+            p.submitted, p.keep = True, keep
+        return pending
 
     def result(self, pending: InlinePending) -> TrainResult:
         if pending.thunk is not None:
-            pending.value, pending.thunk = pending.thunk(), None
+            value, pending.thunk = pending.thunk(), None
+            if pending.submitted:  # the per-client scalars, worked out here as a worker does (``Backend.submit``)
+                value = summarize(value, self.worker.spec.clip_norms)
+            if pending.keep:  # the vectors are the chunk's handle (this process holds them)
+                value = dataclasses.replace(value, vectors=value.vectors[:0], kept=value.vectors)
+            pending.value = value
         return pending.value
 
     def train(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
@@ -75,6 +87,9 @@ class InlineBackend(Backend):
 
     def release(self, partials: list[Any], release: Release, size: int) -> np.ndarray:
         return release_mean(partials, release, size)
+
+    def release_rows(self, blocks: list[Any], selection: Selection, release: Release, size: int) -> np.ndarray:
+        return selected_mean(blocks, selection, release, self.worker.spec.seed, size)
 
     def close(self) -> None:
         pass

@@ -1,28 +1,22 @@
 """The Ray actor pool: client actors sized from the cluster's resources, one cohort chunk per call.
 
-Each ``ClientActor`` reserves ``cpus_per_actor`` CPUs and ``gpus_per_actor`` of a GPU (a
-fraction lets several actors share one GPU), wraps a ``ClientWorker`` that builds its
-clients' shards locally, and trains a whole chunk of the cohort per call. The model travels
-once per round: the driver ``ray.put``s the flat parameter vector and every call receives the
-same object reference; a reduced call carries its chunk's share of the ``Reduction`` by value. With
-``system.combine`` "actors" (or "auto" and a large model) the calls' partial sums stay in the object store and
-one actor combines them into the round's mean (``release``), so the driver reads one float32 vector a round.
+Each ``ClientActor`` reserves ``cpus_per_actor`` CPUs and ``gpus_per_actor`` of a GPU (a fraction lets several
+actors share one GPU), wraps a ``ClientWorker`` that builds its clients' shards locally, and trains a whole chunk of
+the cohort per call. The model travels once per round: the driver ``ray.put``s the flat parameter vector and every
+call receives the same object reference; a reduced call carries its chunk's share of the ``Reduction`` by value.
+With ``system.combine`` "actors" (or "auto" and a large model) the calls' partial sums (FedBuff: the submitted
+chunks' vectors) stay in the object store and one actor combines them into the release's mean (``release``,
+``release_rows``), so the driver reads one float32 vector a round.
 
-Failures. An actor that dies mid-call (its process killed, out of memory, its node removed)
-loses that call; because every client's work is a pure function of (model version, client id,
-seed), the pool simply runs the same (method, model ref, keys, client ids) again, on a
-replacement actor with the same worker id, and the run's metrics are identical to a run
-without the fault. When the cluster no longer has room for a replacement (a node is gone), the
-lost chunk goes to a surviving actor and the pool shrinks. Each dispatch (one ``train`` or ``evaluate``
-call, or one ``submit`` batch) tolerates ``system.max_failures`` lost calls; the next one raises
-``WorkerFailure``. The pool does this itself instead of Ray's ``max_restarts`` /
-``max_task_retries``: those count per actor lifetime rather than per round, hide failures from
-the run's logs, and a restart that no node can host waits forever.
-
-Fault injection, for tests only: ``METAFLEET_FAULT_INJECT="die_on_call:N"`` (read in the driver
-when the pool starts) makes every actor of the pool, replacements included, SIGKILL itself at
-the start of its N-th ``train``/``evaluate`` call; ``"die_on_call:N:W"`` only actor W;
-``die_once_on_call`` instead of ``die_on_call`` spares the replacements.
+Failures. An actor that dies mid-call (its process killed, out of memory, its node removed) loses that call;
+because every client's work is a pure function of (model version, client id, seed), the pool simply runs the same
+(method, model ref, keys, client ids) again, on a replacement actor with the same worker id, and the run's metrics
+are identical to a run without the fault. When the cluster no longer has room for a replacement (a node is gone),
+the lost chunk goes to a surviving actor and the pool shrinks. Each dispatch (one ``train`` or ``evaluate`` call,
+or one ``submit`` batch) tolerates ``system.max_failures`` lost calls; the next one raises ``WorkerFailure``. The
+pool does this itself instead of Ray's ``max_restarts`` / ``max_task_retries``: those count per actor lifetime
+rather than per round, hide failures from the run's logs, and a restart that no node can host waits forever.
+Fault injection, for tests only: ``actors.actor.FAULT_ENV``, read in the driver when the pool starts.
 """
 
 from __future__ import annotations
@@ -39,10 +33,10 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError
 
 from actors.actor import FAULT_ENV, ClientActor, start_call
-from actors.calls import FIX, LOST, Batch, KeptPartial, PartialLost, RayPending, Slot, creation_error, first_line
+from actors.calls import FIX, LOST, Batch, KeptPartial, KeptRows, RayPending, Slot, creation_error, first_line
 from actors.cluster import actors_that_fit, check_gcs, connect, log_level, pool_size
+from actors.combine import Combining
 from actors.watchdog import Watchdog
-from simulator.client.reduce import release_mean
 from simulator.config.schema import ConfigError, SystemConfig
 from simulator.contract import (
     Backend,
@@ -50,14 +44,12 @@ from simulator.contract import (
     Keys,
     Method,
     Reduction,
-    Release,
     TrainResult,
     WorkerFailure,
     WorkerSpec,
     split_cohort,
     split_work,
 )
-from simulator.rounds.retry import first_line as cause_line
 
 log = logging.getLogger("metafleet.pool")
 
@@ -65,12 +57,9 @@ log = logging.getLogger("metafleet.pool")
 REPLACE_TIMEOUT_S = 60.0
 #: how often the driver checks that the cluster's GCS still answers (``cluster.check_gcs``)
 HEALTH_S = 5.0
-#: ``system.combine = "auto"``: a model vector of at least this many values (a partial of 8 MiB) is combined in
-#: an actor; below it the partials come to the driver (one call fewer a round)
-COMBINE_MIN_VALUES = 1 << 20
 
 
-class RayPool(Backend):
+class RayPool(Combining, Backend):
     """A pool of ``ClientActor``s behind the backend contract; it replaces actors that die and runs their
     lost calls again (see the module docstring)."""
 
@@ -123,9 +112,10 @@ class RayPool(Backend):
         return ClientActor.options(**self._opts).remote(self.spec, worker_id, log_level(), fault)
 
     def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
-                  reduce: Reduction | None = None) -> list[RayPending]:
+                  reduce: Reduction | None = None, rows: str = "") -> list[RayPending]:
         """Dispatch the clients as one call per chunk; the model is put in the object store once, and each chunk's
-        share of a reduction travels inside its call."""
+        share of a reduction travels inside its call. ``rows`` (a submitted chunk): "vectors" come back with their
+        scalars, "held" come back and become the chunk's ``kept`` handle, "kept" stay in the object store."""
         if time.monotonic() - self._checked >= HEALTH_S:  # actors answer without a GCS, for 60 s: look first
             self._check_gcs()
         batch = Batch(method, ray.put(theta))
@@ -133,61 +123,15 @@ class RayPool(Backend):
         # a chunk's share of the reduction travels inside its call: a ray.put of its own cost more CPU than the
         # rest of the dispatch (benchmarks/README.md)
         parts = reduce.parts([ids for _, ids, _ in work]) if reduce is not None else [None] * len(work)
-        keep = reduce is not None and self.combines_in_actors(theta.size)
+        keep = (reduce is not None and self.combines_in_actors(theta.size)) or rows == "kept"
         pending = []
         for (w, ids, k), part in zip(work, parts, strict=True):
             slot = self._slots[w]
-            ref, partial_ref = start_call(slot.actor, method, batch.model_ref, k, ids, part, keep)
-            pending.append(RayPending(ids, ref, keys=k, reduce=part, keep=keep, partial_ref=partial_ref, slot=slot,
-                                      actor=slot.actor, batch=batch))
+            ref, partial_ref = start_call(slot.actor, method, batch.model_ref, k, ids, part, keep, bool(rows))
+            pending.append(RayPending(ids, ref, keys=k, reduce=part, keep=keep, rows=rows, partial_ref=partial_ref,
+                                      slot=slot, actor=slot.actor, batch=batch))
             self._watchdog.started(slot.actor, ref, len(ids))
         return pending
-
-    def combines_in_actors(self, size: int) -> bool:
-        """Whether a reduced call's partials stay in the object store and an actor combines them
-        (``system.combine``; "auto": models of at least ``COMBINE_MIN_VALUES`` values)."""
-        mode = self.system.combine
-        return mode == "actors" or (mode == "auto" and size >= COMBINE_MIN_VALUES)
-
-    def release(self, partials: list[Any], release: Release, size: int) -> np.ndarray:
-        """The release's float32 mean. Partials the driver holds are combined here; kept ones by one actor (the
-        one whose chunk finished first, behind at most its prefetch), which reads them from the object store, so
-        that the driver maps one float32 vector instead of an int64 partial per call. A combining actor that dies
-        is replaced and the combine runs again (``system.max_failures`` times); a lost partial re-runs the round
-        (``PartialLost``)."""
-        kept = [h for h in partials if isinstance(h, KeptPartial)]
-        if not kept:
-            return release_mean(partials, release, size)
-        refs = [h.ref for h in kept] + [ray.put(h) for h in partials if not isinstance(h, KeptPartial)]
-        slot = next((s for s in self._slots if s.worker_id == kept[0].worker_id), self._slots[0])
-        failures = 0
-        while True:
-            ref = slot.actor.release.remote(release, size, *refs)
-            self._watchdog.started(slot.actor, ref, 1)
-            try:
-                while not ray.wait([ref], timeout=self._wait_s(), fetch_local=False)[0]:
-                    self._idle()
-                value = ray.get(ref)
-                self._watchdog.done(ref, timed=False)
-                return value
-            except ObjectLostError as exc:
-                self._watchdog.done(ref, timed=False)
-                raise PartialLost(f"a partial sum was lost before it was combined ({cause_line(exc)}); the "
-                                  "round's training runs again") from None
-            except LOST as exc:
-                self._watchdog.done(ref, timed=False)
-                failures += 1
-                reason = self._stuck.get(id(slot.actor)) or first_line(exc)
-                if failures > self.system.max_failures:
-                    raise WorkerFailure(f"actor {slot.worker_id} lost the combining of a round's partials "
-                                        f"{failures} times, more than system.max_failures = "
-                                        f"{self.system.max_failures}; last Ray error: {reason}; {FIX}") from None
-                if slot in self._slots:
-                    self._replace(slot, reason)
-                if not self._slots:
-                    raise WorkerFailure(f"every actor of the pool was lost (last Ray error: {reason}); {FIX}") from None
-                slot = slot if slot in self._slots else self._slots[0]
-                log.warning("re-running the combining of a round's partials on actor %d", slot.worker_id)
 
     def prefetch(self, client_ids: np.ndarray) -> None:
         """Queue a ``prefetch`` behind each actor's current call, for the clients ``train`` will place on it (the
@@ -207,8 +151,11 @@ class RayPool(Backend):
             except Exception as exc:  # noqa: BLE001 - a hint that failed costs nothing but its shards
                 log.debug("a prefetch failed: %s", first_line(exc))
 
-    def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[RayPending]:
-        return self._dispatch("train", theta, keys, client_ids)
+    def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray, keep: bool = False) -> list[RayPending]:
+        """Dispatch a submitted cohort; with ``keep`` its vectors stay in the object store when this pool combines
+        in its actors (``combines_in_actors``), else they come to the driver and become the chunks' handles."""
+        rows = ("kept" if self.combines_in_actors(theta.size) else "held") if keep else "vectors"
+        return self._dispatch("train", theta, keys, client_ids, rows=rows)
 
     def result(self, pending: RayPending) -> TrainResult:
         """Block until this chunk is done (the others keep running), running it again if its actor
@@ -260,7 +207,11 @@ class RayPool(Backend):
         self._watchdog.done(p.ref)
         if p.keep:
             assert p.slot is not None
-            p.value = dataclasses.replace(p.value, partial=KeptPartial(p.partial_ref, p.slot.worker_id))
+            kept = (KeptPartial(p.partial_ref, p.slot.worker_id) if p.reduce is not None
+                    else KeptRows(p.partial_ref, p.slot.worker_id))
+            p.value = dataclasses.replace(p.value, **{"partial" if p.reduce is not None else "kept": kept})
+        elif p.rows == "held":
+            p.value = dataclasses.replace(p.value, vectors=p.value.vectors[:0], kept=p.value.vectors)
         p.ref = p.partial_ref = p.slot = p.actor = p.batch = None
         return True
 
@@ -341,7 +292,7 @@ class RayPool(Backend):
                     self.system.max_failures)
         p.slot, p.actor = slot, slot.actor
         p.ref, p.partial_ref = start_call(slot.actor, batch.method, batch.model_ref, p.keys, p.client_ids, p.reduce,
-                                          p.keep)
+                                          p.keep, bool(p.rows))
         self._watchdog.started(slot.actor, p.ref, len(p.client_ids))
 
     def _replace(self, slot: Slot, reason: str) -> None:

@@ -14,9 +14,12 @@ on the pixels), 10 samples per client, 1 local step of batch 10, no evaluation; 
 setting, so each VmHWM is its own.
 
     python -m benchmarks.driver_memory --clients 100 1000 --rounds 2 --actors 2 --combine auto driver
+    python -m benchmarks.driver_memory --mode fedbuff --clients 100 --rounds 2 --combine auto driver
 
 ``--combine``: where the partials become the round's mean (``system.combine``): "auto" combines the CNN's in an
 actor, so the driver reads one float32 mean a round; "driver" brings every call's int64 partial to the driver.
+``--mode fedbuff``: the asynchronous FedBuff server, whose buffer is summed from vectors kept in the object store
+("auto": the CNN's) or brought to the driver ("driver").
 """
 
 from __future__ import annotations
@@ -64,9 +67,10 @@ class Peaks:
         self._thread.join()
 
 
-def one(clients: int, rounds: int, actors: int, combine: str = "auto") -> dict[str, float]:
+def one(clients: int, rounds: int, actors: int, combine: str = "auto", mode: str = "sync") -> dict[str, float]:
     """Run in this process: ``rounds`` rounds of ``clients`` clients on ``actors`` Ray actors, the partials combined
-    where ``combine`` says (``system.combine``)."""
+    where ``combine`` says (``system.combine``). ``mode`` "fedbuff": asynchronous FedBuff with ``clients`` training
+    at once and a buffer of as many (on equal devices, the sync rounds' clients), ``rounds`` server updates."""
     import ray
 
     from actors.backends import make_backend
@@ -79,7 +83,9 @@ def one(clients: int, rounds: int, actors: int, combine: str = "auto") -> dict[s
         f"data.num_clients={clients}", f"data.pool_size={clients * 10}", "data.eval_clients=0", "eval.clients=0",
         'model.name="femnist_cnn"', 'algorithm.name="fedavg"', "algorithm.local_steps=1", "algorithm.batch_size=10",
         f"clients.per_round={clients}", f"rounds={rounds}", 'system.backend="ray"', f"system.actors={actors}",
-        f'system.combine="{combine}"', "checkpoint_every=0", "metrics.flush_every=100"])
+        f'system.combine="{combine}"', "checkpoint_every=0", "metrics.flush_every=100",
+        *(['system.mode="async"', f"system.max_concurrency={clients}", f"async.buffer_size={clients}"]
+          if mode == "fedbuff" else [])])
     ray.init(address="local", num_cpus=actors, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     try:
         with make_backend(cfg) as pool, tempfile.TemporaryDirectory() as tmp:
@@ -92,7 +98,8 @@ def one(clients: int, rounds: int, actors: int, combine: str = "auto") -> dict[s
     finally:
         ray.shutdown()
     peak = _rss_kib("VmHWM")
-    return {"clients": clients, "rounds": rounds, "actors": actors, "combine": combine, "status": summary["status"],
+    return {"clients": clients, "rounds": rounds, "actors": actors, "combine": combine, "mode": mode,
+            "status": summary["status"],
             "error": summary.get("error", ""),
             "rss_before_mb": before / 1024, "peak_rss_mb": peak / 1024, "peak_minus_before_mb": (peak - before) / 1024,
             "anon_peak_minus_before_mb": (peaks.peak["RssAnon"] - anon_before) / 1024,
@@ -106,20 +113,23 @@ def main() -> None:
     parser.add_argument("--actors", type=int, default=2)
     parser.add_argument("--combine", nargs="+", default=["auto"], choices=["auto", "driver", "actors"],
                         help="where the partials become the mean (system.combine); the CNN's is 'actors' under auto")
+    parser.add_argument("--mode", nargs="+", default=["sync"], choices=["sync", "fedbuff"],
+                        help="sync rounds, or FedBuff with a buffer of --clients updates and as many in flight")
     parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default="benchmarks/results/driver_memory.json")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(args.clients[0], args.rounds, args.actors, args.combine[0])))
+        print(json.dumps(one(args.clients[0], args.rounds, args.actors, args.combine[0], args.mode[0])))
         return
     rows = []
-    for k, where in ((k, c) for k in args.clients for c in args.combine):  # a fresh process each: VmHWM is its peak
+    settings = [(m, k, c) for m in args.mode for k in args.clients for c in args.combine]
+    for mode, k, where in settings:  # a fresh process each: VmHWM is its peak
         out = subprocess.run([sys.executable, "-m", "benchmarks.driver_memory", "--one", "--clients", str(k),
-                              "--rounds", str(args.rounds), "--actors", str(args.actors), "--combine", where],
-                             check=True, capture_output=True, text=True).stdout
+                              "--rounds", str(args.rounds), "--actors", str(args.actors), "--combine", where,
+                              "--mode", mode], check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(out.strip().splitlines()[-1]))
         r = rows[-1]
-        print(f"{k} clients/round, combine={where}: driver peak RSS {r['peak_rss_mb']:,.0f} MB "
+        print(f"{mode}, {k} clients/round, combine={where}: driver peak RSS {r['peak_rss_mb']:,.0f} MB "
               f"({r['rss_before_mb']:,.0f} MB before "
               f"the first round, +{r['peak_minus_before_mb']:,.0f} MB; target 2 x {r['model_mb']:.1f} MB x "
               f"{args.actors} = {2 * r['model_mb'] * args.actors:.0f} MB), {r['wall_s']:.0f} s; of it at most "

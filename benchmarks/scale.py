@@ -46,12 +46,16 @@ SCALE_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def overrides(system: str, per_round: int, rounds: int, seed: int = 0, population: int = 1000) -> tuple[str, ...]:
-    """The anchor workload with this execution, clients per round, length and registered population."""
+def overrides(system: str, per_round: int, rounds: int, seed: int = 0, population: int = 1000,
+              mode: str = "sync") -> tuple[str, ...]:
+    """The anchor workload with this execution, clients per round, length and registered population; ``mode``
+    "fedbuff": asynchronous FedBuff with ``per_round`` clients in flight and a buffer of as many (a round each)."""
     backend, actors = SYSTEMS[system]
+    fedbuff = ['system.mode="async"', f"system.max_concurrency={per_round}", f"async.buffer_size={per_round}"]
     return tuple(ANCHOR + [f"name=\"scale-{system}-k{per_round}\"", f"seed={seed}", f"rounds={rounds}",
                            f"clients.per_round={per_round}", f"system.backend=\"{backend}\"",
-                           f"system.actors={actors}", "system.threads=1", f"data.num_clients={population}"])
+                           f"system.actors={actors}", "system.threads=1", f"data.num_clients={population}"]
+                 + (fedbuff if mode == "fedbuff" else []))
 
 
 def _block(system: str, rep: int, p: dict[str, Any], out: Path) -> list[dict[str, Any]]:
@@ -59,7 +63,8 @@ def _block(system: str, rep: int, p: dict[str, Any], out: Path) -> list[dict[str
     from actors.backends import make_backend
     from simulator.rounds.run import run
 
-    cfgs = [load_config(None, list(overrides(system, k, p["rounds"], population=p.get("population", 1000))))
+    cfgs = [load_config(None, list(overrides(system, k, p["rounds"], population=p.get("population", 1000),
+                                             mode=p.get("mode", "sync"))))
             for k in sorted(p["per_round"])]
     spec = WorkerSpec.from_config(cfgs[0])
     rows = []
@@ -200,6 +205,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--systems", nargs="+", choices=tuple(SYSTEMS), default=["inline", "ray-2"])
+    parser.add_argument("--mode", choices=("sync", "fedbuff"), default="sync",
+                        help="fedbuff: asynchronous FedBuff, as many clients in flight and buffered as --per-round")
     parser.add_argument("--out", default="benchmarks/results/scale-sweep")
     args = parser.parse_args()
     if args.population < max(args.per_round):
@@ -207,7 +214,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = scale_study({"per_round": tuple(sorted(args.per_round)), "rounds": args.rounds, "repeats": args.repeats,
-                          "systems": tuple(args.systems), "population": args.population}, out)
+                          "systems": tuple(args.systems), "population": args.population, "mode": args.mode}, out)
     print(result["markdown"])
     print("\n".join(result["shapes"]))
 

@@ -5,8 +5,9 @@ result per chunk of clients; the driver never learns how (Ray actors in ``actors
 worker in ``actors.inline``). What crosses the seam is typed here: ``WorkerSpec`` (everything a worker
 needs to rebuild data and model by itself), ``TrainResult`` and ``EvalResult`` (row i belongs to
 ``client_ids[i]``), ``Reduction`` (what a worker needs to reduce its chunk to one ``exactsum.Partial`` instead of
-sending one vector per client), ``WorkerFailure`` (work lost beyond ``system.max_failures``), and how a cohort is cut
-into one call per worker (``split_cohort``). A backend is a context manager: ``with make_backend(cfg) as
+sending one vector per client), ``Release`` (how a release's partials become its mean), ``Selection`` (which kept
+vectors a release sums: FedBuff's buffer), ``WorkerFailure`` (work lost beyond ``system.max_failures``), and how a
+cohort is cut into one call per worker (``split_cohort``). A backend is a context manager: ``with make_backend(cfg) as
 backend: ...`` releases its workers (and a Ray it started) whatever happens.
 """
 
@@ -54,6 +55,8 @@ class WorkerSpec:
     compression: CompressionConfig = CompressionConfig()  # how uploads are encoded (``simulator.compression``)
     #: (path, source) of the factories given as files (``simulator.plugins``): workers on other nodes load these
     factory_sources: tuple[tuple[str, str], ...] = ()
+    #: DP is on: a submitted chunk reports the float64 norms DP clips by (``client.reduce.summarize``)
+    clip_norms: bool = False
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> WorkerSpec:
@@ -61,7 +64,7 @@ class WorkerSpec:
         return cls(cfg.seed, cfg.data, cfg.model, cfg.algorithm, cfg.eval, cfg.system.threads,
                    cfg.system.shard_cache, cfg.system.vectorize, cfg.system.shard_cache_mb,
                    cfg.async_.proximal_rho if fedasync else 0.0, cfg.compression,
-                   factory_sources((cfg.model.factory, cfg.algorithm.factory)))
+                   factory_sources((cfg.model.factory, cfg.algorithm.factory)), cfg.privacy.mode != "off")
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,28 @@ class Release:
 
 
 @dataclass(frozen=True)
+class Selection:
+    """The rows of kept chunks' vectors that one release sums (FedBuff's buffer, ``client.reduce.selected_partial``):
+    position i of the release is row ``rows[i]`` of block ``blocks[i]`` (an index into the release's list of kept
+    blocks: ``TrainResult.kept``), counted as ``reduce`` says for its i-th client (``reduce.client_ids[i]``, coefficient
+    ``reduce.coefs[i]``; the grid, the DP clip and local noise), its local noise keyed by ``noise_keys[i]`` (its
+    refill group). The outliers are keyed by position, so the release's ``order`` is 0 .. K-1."""
+
+    blocks: np.ndarray           # int64 per position
+    rows: np.ndarray             # int64 per position
+    reduce: Reduction
+    noise_keys: np.ndarray       # int64 per position
+
+
+@dataclass(frozen=True)
 class TrainResult:
     """One cohort chunk's updates; row i of every array belongs to ``client_ids[i]``. Reduced (a ``Reduction`` was
     given): ``vectors`` is 0 x P and ``partial`` holds the chunk's share of the sum (an ``exactsum.Partial``, or the
     backend's handle to one it keeps where it was computed: ``Backend.release`` takes either), with per-client
     ``accepted`` (finite), ``update_norm`` (float32 L2 norm of the upload) and ``clip_norm`` (float64 norm DP
-    clips by)."""
+    clips by). Submitted (``Backend.submit``): the same per-client scalars, worked out by the worker
+    (``client.reduce.summarize``); with ``keep`` the vectors stay where they were computed, ``vectors`` is 0 x P and
+    ``kept`` is the backend's handle to the k x P block (``Backend.release_rows`` reads it)."""
 
     worker_id: int
     client_ids: np.ndarray
@@ -125,6 +144,7 @@ class TrainResult:
     accepted: np.ndarray | None = None
     update_norm: np.ndarray | None = None
     clip_norm: np.ndarray | None = None
+    kept: Any = None
 
 
 @dataclass(frozen=True)
@@ -167,8 +187,11 @@ class Backend(abc.ABC):
         """Score ``theta`` on held-out clients before and after adaptation."""
 
     @abc.abstractmethod
-    def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray) -> list[Pending]:
-        """Dispatch training as one call per chunk; the chunks run while the caller goes on."""
+    def submit(self, theta: np.ndarray, keys: Keys, client_ids: np.ndarray, keep: bool = False) -> list[Pending]:
+        """Dispatch training as one call per chunk; the chunks run while the caller goes on. Each result carries
+        the worker's per-client scalars (``client.reduce.summarize``) and, with ``keep``, a handle to its vectors
+        instead of the vectors (kept in the object store by a backend that combines in its workers, see
+        ``system.combine``; else held here), for ``release_rows``."""
 
     @abc.abstractmethod
     def result(self, pending: Any) -> TrainResult:
@@ -179,6 +202,12 @@ class Backend(abc.ABC):
         """The float32 mean (``size`` values; possibly read-only) that one reduced training call's partials
         (``TrainResult.partial`` of its chunks) give under ``release`` (``client.reduce.release_mean``): the
         same bits wherever it is computed."""
+
+    @abc.abstractmethod
+    def release_rows(self, blocks: list[Any], selection: Selection, release: Release, size: int) -> np.ndarray:
+        """The float32 mean of the kept rows that ``selection`` picks from ``blocks`` (``TrainResult.kept`` of
+        submitted chunks) under ``release`` (``client.reduce.selected_mean``): the same bits wherever it is
+        computed, and the same as the driver's own sum of those rows."""
 
     def prefetch(self, client_ids: np.ndarray) -> None:
         """A hint: these clients train next (a round planned ahead). A backend whose workers would otherwise wait

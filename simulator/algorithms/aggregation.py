@@ -92,11 +92,17 @@ def fedbuff_mean(vectors: torch.Tensor, weights: torch.Tensor,
     if vectors.ndim != 2 or weights.shape != (vectors.shape[0],) or vectors.shape[0] == 0:
         raise ValueError(f"need K >= 1 vectors (K x P) and K weights, got {tuple(vectors.shape)}, "
                          f"{tuple(weights.shape)}")
+    return _exact_dot(fedbuff_coefficients(weights, client_weights), vectors)
+
+
+def fedbuff_coefficients(weights: torch.Tensor, client_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """FedBuff's coefficients a_i = s(tau_i) c_i / sum_j c_j (``fedbuff_mean``; c_i = 1 by default), in float64 when
+    ``weights`` are: what the asynchronous server's buffer is summed with wherever its rows are."""
     c = torch.ones_like(weights) if client_weights is None else client_weights.to(weights.dtype)
-    total = weight_total(c.numpy()) if c.shape == weights.shape else 0.0
+    total = weight_total(c.numpy()) if c.shape == weights.shape and c.numel() else 0.0
     if not total > 0:
         raise ValueError("client weights must be one positive-sum weight per buffered update")
-    return _exact_dot((c / total) * weights, vectors)
+    return (c / total) * weights
 
 
 def fedasync_mix(theta: torch.Tensor, theta_client: torch.Tensor, mixing: float, weight: float) -> torch.Tensor:

@@ -13,8 +13,11 @@ A release's partials become the mean the server applies in ``release_mean``, blo
 exact sum, its outliers, the renormalization or the central DP noise, one rounding to float32), so that it can run
 in a worker next to the partials (``system.combine``) or on the driver, with the same bits.
 
-The same function serves the driver's own sums of individual vectors (FedBuff's buffer under DP), so a release
-is bit for bit the same whether its rows were reduced in the workers or on the driver.
+FedBuff's buffer is summed from kept vectors (``Selection``, ``selected_mean``): its coefficients s(tau_i) c_i / sum c
+are known only when the buffer is full, so a worker's submitted chunk only works out its per-client scalars
+(``summarize``) and its vectors stay where they were computed until a release picks its rows, on the grid of
+that release. The rows go through the same ``reduce_rows`` in whatever grouping, so a release is bit for bit the
+same whether its rows were reduced in a worker or on the driver, and the same as ``aggregation.fedbuff_mean``.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ import math
 import numpy as np
 import torch
 
-from simulator.algorithms.exactsum import Accumulator, Grid, Partial, merge, outlier_order
-from simulator.contract import Reduction, Release, TrainResult
+from simulator.algorithms.exactsum import BLOCK_ELEMENTS, Accumulator, Grid, Partial, merge, outlier_order
+from simulator.contract import Reduction, Release, Selection, TrainResult
 from simulator.privacy.clipping import clip_factors, update_norms
 from simulator.privacy.noise import gaussian
 
@@ -77,6 +80,43 @@ def reduce_result(res: TrainResult, red: Reduction, seed: int, keys: np.ndarray)
     empty = np.empty((0, res.vectors.shape[1]), np.float32)  # not a view: the block's memory is released
     return dataclasses.replace(res, vectors=empty, partial=acc.partial(), accepted=ok,
                                update_norm=row_norms32(res.vectors), clip_norm=clip_norm)
+
+
+def summarize(res: TrainResult, clip_norms: bool = True) -> TrainResult:
+    """A submitted chunk's per-client scalars, worked out where its vectors are (``Backend.submit``): accepted
+    (finite), the float32 norm of each upload (``update_norm``) and, with ``clip_norms`` (DP is on), its float64
+    norm (``clip_norm``, which DP clips by and adaptive clipping counts; NaN where not accepted or not asked for:
+    it costs a float64 pass over the vector). The vectors stay in the result."""
+    ok = finite_rows(res.vectors, res.loss_after)
+    clip_norm = np.full(len(ok), math.nan)
+    if clip_norms:
+        clip_norm[ok] = update_norms(res.vectors)[ok]  # row by row: no copy of the accepted rows
+    return dataclasses.replace(res, accepted=ok, update_norm=row_norms32(res.vectors), clip_norm=clip_norm)
+
+
+def selected_partial(blocks: list[np.ndarray], sel: Selection, seed: int, size: int) -> Partial:
+    """The exact partial sum of the rows ``sel`` picks from ``blocks`` (k_b x P each), block by block, as
+    ``reduce_rows`` adds them (clipped, noised as ``sel.reduce`` says; outliers keyed by position)."""
+    red, picked, keys = sel.reduce, np.asarray(sel.rows), np.asarray(sel.noise_keys)
+    acc = Accumulator(red.grid, size)
+    step = max(1, BLOCK_ELEMENTS // max(1, size))  # rows gathered at a time: never a copy of a whole chunk
+    for b, block in enumerate(blocks):
+        block = np.asarray(block)
+        found = np.flatnonzero(np.asarray(sel.blocks) == b)
+        for lo in range(0, found.size, step):
+            pos = found[lo:lo + step]
+            idx = picked[pos]
+            run = idx.size == 1 or bool((np.diff(idx) == 1).all())  # consecutive rows: a view, not a copy
+            rows = block[idx[0]:idx[-1] + 1] if run else block[idx]
+            reduce_rows(acc, rows, np.ones(pos.size, bool), red.coefs[pos], pos, red, seed, keys[pos],
+                        red.client_ids[pos])
+    return acc.partial()
+
+
+def selected_mean(blocks: list[np.ndarray], sel: Selection, release: Release, seed: int, size: int,
+                  dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """The float32 mean of one release of kept rows (``selected_partial``, then ``release_mean``)."""
+    return release_mean([selected_partial(blocks, sel, seed, size)], release, size, dtype)
 
 
 #: float64 elements ``release_mean`` converts at a time (2 MiB): it never holds a float64 copy of the sum

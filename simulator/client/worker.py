@@ -31,7 +31,7 @@ from simulator.algorithms.registry import resolve
 from simulator.algorithms.stacked import VectorizedCohort, unsupported_reason
 from simulator.algorithms.steps import loss_function
 from simulator.client.evaluation import evaluate_client
-from simulator.client.reduce import reduce_result
+from simulator.client.reduce import reduce_result, summarize
 from simulator.compression import roundtrip
 from simulator.contract import EvalResult, Reduction, TrainResult, WorkerSpec
 from simulator.data.base import ClientShard
@@ -184,12 +184,13 @@ class ClientWorker:
             torch.backends.cudnn.enabled = enabled
 
     def train(self, theta: np.ndarray | torch.Tensor, keys: int | Sequence[int], client_ids: list[int],
-              reduce: Reduction | None = None) -> TrainResult:
+              reduce: Reduction | None = None, summarized: bool = False) -> TrainResult:
         """Update every client of ``client_ids`` from ``theta``; client i's batches are drawn from
         the stream (seed, "batches", key, client id), key = the round (or, in async mode, the
         refill group it was dispatched in): ``keys`` is one key for all or one per client. With ``reduce``
         the updates are summed here as they are produced (``simulator.client.reduce``): the result carries one
-        partial sum and per-client scalars, and this worker never holds more than one block of vectors."""
+        partial sum and per-client scalars, and this worker never holds more than one block of vectors; ``summarized``
+        (a submitted chunk, ``Backend.submit``): the vectors come back with their per-client scalars (``summarize``)."""
         configure_threads(self.spec.threads)
         params = self._theta(theta)
         per_client = [keys] * len(client_ids) if isinstance(keys, int | np.integer) else list(keys)
@@ -224,7 +225,8 @@ class ClientWorker:
         joined = {f.name: np.concatenate([getattr(p, f.name) for p in parts])
                   for f in dataclasses.fields(TrainResult) if f.name not in ("worker_id", "partial")
                   and getattr(parts[0], f.name) is not None}
-        return TrainResult(self.worker_id, partial=merged.partial() if reduce is not None else None, **joined)
+        out = TrainResult(self.worker_id, partial=merged.partial() if reduce is not None else None, **joined)
+        return summarize(out, self.spec.clip_norms) if summarized and reduce is None else out
 
     def _updates(self, params: torch.Tensor, shards: list[ClientShard],
                  rngs: list[np.random.Generator]) -> tuple[list, list[float]]:

@@ -7,8 +7,9 @@ take epsilon past ``privacy.target_epsilon``). A synchronous round then hands ``
 clip every upload to C, add local noise (local DP: each client's own, after compression and clipping) and sum
 over the fixed denominator m on the exact grid (``simulator.client.reduce``); ``finishing`` says how the combined
 sum becomes the mean (the central noise added, wherever ``client.reduce.release_mean`` runs), and ``record``
-updates an adaptive clip and records the release. The asynchronous server's ``mean`` does
-the same from individual uploads on the driver. With ``privacy.mode = "off"`` nothing here runs and the columns are NaN.
+updates an adaptive clip and records the release. The asynchronous server sums its buffer the same way from the
+kept uploads (``client.reduce.selected_mean``: FedBuff) or with ``mean`` on the driver (FedAsync). With
+``privacy.mode = "off"`` nothing here runs and the columns are NaN.
 
 Every algorithm is served the same way: what is clipped is the vector the algorithm uploads (a model delta for
 FedAvg, Reptile, Per-FedAvg and Personalized FedAvg, a meta-gradient for (FO)MAML, [meta-gradient ; rate
@@ -26,12 +27,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.algorithms.exactsum import Accumulator, Grid
-from simulator.client.reduce import reduce_rows, release_mean
+from simulator.algorithms.exactsum import Grid
+from simulator.client.reduce import selected_mean
 from simulator.config.schema import ExperimentConfig
-from simulator.contract import Reduction, Release
+from simulator.contract import Reduction, Release, Selection
 from simulator.privacy.accounting import Ledger, count_noise
-from simulator.privacy.clipping import adaptive_clip, unclipped_count
+from simulator.privacy.clipping import adaptive_clip, unclipped_count, update_norms
 from simulator.privacy.noise import gaussian
 
 
@@ -95,24 +96,21 @@ class Privacy:
         self.ledger.record(max(Counter(np.asarray(client_ids).tolist()).values()))
         self.epsilon = self.ledger.epsilon()
 
-    def mean(self, vectors: np.ndarray, ok: np.ndarray, client_ids: np.ndarray, keys: int | np.ndarray,
-             release: int, denominator: int, weights: np.ndarray | None = None,
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The released mean of one release from individual uploads (the asynchronous server's buffer):
-        (sum_i w_i (f_i v_i [+ N_i]) [+ N]) / m over the finite uploads (``ok``; a non-finite one contributes zero,
-        so whether a release happens never depends on the data), reduced exactly as the workers reduce a
-        synchronous round. ``keys``: the round (or one refill key per client) of the clients' local noise;
-        ``release``: the index of the release (the round, or the server update) keying the central and the count
-        noise; ``weights``: FedBuff's staleness weights s(tau_i) <= 1 (default 1)."""
+    def mean(self, vectors: np.ndarray, client_ids: np.ndarray, keys: int | np.ndarray, release: int,
+             denominator: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The released mean of one release from individual finite uploads on the driver (FedAsync's one update):
+        (sum_i (f_i v_i [+ N_i]) [+ N]) / m, reduced exactly as the workers reduce a synchronous round and as a
+        FedBuff buffer is reduced (``client.reduce.selected_mean``, with this ``reduction`` and ``finishing``).
+        ``keys``: the round (or one refill key per client) of the clients' local noise; ``release``: the index of
+        the release (the round, or the server update) keying the central and the count noise."""
         k = len(vectors)
-        red = self.reduction(client_ids, denominator, weights)
-        acc = Accumulator(red.grid, vectors.shape[1])
         rows = np.arange(k)
-        norms = reduce_rows(acc, vectors, ok, red.coefs, rows, red, self.cfg.seed,
-                            np.broadcast_to(np.asarray(keys, np.int64), (k,)), np.asarray(client_ids, np.int64))
+        sel = Selection(np.zeros(k, np.int64), rows, self.reduction(client_ids, denominator),
+                        np.broadcast_to(np.asarray(keys, np.int64), (k,)))
         fin = dataclasses.replace(self.finishing(client_ids, release, denominator), order=rows)
-        mean = release_mean([acc.partial()], fin, vectors.shape[1], torch.empty(0, dtype=dtype).numpy().dtype)
-        self.record(norms[ok], client_ids, release, denominator)
+        mean = selected_mean([vectors], sel, fin, self.cfg.seed, vectors.shape[1],
+                             torch.empty(0, dtype=dtype).numpy().dtype)
+        self.record(update_norms(vectors), client_ids, release, denominator)
         return torch.from_numpy(mean)
 
     def columns(self) -> dict[str, float]:

@@ -13,7 +13,9 @@ batch streams). Server rules:
 
 - FedBuff (Nguyen et al. 2022, Alg. 1): buffer K = ``async.buffer_size`` updates, then apply
   theta <- theta - server_lr * g with g = -(1/K) sum_i s(tau_i) Delta_i through the server
-  optimizer (``aggregation.fedbuff_mean``; FedAvg weights c_i = n_i replace 1/K by c_i / sum c).
+  optimizer (``aggregation.fedbuff_mean``; FedAvg weights c_i = n_i replace 1/K by c_i / sum c). The clients'
+  vectors stay where they were computed (in the object store, ``system.combine``) and one worker sums the buffer's
+  rows on the exact grid (``Backend.release_rows``): the driver receives per-client scalars and one mean per update.
 - FedAsync (Xie et al. 2019, Alg. 1): every update mixes theta <- (1 - a_t) theta + a_t theta_i with
   a_t = mixing * s(tau), theta_i = theta_{v_i} - server_lr * g_i the client's model from its start version.
 
@@ -25,6 +27,7 @@ K = per_round = max_concurrency and identical devices, FedBuff reproduces sync r
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable
@@ -34,12 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.algorithms.aggregation import fedasync_mix, fedbuff_mean, staleness_weight
+from simulator.algorithms.aggregation import fedasync_mix, fedbuff_coefficients, staleness_weight
+from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
 from simulator.algorithms.record import pseudo_gradient
 from simulator.algorithms.server import ServerState
-from simulator.rounds.context import RunContext
+from simulator.contract import Reduction, Release, Selection
+from simulator.rounds.context import RunContext, readonly_tensor
 from simulator.rounds.retry import with_retries
-from simulator.rounds.rows import client_rows, finite_updates, round_row
+from simulator.rounds.rows import client_rows, round_row
 from simulator.rundir.checkpoint import plain
 from simulator.scheduling import Event, EventQueue, Profiles, sample_clients
 
@@ -129,10 +134,11 @@ class AsyncServer:
         self.held = []
 
     def _submit(self, flights: list[Flight], theta: torch.Tensor) -> None:
+        """One cohort on one model; FedBuff's vectors stay where they are computed until its buffer is summed."""
         by_id = {f.client_id: f for f in flights}
         ids = np.array(sorted(by_id), np.int64)
         keys = np.array([by_id[c].key for c in ids.tolist()], np.int64)
-        for pending in self.ctx.backend.submit(theta.numpy(), keys, ids):
+        for pending in self.ctx.backend.submit(theta.numpy(), keys, ids, keep=self.acfg.rule == "fedbuff"):
             for cid in pending.client_ids:
                 by_id[int(cid)].pending = pending
 
@@ -146,9 +152,12 @@ class AsyncServer:
         if int(res.samples_processed[i]) != f.samples:
             raise RuntimeError("a worker processed a different number of samples than planned at dispatch")
         f.pending = None
-        return {"actor_id": res.worker_id, "vector": res.vectors[i], "num_samples": int(res.num_samples[i]),
-                "loss_before": float(res.loss_before[i]), "loss_after": float(res.loss_after[i]),
-                "compute_time_s": float(res.compute_time_s[i])}
+        assert res.accepted is not None and res.update_norm is not None and res.clip_norm is not None
+        return {"actor_id": res.worker_id, "vector": res.vectors[i] if res.kept is None else None, "kept": res.kept,
+                "row": i, "num_samples": int(res.num_samples[i]), "loss_before": float(res.loss_before[i]),
+                "loss_after": float(res.loss_after[i]), "compute_time_s": float(res.compute_time_s[i]),
+                "accepted": bool(res.accepted[i]), "update_norm": float(res.update_norm[i]),
+                "clip_norm": float(res.clip_norm[i])}
 
     # ------------------------------------------------------------------ events
     def process(self, ev: Event) -> None:
@@ -160,7 +169,7 @@ class AsyncServer:
         f.result = self.fetch(f)
         self.bytes_up += self.ctx.update_bytes
         tau = self.version - f.version
-        if not finite_updates(f.result["vector"][None], np.array([f.result["loss_after"]]))[0]:
+        if not f.result["accepted"]:  # a non-finite update or loss (the worker's ``summarize``)
             self._release(f.version)
             self._record(f, "nonfinite")
             return
@@ -184,18 +193,16 @@ class AsyncServer:
         c = torch.tensor([1.0 if dp.on else ctx.opt.client_weight(f.result["num_samples"]) for f in flights],
                          dtype=torch.float64)
         old = self.theta
-        stacked = np.stack([f.result["vector"] for f in flights])
-        keys = np.array([f.key for f in flights], np.int64)
         if self.acfg.rule == "fedbuff":
-            if dp.on:  # clipped, noised, s(tau_i)-weighted, over the fixed denominator K (simulator.privacy)
-                mean = dp.mean(stacked, np.ones(len(flights), bool), ids, keys, self.updates, self.acfg.buffer_size,
-                               s.numpy())
-            else:
-                mean = fedbuff_mean(torch.from_numpy(stacked), s, c)  # summed in float64
-            self.theta = ctx.opt.step(pseudo_gradient(algo, mean))
+            mean = with_retries(lambda: self._buffer_mean(s, c), f"the sum of server update {self.updates}'s buffer",
+                                self.cfg.system.max_failures, self._train_buffer_again, ctx.errors_log)
+            if dp.on:  # the adaptive clip and the ledger, from the norms the workers computed
+                dp.record(np.array([f.result["clip_norm"] for f in flights]), ids, self.updates, self.acfg.buffer_size)
+            self.theta = ctx.opt.step(pseudo_gradient(algo, readonly_tensor(mean)))
+            del mean
         else:
             (f,) = flights
-            vec = (dp.mean(stacked, np.ones(1, bool), ids, keys, self.updates, 1) if dp.on
+            vec = (dp.mean(f.result["vector"][None], ids, f.key, self.updates, 1) if dp.on
                    else torch.from_numpy(np.array(f.result["vector"])))
             g = pseudo_gradient(algo, vec)
             client_theta = self.bases[f.version] - self.cfg.algorithm.server_lr * g
@@ -220,6 +227,43 @@ class AsyncServer:
         self.updates += 1
         self._reset_window()
 
+    def _buffer_mean(self, s: torch.Tensor, c: torch.Tensor) -> np.ndarray:
+        """FedBuff's float32 mean (1/K) sum_i s(tau_i) Delta_i (FedAvg: c_i / sum c instead of 1/K;
+        ``aggregation.fedbuff_mean``), or under DP the clipped, noised, s(tau_i)-weighted sum over the fixed
+        denominator K (``simulator.privacy``), summed by the backend from the rows its workers kept
+        (``Backend.release_rows``): the driver receives one vector, however many clients the buffer holds."""
+        flights, dp = [f for f, _ in self.buffer], self.ctx.privacy
+        ids = np.array([f.client_id for f in flights], np.int64)
+        positions = np.arange(len(flights))
+        blocks: list[Any] = []
+        where: dict[int, int] = {}  # id of a chunk's handle -> its index in ``blocks``
+        for f in flights:
+            if id(f.result["kept"]) not in where:
+                where[id(f.result["kept"])] = len(blocks)
+                blocks.append(f.result["kept"])
+        if dp.on:
+            red = dp.reduction(ids, self.acfg.buffer_size, s.numpy())
+            release = dataclasses.replace(dp.finishing(ids, self.updates, self.acfg.buffer_size), order=positions)
+        else:
+            coefs = fedbuff_coefficients(s, c).numpy()
+            red = Reduction(ids, coefs, Grid.for_bound(DEFAULT_BOUND, float(np.abs(coefs).sum())))
+            release = Release(positions)
+        sel = Selection(np.array([where[id(f.result["kept"])] for f in flights], np.int64),
+                        np.array([f.result["row"] for f in flights], np.int64), red,
+                        np.array([f.key for f in flights], np.int64))
+        return self.ctx.backend.release_rows(blocks, sel, release, self.ctx.opt.params.numel())
+
+    def _train_buffer_again(self) -> None:
+        """The buffer's kept rows were lost (a node died): its clients train again from their start models, with
+        the same results (a client's work is a pure function of its model, id and key)."""
+        groups: dict[tuple[int, int], list[Flight]] = {}  # (start version, refill group): a client once in each
+        for f, _ in self.buffer:
+            groups.setdefault((f.version, f.key), []).append(f)
+        for (version, _), flights in sorted(groups.items()):
+            self._submit(flights, self.bases[version])
+        for f, _ in self.buffer:
+            f.result = self.fetch(f)
+
     def _release(self, version: int) -> None:
         self.base_refs[version] -= 1
         if not self.base_refs[version]:
@@ -237,7 +281,7 @@ class AsyncServer:
             "staleness_weight": staleness_w, "profile": f.profile, "actor_id": r.get("actor_id", -1),
             "samples_processed": f.samples if r else 0, "weight": weight,
             "loss_before": r.get("loss_before", math.nan), "loss_after": r.get("loss_after", math.nan),
-            "update_norm": float(torch.linalg.vector_norm(torch.tensor(r["vector"]))) if r else math.nan,
+            "update_norm": r.get("update_norm", math.nan),
             "compute_time_s": r.get("compute_time_s", math.nan)})
 
     def _write_clients(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,14 @@ def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDatas
     profiles = devices.profiles(client_ids)
     durations = client_durations(profiles, samples, model_bytes, model_bytes if update_bytes is None else update_bytes)
     return profiles, np.array([s + q for s, q in sizes], np.int64), samples, durations
+
+
+def readonly_tensor(values: np.ndarray) -> torch.Tensor:
+    """A tensor over ``values`` without a copy, even when they are read-only (a mean read from Ray's object store);
+    the server's step only reads it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(values)
 
 
 RoundCallback = Callable[[dict[str, Any]], None]

@@ -14,7 +14,6 @@ appends the round's rows. The asynchronous mode is ``rounds.asynchronous``; both
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from functools import partial
 
@@ -24,7 +23,7 @@ import torch
 from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid, weight_total
 from simulator.algorithms.record import pseudo_gradient
 from simulator.contract import Reduction, Release, TrainResult
-from simulator.rounds.context import RunContext
+from simulator.rounds.context import RunContext, readonly_tensor
 from simulator.rounds.rows import client_rows, nan_columns, ordered, round_row, take_profiles
 from simulator.scheduling import Profiles, RoundPlan, VirtualClock, cohort_size, plan_round, sample_cohort
 
@@ -84,14 +83,6 @@ def releasing(ctx: RunContext, p: Planned, w: np.ndarray, chunks: list[TrainResu
     if not ok.any():
         return None
     return Release(p.kept, 1.0 if ok.all() else weight_total(w) / weight_total(w[ok]))
-
-
-def readonly_tensor(values: np.ndarray) -> torch.Tensor:
-    """A tensor over ``values`` without a copy, even when they are read-only (a mean read from Ray's object store);
-    the server's step only reads it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.from_numpy(values)
 
 
 def sync_rounds(ctx: RunContext) -> None:

@@ -3,13 +3,15 @@ because Ray is initialized once per process and the test session already runs a 
 
     python tests/actors/cluster_run.py RUN_DIR '["rounds=6", ...]'
     python tests/actors/cluster_run.py --lost-partial '["rounds=6", ...]'
+    python tests/actors/cluster_run.py --lost-rows '["rounds=6", ...]'
 
 Builds a ``ray.cluster_utils.Cluster`` on this machine (a head node and one worker node, 1 CPU
 each, so the pool's two 1-CPU actors land one per node), runs ``simulator.rounds.run.run`` with the
 Ray backend joined to it, removes the worker node after round 1, and prints one JSON line: the
 summary's status, the actors' nodes before and the pool's description after the run. ``--lost-partial``: one
 reduced training call with ``system.combine = "actors"``, the worker node removed after it completed and before
-its partials are combined; prints what ``RayPool.release`` raised.
+its partials are combined; prints what ``RayPool.release`` raised. ``--lost-rows``: the same for a submitted
+(FedBuff) cohort whose vectors stay in the object store, and ``RayPool.release_rows``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -29,7 +32,7 @@ from actors.backends import make_backend  # noqa: E402
 from actors.calls import PartialLost  # noqa: E402
 from simulator.algorithms.exactsum import Grid  # noqa: E402
 from simulator.client.worker import ClientWorker  # noqa: E402
-from simulator.contract import Reduction, Release, WorkerSpec  # noqa: E402
+from simulator.contract import Reduction, Release, Selection, WorkerSpec  # noqa: E402
 from simulator.experiment import load_config  # noqa: E402
 from simulator.params import flat_params  # noqa: E402
 from simulator.rounds.run import run  # noqa: E402
@@ -49,16 +52,28 @@ def _cluster(overrides: list[str]) -> tuple[Cluster, object, object]:
     return cluster, worker, cfg
 
 
-def lost_partial(overrides: list[str]) -> dict[str, object]:
+def lost(overrides: list[str], what: str) -> dict[str, object]:
+    """``what`` = "partial": one reduced training call whose partials are combined by ``RayPool.release``; "rows": a
+    submitted (FedBuff) cohort whose vectors stay in the object store, summed by ``RayPool.release_rows``. The
+    worker node is removed between the training and the combine; returns what the combine raised."""
     cluster, worker, cfg = _cluster(overrides + ['system.combine="actors"'])
     theta = flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
     ids = np.arange(6)
+    red = Reduction(ids, np.full(6, 1 / 6), Grid.for_bound())
     try:
         with make_backend(cfg) as pool:
-            chunks = list(pool.train(theta, 0, ids, Reduction(ids, np.full(6, 1 / 6), Grid.for_bound())))
-            cluster.remove_node(worker)  # the partial of the chunk trained there goes with its object store
+            if what == "partial":
+                chunks = list(pool.train(theta, 0, ids, red))
+                combine = partial(pool.release, [c.partial for c in chunks], Release(ids), theta.size)
+            else:
+                results = [pool.result(p) for p in pool.submit(theta, ids, ids, keep=True)]
+                blocks = np.repeat(np.arange(len(results)), [len(r.client_ids) for r in results])
+                rows = np.concatenate([np.arange(len(r.client_ids)) for r in results])
+                combine = partial(pool.release_rows, [r.kept for r in results], Selection(blocks, rows, red, ids),
+                                  Release(np.arange(6)), theta.size)
+            cluster.remove_node(worker)  # what was trained there goes with its object store
             try:
-                pool.release([c.partial for c in chunks], Release(ids), theta.size)
+                combine()
                 raised = ""
             except PartialLost as exc:
                 raised = f"PartialLost: {exc}"
@@ -88,7 +103,7 @@ def main(run_dir: Path, overrides: list[str], remove_after: int = 1) -> dict[str
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--lost-partial":
-        print(json.dumps(lost_partial(json.loads(sys.argv[2]))))
+    if sys.argv[1] in ("--lost-partial", "--lost-rows"):
+        print(json.dumps(lost(json.loads(sys.argv[2]), sys.argv[1].removeprefix("--lost-"))))
     else:
         print(json.dumps(main(Path(sys.argv[1]), json.loads(sys.argv[2]))))

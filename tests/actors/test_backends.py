@@ -7,15 +7,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import small_overrides
 
 from actors.backends import make_backend
-from actors.calls import KeptPartial
+from actors.calls import KeptPartial, KeptRows
 from actors.inline import InlineBackend
-from simulator.algorithms.exactsum import Grid, Partial
+from simulator.algorithms.aggregation import fedbuff_coefficients, fedbuff_mean
+from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid, Partial
 from simulator.client.reduce import release_mean
 from simulator.client.worker import ClientWorker
-from simulator.contract import Reduction, Release, WorkerSpec, split_cohort
+from simulator.contract import Reduction, Release, Selection, WorkerSpec, split_cohort
 from simulator.experiment import load_config
 from simulator.params import flat_params
 from simulator.rounds.run import run
@@ -166,22 +168,6 @@ def test_reduced_sums_are_identical_whatever_the_chunking(ray_session, tmp_path,
                                           obj=f"{tag} {name}")
 
 
-def test_a_mean_combined_in_an_actor_is_the_drivers(ray_session, tmp_path):
-    # system.combine = "actors": the partials stay in the object store and one actor turns them into the round's
-    # mean, with the central noise (at the adaptive clip of the moment) added there: the metrics are the inline
-    # run's, and the adaptive clip moved (the next rounds' noise and clipping depend on it)
-    base = small_overrides(**{"algorithm.name": "fedavg", "data.name": "synthetic", "rounds": 5}) + HETEROGENEOUS + [
-        'privacy.mode="central"', "privacy.noise_multiplier=0.5", "privacy.clip=0.5", "privacy.adaptive_quantile=0.5"]
-    inline = _run(tmp_path, "inline", base + ["system.backend=\"inline\""])
-    combined = _run(tmp_path, "ray", base + ["system.backend=\"ray\"", "system.actors=2", "system.clients_per_actor=2",
-                                             "system.combine=\"actors\""])
-    assert inline["rounds"]["dp_clip"].nunique() > 1
-    for name in inline:
-        pd.testing.assert_frame_equal(inline[name].drop(columns="actor_id", errors="ignore"),
-                                      combined[name].drop(columns="actor_id", errors="ignore"), check_exact=True,
-                                      obj=name)
-
-
 def test_kept_partials_are_combined_by_an_actor_into_the_in_process_mean(ray_session):
     # the pool's own path, without a run: with combine = "actors" every chunk's partial stays in the object store
     # (a KeptPartial), and the mean an actor makes of them is the one the in-process worker's partials give
@@ -204,3 +190,72 @@ def test_kept_partials_are_combined_by_an_actor_into_the_in_process_mean(ray_ses
         chunks = list(pool.train(theta, 3, ids, red))
         assert all(isinstance(c.partial, Partial) for c in chunks)
         np.testing.assert_array_equal(pool.release([c.partial for c in chunks], release, theta.size), expected)
+
+
+CENTRAL_ADAPTIVE = ['privacy.mode="central"', "privacy.noise_multiplier=0.5", "privacy.clip=0.5",
+                    "privacy.adaptive_quantile=0.5"]
+FEDBUFF = dict(MODES)["fedbuff"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["algorithm.name=\"fedavg\"", "data.name=\"synthetic\"", "rounds=5", *CENTRAL_ADAPTIVE],
+    [*FEDBUFF, "algorithm.name=\"fedavg\""],  # c_i = n_i: coefficients s(tau_i) n_i / sum n
+    [*FEDBUFF, *CENTRAL_ADAPTIVE],
+], ids=["sync-central-dp-adaptive", "fedbuff-fedavg-weights", "fedbuff-central-dp-adaptive"])
+def test_a_mean_combined_in_an_actor_is_the_drivers(ray_session, tmp_path, extra):
+    # system.combine = "actors", chunks of 2 clients on 2 actors: the partials (FedBuff: the clients' vectors,
+    # dispatched at different versions) stay in the object store and one actor turns them into the release's mean,
+    # with the central noise at the adaptive clip of the moment added there: the metrics are the inline run's, and
+    # the adaptive clip moved (the next releases' noise and clipping depend on it)
+    base = small_overrides(rounds=6) + HETEROGENEOUS + extra
+    inline = _run(tmp_path, "inline", base + ["system.backend=\"inline\""])
+    combined = _run(tmp_path, "ray", base + ["system.backend=\"ray\"", "system.actors=2", "system.clients_per_actor=2",
+                                             "system.combine=\"actors\""])
+    assert len(inline["rounds"]) == (6 if FEDBUFF[0] in extra else 5)
+    if FEDBUFF[0] in extra:
+        assert (inline["clients"]["staleness"] > 0).any()
+    if CENTRAL_ADAPTIVE[0] in extra:
+        assert inline["rounds"]["dp_clip"].nunique() > 1
+    for name in inline:
+        pd.testing.assert_frame_equal(inline[name].drop(columns="actor_id", errors="ignore"),
+                                      combined[name].drop(columns="actor_id", errors="ignore"), check_exact=True,
+                                      obj=name)
+
+
+def test_submitted_vectors_stay_where_they_were_computed_until_a_buffer_sums_them(ray_session):
+    # the pool's own path: with combine = "actors" each submitted chunk's vectors stay in the object store (KeptRows)
+    # and its per-client scalars are the in-process worker's; the rows a buffer picks (one client twice, from
+    # three chunks) sum to fedbuff_mean of those rows, bit for bit. Under "auto" a small model's vectors come to
+    # the driver as the chunks' handles, and the inline backend holds its own: the same mean
+    cfg = load_config(None, small_overrides(**{"system.actors": 2, "system.clients_per_actor": 2,
+                                               "system.combine": "actors", "algorithm.name": "fedavg"}))
+    spec = WorkerSpec.from_config(cfg)
+    worker = ClientWorker(spec)
+    theta, ids = flat_params(worker.model).numpy(), np.arange(7)
+    keys = ids % 3
+    full = worker.train(theta, keys, ids.tolist(), summarized=True)
+    buffer = np.array([5, 0, 3, 5, 6])
+    s = torch.tensor([1.0, 0.5, 2 ** -0.5, 1.0, 0.25], dtype=torch.float64)
+    c = torch.from_numpy(full.num_samples[buffer].astype(np.float64))
+    expected = fedbuff_mean(torch.from_numpy(full.vectors[buffer]), s, c).numpy()
+    coefs = fedbuff_coefficients(s, c).numpy()
+    red = Reduction(ids[buffer], coefs, Grid.for_bound(DEFAULT_BOUND, float(np.abs(coefs).sum())))
+
+    def summed(backend, kind):
+        results = [backend.result(p) for p in backend.submit(theta, keys, ids, keep=True)]
+        assert all(isinstance(r.kept, kind) and r.vectors.shape == (0, theta.size) for r in results)
+        where = {int(cid): (b, i) for b, r in enumerate(results) for i, cid in enumerate(r.client_ids.tolist())}
+        for r in results:
+            for name in ("accepted", "update_norm", "clip_norm", "loss_after"):
+                np.testing.assert_array_equal(getattr(r, name), getattr(full, name)[r.client_ids], err_msg=name)
+        sel = Selection(np.array([where[int(b)][0] for b in buffer]), np.array([where[int(b)][1] for b in buffer]),
+                        red, keys[buffer])
+        return backend.release_rows([r.kept for r in results], sel, Release(np.arange(len(buffer))), theta.size)
+
+    with make_backend(cfg) as pool:
+        np.testing.assert_array_equal(summed(pool, KeptRows), expected)
+    auto = load_config(None, small_overrides(**{"system.actors": 1, "algorithm.name": "fedavg"}))
+    with make_backend(auto) as pool:
+        np.testing.assert_array_equal(summed(pool, np.ndarray), expected)
+    with InlineBackend(spec, cfg.system) as inline:
+        np.testing.assert_array_equal(summed(inline, np.ndarray), expected)

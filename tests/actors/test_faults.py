@@ -100,16 +100,20 @@ def test_sync_run_survives_actor_kills(ray_session, sync_expected, tmp_path, mon
     assert "replaced by pid" in caplog.text and "ActorDiedError" in caplog.text
 
 
-def test_a_combining_actor_that_dies_is_replaced_and_the_round_unchanged(ray_session, sync_expected, tmp_path,
-                                                                         monkeypatch, caplog):
+@pytest.mark.parametrize(("mode", "what"), [("sync", "a round's partials"), ("fedbuff", "a buffer's rows")])
+def test_a_combining_actor_that_dies_is_replaced_and_the_run_unchanged(ray_session, sync_expected, tmp_path,
+                                                                      monkeypatch, caplog, mode, what):
     # system.combine = "actors": every actor dies at the start of its second combine (replacements are spared);
-    # the combine runs again on the replacement, from the partials still in the object store
+    # the combine runs again on the replacement, from the partials (FedBuff: the buffer's vectors) still in the
+    # object store, and the run is the fault-free inline one
+    base = SYNC if mode == "sync" else small_overrides(rounds=5) + FEDBUFF
+    expected = sync_expected if mode == "sync" else _inline(tmp_path, base)
     monkeypatch.setenv(FAULT_ENV, "die_once_on_release:2")
     with caplog.at_level(logging.WARNING, logger="metafleet.pool"):
-        info = _faulty_run(tmp_path, SYNC + ['system.combine="actors"'], {})
-    _assert_same(sync_expected, tmp_path / "ray")
+        info = _faulty_run(tmp_path, base + ['system.combine="actors"'], {})
+    _assert_same(expected, tmp_path / "ray")
     assert sum(d["restarts"] for d in info) >= 1
-    assert "re-running the combining of a round's partials" in caplog.text
+    assert f"re-running the combining of {what}" in caplog.text
 
 
 def test_combining_that_keeps_failing_stops_the_run_naming_the_fix(ray_session, monkeypatch):
@@ -166,13 +170,21 @@ def test_submit_result_with_no_failures_tolerated(ray_session, monkeypatch):
                 pool.result(p)
 
 
-def test_node_removal_mid_run(sync_expected, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "fedbuff-kept"])
+def test_node_removal_mid_run(sync_expected, tmp_path, mode):
     """A 2-node cluster on this machine (in a subprocess: the session's Ray is already up); the node of
-    one actor is removed after round 1, the run finishes on the other with identical metrics."""
+    one actor is removed after round 1, the run finishes on the other with identical metrics. "fedbuff-kept":
+    FedBuff with its clients' vectors in the nodes' object stores (``system.combine``, a model above Ray's 100 KB
+    inlining limit): the lost calls run again, and so do the buffered clients whose vectors went with the node."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(FAULT_ENV, None)
-    proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), str(tmp_path / "ray"), json.dumps(SYNC)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    overrides = SYNC
+    if mode == "fedbuff-kept":
+        overrides = small_overrides(rounds=5) + FEDBUFF + ["model.hidden=[200, 200]"]
+        sync_expected = _inline(tmp_path, overrides)
+        overrides = overrides + ['system.combine="actors"']
+    proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), str(tmp_path / "ray"), json.dumps(overrides)],
+                          capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["status"] == "completed" and out["removed_after"] == [1]
@@ -182,19 +194,24 @@ def test_node_removal_mid_run(sync_expected, tmp_path):
     _assert_same(sync_expected, tmp_path / "ray")
 
 
-def test_a_partial_lost_with_its_node_before_it_is_combined_reruns_the_round():
-    """``system.combine = "actors"``: the node holding one chunk's partial is removed after the chunk completed;
-    the combine cannot read it, and the pool says so with ``PartialLost`` (a retried failure: the round trains
-    again). The model is large enough (> 100 KB) for Ray to keep the partials in the nodes' object stores."""
+@pytest.mark.parametrize(("what", "lost", "again"), [
+    ("partial", "a partial sum was lost before it was combined", "the round's training runs again"),
+    ("rows", "a buffered client's update was lost before the buffer was summed", "the buffer's clients train again"),
+])
+def test_what_a_combine_needs_lost_with_its_node_is_trained_again(what, lost, again):
+    """``system.combine = "actors"``: the node holding one chunk's partial (FedBuff: a submitted chunk's vectors) is
+    removed after the chunk completed; the combine cannot read it, and the pool says so with ``PartialLost`` (a
+    retried failure: the round, or the buffer's clients, train again). The model is large enough (> 100 KB) for
+    Ray to keep the objects in the nodes' object stores."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(FAULT_ENV, None)
     overrides = small_overrides(rounds=1) + ["model.hidden=[200, 200]"]
-    proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), "--lost-partial", json.dumps(overrides)],
+    proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), f"--lost-{what}", json.dumps(overrides)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     raised = json.loads(proc.stdout.strip().splitlines()[-1])["raised"]
-    assert raised.startswith("PartialLost: a partial sum was lost before it was combined (Object"), raised
-    assert "\x1b" not in raised and raised.endswith("the round's training runs again")
+    assert raised.startswith(f"PartialLost: {lost} (Object"), raised
+    assert "\x1b" not in raised and raised.endswith(again)
 
 
 def test_a_worker_that_cannot_start_is_one_config_error(ray_session):

@@ -1,4 +1,5 @@
-"""Asynchronous mode: a hand-computed 4-client FedBuff scenario, FedAsync, the sync limit, staleness drops."""
+"""Asynchronous mode: a hand-computed 4-client FedBuff scenario, FedAsync, the sync limit, staleness drops, a buffer
+whose kept rows were lost."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from simulator.experiment import load_config
 from simulator.rounds.asynchronous import AsyncServer
 from simulator.rounds.context import RunContext
 from simulator.rounds.run import run
+from simulator.rundir.metrics import WALL_CLOCK_COLUMNS
 
 SPEEDS = (10.0, 20.0, 40.0, 80.0)  # samples per simulated second of clients 0..3
 
@@ -165,3 +167,46 @@ def test_max_staleness_drops_exactly_the_stale_updates(tmp_path):
     assert rounds_df["dropped_staleness"].sum() == len(stale)
     assert (rounds_df["staleness_max"] <= 1).all()
     assert not math.isnan(stale["loss_after"].iloc[0])  # trained and uploaded, then discarded by the server
+
+
+class LosingRows(InlineBackend):
+    """Loses a server update's kept rows at its first try (as a node's death would: ``PartialLost``)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.tries, self.submits = 0, 0
+
+    def submit(self, *args, **kwargs):
+        self.submits += 1
+        return super().submit(*args, **kwargs)
+
+    def release_rows(self, blocks, selection, release, size):
+        self.tries += 1
+        if self.tries % 2:
+            raise RuntimeError("the buffer's rows were lost (simulated)")
+        return super().release_rows(blocks, selection, release, size)
+
+
+def test_a_buffer_whose_rows_were_lost_trains_again_with_the_same_results(tmp_path):
+    # the fast client 3 is buffered twice from version 0 (two refill groups); each update's first sum fails, the
+    # buffer's clients train again from their start models (one submit per (version, refill group)), and the
+    # run is the one without the loss
+    cfg = load_config(None, small_overrides(**{
+        "rounds": 3, "data.num_clients": 4, "clients.per_round": 4, "system.mode": "async",
+        "system.max_concurrency": 4, "async.buffer_size": 3, "async.staleness": "sqrt", "algorithm.name": "fedavg",
+        "devices.trace": str(_trace(tmp_path)), "system.backend": "inline", "eval.every": 100}))
+    tables = {}
+    for name, kind in (("plain", InlineBackend), ("losing", LosingRows)):
+        with kind(WorkerSpec.from_config(cfg), cfg.system) as backend:
+            assert run(cfg, backend, tmp_path / name)["status"] == "completed"
+            if name == "losing":
+                assert backend.tries == 6 and backend.submits > 0
+        tables[name] = {t: pd.read_parquet(tmp_path / name / f"{t}.parquet").drop(columns=list(w))
+                        for t, w in WALL_CLOCK_COLUMNS.items()}
+    counted = tables["plain"]["clients"].query("drop_reason == ''")
+    assert (counted.groupby(["round", "start_version"])["client_id"].value_counts() == 2).any()  # twice, one start
+    for t in tables["plain"]:
+        pd.testing.assert_frame_equal(tables["plain"][t], tables["losing"][t], check_exact=True, obj=t)
+    log = (tmp_path / "losing" / "errors.log").read_text()
+    assert "the buffer's rows were lost (simulated)" in log
+    assert log.count("failed (attempt") == 3  # the 3 lost sums, and no training call that failed along the way

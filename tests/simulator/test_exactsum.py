@@ -10,6 +10,7 @@ import pytest
 
 from simulator.algorithms.exactsum import (
     DEFAULT_BOUND,
+    ON_GRID_ELEMENTS,
     Accumulator,
     Grid,
     combine,
@@ -132,3 +133,15 @@ def test_on_grid_is_numpys_float64_product_rounded_half_to_even():
     f64 = rows.astype(np.float64)
     on_grid(f64, scales)
     assert np.array_equal(f64, rows.astype(np.float64))  # a float64 input is not scaled in place
+
+
+@pytest.mark.parametrize("k", [1, 3, 40])
+def test_on_grid_in_column_blocks_is_the_whole_array_pass(k):
+    """Over several blocks of columns and a ragged last one (``ON_GRID_ELEMENTS`` / k columns a block), the sum is
+    numpy's whole-array reference bit for bit."""
+    gen = np.random.default_rng(k)
+    size = 2 * (ON_GRID_ELEMENTS // k) + 77
+    rows = _rows(gen, k, size)
+    scales = 2.0 ** gen.integers(10, 40, k) * gen.uniform(0.5, 1.0, k)
+    ref = np.rint(np.multiply(rows, scales[:, None], dtype=np.float64)).astype(np.int64).sum(axis=0)
+    assert np.array_equal(on_grid(rows, scales), ref)

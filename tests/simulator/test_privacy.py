@@ -47,10 +47,10 @@ def test_one_client_moves_the_released_sum_by_at_most_2c():
     rng = np.random.default_rng(1)
     v = rng.standard_normal((6, 200)).astype(np.float32)
     ids = np.arange(6)
-    a = Privacy(cfg).mean(v, np.ones(6, bool), ids, 0, 0, 6, dtype=torch.float64)
+    a = Privacy(cfg).mean(v, ids, 0, 0, 6, dtype=torch.float64)
     w = v.copy()
     w[2] = -100 * v[2]
-    b = Privacy(cfg).mean(w, np.ones(6, bool), ids, 0, 0, 6, dtype=torch.float64)
+    b = Privacy(cfg).mean(w, ids, 0, 0, 6, dtype=torch.float64)
     assert 0 < float(torch.linalg.vector_norm(6 * (a - b))) <= 2 * 0.3
 
 
@@ -60,7 +60,7 @@ def test_central_noise_std_is_sigma_c_over_m():
     sigma, clip, m, size, releases = 1.5, 0.8, 5, 500, 200
     cfg = _cfg(*CENTRAL, f"privacy.noise_multiplier={sigma}", f"privacy.clip={clip}")
     dp = Privacy(cfg)
-    draws = np.stack([dp.mean(np.zeros((3, size), np.float32), np.ones(3, bool), np.arange(3), r, r, m,
+    draws = np.stack([dp.mean(np.zeros((3, size), np.float32), np.arange(3), r, r, m,
                               dtype=torch.float64).numpy() for r in range(releases)])
     n, sd = draws.size, sigma * clip / m
     assert abs(draws.std(ddof=1) / sd - 1) < 6 / math.sqrt(2 * (n - 1))
@@ -71,8 +71,8 @@ def test_central_noise_std_is_sigma_c_over_m():
 def test_local_noise_is_per_client_and_seeded():
     cfg = _cfg('privacy.mode="local"', "privacy.noise_multiplier=2.0", "privacy.clip=0.5")
     zeros = np.zeros((4, 3000), np.float32)
-    a = Privacy(cfg).mean(zeros, np.ones(4, bool), np.arange(4), 7, 7, 4, dtype=torch.float64).numpy()
-    b = Privacy(cfg).mean(zeros, np.ones(4, bool), np.arange(4), 7, 7, 4, dtype=torch.float64).numpy()
+    a = Privacy(cfg).mean(zeros, np.arange(4), 7, 7, 4, dtype=torch.float64).numpy()
+    b = Privacy(cfg).mean(zeros, np.arange(4), 7, 7, 4, dtype=torch.float64).numpy()
     assert np.array_equal(a, b)
     # the sum of 4 independent N(0, (sigma C)^2) over m = 4: std sigma C / 2 = 0.5
     assert abs(a.std(ddof=1) / 0.5 - 1) < 6 / math.sqrt(2 * (a.size - 1))

@@ -1,7 +1,8 @@
 """``client.reduce.release_mean``: a release's float32 mean from its partials, block by block, equals the whole-vector
 computation it replaced (``exactsum.combine``, then the renormalization or the central DP noise, then one rounding
 to float32) bit for bit, whatever the order of the partials; the blocks' seams, outliers and empty releases
-included."""
+included. FedBuff's buffer summed from kept chunks (``selected_mean``) is ``aggregation.fedbuff_mean`` bit for bit
+whichever chunks hold its rows, and a submitted chunk's scalars (``summarize``) are the driver's."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.algorithms.exactsum import Accumulator, Grid, Merger, combine, merge
-from simulator.client.reduce import RELEASE_BLOCK, release_mean
-from simulator.contract import Release
+from simulator.algorithms.aggregation import fedbuff_coefficients, fedbuff_mean, staleness_weight
+from simulator.algorithms.exactsum import DEFAULT_BOUND, Accumulator, Grid, Merger, combine, merge
+from simulator.client import reduce
+from simulator.client.reduce import RELEASE_BLOCK, reduce_rows, release_mean, selected_mean, summarize
+from simulator.contract import Reduction, Release, Selection, TrainResult
+from simulator.privacy.clipping import update_norms
 from simulator.privacy.noise import gaussian
 
 #: two blocks and a ragged third: the seams are where a blocked loop would go wrong
@@ -83,3 +87,78 @@ def test_the_merger_keeps_its_own_buffer_and_refuses_mixed_sums():
         m.add(Accumulator(parts[0].grid, 3).partial())
     with pytest.raises(ValueError, match="nothing to merge"):
         Merger(4).partial()
+
+
+def _scattered(rows: np.ndarray, gen: np.random.Generator, blocks: int = 3):
+    """The K buffered rows spread over ``blocks`` chunks in shuffled order, each chunk with a row of its own that
+    the release does not pick (a client not in the buffer, here non-finite: picking it would show)."""
+    where = gen.integers(0, blocks, len(rows))
+    chunks, block_of, row_of = [], np.zeros(len(rows), np.int64), np.zeros(len(rows), np.int64)
+    for b in range(blocks):
+        mine = gen.permutation(np.flatnonzero(where == b))
+        chunk = np.full((len(mine) + 1, rows.shape[1]), np.nan, np.float32)
+        for r, pos in enumerate(mine.tolist(), start=1):
+            chunk[r], block_of[pos], row_of[pos] = rows[pos], b, r
+        chunks.append(chunk)
+    return chunks, block_of, row_of
+
+
+def _buffer(seed: int, k: int = 7, size: int = 3001):
+    """A FedBuff buffer: k rows (one with an element past the default grid's bound: an outlier), client 11 twice."""
+    gen = np.random.default_rng(seed)
+    rows = (gen.standard_normal((k, size)) * 10.0 ** gen.integers(-5, 1, (k, size))).astype(np.float32)
+    rows[2, 17] = 3.0 * DEFAULT_BOUND
+    ids = np.array([11, 4, 11, 9, 30, 2, 8][:k], np.int64)
+    return gen, rows, ids
+
+
+@pytest.mark.parametrize(("seed", "rows_at_a_time"), [(0, None), (1, 1), (2, 2)])
+def test_a_buffer_summed_from_kept_chunks_is_fedbuff_mean_bit_for_bit(seed, rows_at_a_time, monkeypatch):
+    gen, rows, ids = _buffer(seed)
+    if rows_at_a_time:  # a model as large as BLOCK_ELEMENTS / n: the picked rows are read n at a time
+        monkeypatch.setattr(reduce, "BLOCK_ELEMENTS", rows_at_a_time * rows.shape[1])
+    s = torch.from_numpy(staleness_weight("sqrt", gen.integers(0, 4, len(rows))))
+    c = torch.from_numpy(gen.integers(5, 50, len(rows)).astype(np.float64))
+    expected = fedbuff_mean(torch.from_numpy(rows), s, c).numpy()
+    coefs = fedbuff_coefficients(s, c).numpy()
+    red = Reduction(ids, coefs, Grid.for_bound(DEFAULT_BOUND, float(np.abs(coefs).sum())))
+    chunks, block_of, row_of = _scattered(rows, gen)
+    sel = Selection(block_of, row_of, red, np.zeros(len(rows), np.int64))
+    got = selected_mean(chunks, sel, Release(np.arange(len(rows))), 0, rows.shape[1])
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_a_private_buffer_is_the_same_whatever_chunks_hold_its_rows():
+    # clipped (some rows past C), local noise keyed by (refill group, client id): client 11's two uploads get
+    # different noise, and the sum does not depend on which chunk held which row
+    gen, rows, ids = _buffer(5)
+    rows[2, 17] = 0.0
+    rows[[1, 4]] *= np.float32(1e-3 / np.abs(rows[[1, 4]]).max())  # within the ball: not clipped
+    k, size = rows.shape
+    red = Reduction(ids, np.full(k, 0.8 / k), Grid.for_bound(0.5 * (1 + 8 * 0.2), 0.8), 0.5, 0.2)
+    keys = np.array([3, 3, 4, 4, 5, 6, 6], np.int64)
+    release = Release(np.arange(k), 1.0, 0.3, 5, 2, k)
+    acc = Accumulator(red.grid, size)
+    norms = reduce_rows(acc, rows, np.ones(k, bool), red.coefs, np.arange(k), red, 9, keys, ids)
+    assert (norms > red.clip).any() and (norms <= red.clip).any()
+    expected = release_mean([acc.partial()], release, size)
+    for _ in range(3):
+        chunks, block_of, row_of = _scattered(rows, gen)
+        got = selected_mean(chunks, Selection(block_of, row_of, red, keys), release, 9, size)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_a_submitted_chunk_is_summarized_where_its_vectors_are():
+    gen = np.random.default_rng(3)
+    vectors = gen.standard_normal((4, 50)).astype(np.float32)
+    vectors[1, 7] = np.nan
+    loss = np.array([0.5, 0.4, np.inf, 0.2])
+    res = TrainResult(0, np.arange(4), vectors, *(np.zeros(4, np.int64),) * 2, loss, loss, np.zeros(4))
+    out = summarize(res)
+    np.testing.assert_array_equal(out.accepted, [True, False, False, True])
+    assert out.vectors is vectors
+    np.testing.assert_array_equal(out.update_norm, [float(torch.linalg.vector_norm(torch.from_numpy(v)))
+                                                    for v in vectors])
+    np.testing.assert_array_equal(out.clip_norm[[0, 3]], update_norms(vectors[[0, 3]]))
+    assert np.isnan(out.clip_norm[[1, 2]]).all()

@@ -120,18 +120,18 @@ def test_the_stacked_forward_gives_the_updates_of_the_vmapped_one(algorithm, ext
     stacked = worker.train(theta, keys, ids)
     worker.vectorized.stacked = None  # vmap of functional_call, as for any other model
     vmapped = worker.train(theta, keys, ids)
-    atol = 1e-7
-    if algorithm == "perfedavg_hf":
-        # The two paths sum in other orders, so each gradient differs by up to about n u |g| (u: float32's unit
-        # roundoff, n: the longest sum in a gradient entry, a step's samples times the widest layer). The
-        # finite-difference Hessian-vector product [g(w + delta v) - g(w - delta v)] / (2 delta), scaled by
-        # alpha, turns that into alpha n u |g| / delta in the update (Fallah et al. 2020, Eq. 10): the
-        # vectors' tolerance, relative to their scale |g|.
-        a = cfg.algorithm
-        samples = max(len(worker.shard(c).all) for c in ids) if a.batch_size == 0 else a.batch_size
-        width = max(max(p.shape) for p in worker.model.parameters())
-        unit_roundoff = np.finfo(np.float32).eps / 2
-        atol = a.local_lr * samples * width * unit_roundoff / a.hf_delta * np.abs(vmapped.vectors).max()
+    # The two paths sum in other orders, so each gradient differs by up to about n u |g| (u: float32's unit
+    # roundoff, n: the longest sum in a gradient entry, a step's samples times the widest layer). An update is a sum
+    # of lr-scaled gradients (or a meta-gradient), so its entries differ by up to about n u times its scale: the
+    # vectors' tolerance. Per-FedAvg HF: the finite-difference Hessian-vector product
+    # [g(w + delta v) - g(w - delta v)] / (2 delta), scaled by alpha, turns that into alpha n u |g| / delta
+    # (Fallah et al. 2020, Eq. 10).
+    a = cfg.algorithm
+    samples = max(len(worker.shard(c).all) for c in ids) if a.batch_size == 0 else a.batch_size
+    width = max(max(p.shape) for p in worker.model.parameters())
+    unit_roundoff = np.finfo(np.float32).eps / 2
+    amplified = max(1.0, a.local_lr / a.hf_delta) if algorithm == "perfedavg_hf" else 1.0
+    atol = amplified * samples * width * unit_roundoff * np.abs(vmapped.vectors).max()
     np.testing.assert_allclose(stacked.vectors, vmapped.vectors, rtol=1e-5, atol=atol)
     # the losses after local work are first order in the weights: their differences grow as the vectors' do,
     # 1 / delta; 1e-5 held at delta = 1e-3
