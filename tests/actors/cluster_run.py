@@ -2,16 +2,15 @@
 because Ray is initialized once per process and the test session already runs a local Ray.
 
     python tests/actors/cluster_run.py RUN_DIR '["rounds=6", ...]'
-    python tests/actors/cluster_run.py --lost-partial '["rounds=6", ...]'
-    python tests/actors/cluster_run.py --lost-rows '["rounds=6", ...]'
+    python tests/actors/cluster_run.py --lost '["rounds=6", ...]'
 
 Builds a ``ray.cluster_utils.Cluster`` on this machine (a head node and one worker node, 1 CPU
 each, so the pool's two 1-CPU actors land one per node), runs ``simulator.rounds.run.run`` with the
 Ray backend joined to it, removes the worker node after round 1, and prints one JSON line: the
-summary's status, the actors' nodes before and the pool's description after the run. ``--lost-partial``: one
-reduced training call with ``system.combine = "actors"``, the worker node removed after it completed and before
-its partials are combined; prints what ``RayPool.release`` raised. ``--lost-rows``: the same for a submitted
-(FedBuff) cohort whose vectors stay in the object store, and ``RayPool.release_rows``.
+summary's status, the actors' nodes before and the pool's description after the run. ``--lost``: a reduced
+training call and a submitted (FedBuff) cohort with ``system.combine = "actors"``, the worker node removed after
+they completed and before their partials or vectors are combined; prints what ``RayPool.release`` and
+``RayPool.release_rows`` raised.
 """
 
 from __future__ import annotations
@@ -52,31 +51,32 @@ def _cluster(overrides: list[str]) -> tuple[Cluster, object, object]:
     return cluster, worker, cfg
 
 
-def lost(overrides: list[str], what: str) -> dict[str, object]:
-    """``what`` = "partial": one reduced training call whose partials are combined by ``RayPool.release``; "rows": a
-    submitted (FedBuff) cohort whose vectors stay in the object store, summed by ``RayPool.release_rows``. The
-    worker node is removed between the training and the combine; returns what the combine raised."""
+def lost(overrides: list[str]) -> dict[str, object]:
+    """On one cluster: a reduced training call whose partials ``RayPool.release`` combines, and a submitted (FedBuff)
+    cohort whose vectors stay in the object store for ``RayPool.release_rows``; the worker node is removed after
+    both trained and before either is combined. Returns what each combine raised."""
     cluster, worker, cfg = _cluster(overrides + ['system.combine="actors"'])
     theta = flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
     ids = np.arange(6)
     red = Reduction(ids, np.full(6, 1 / 6), Grid.for_bound())
     try:
         with make_backend(cfg) as pool:
-            if what == "partial":
-                chunks = list(pool.train(theta, 0, ids, red))
-                combine = partial(pool.release, [c.partial for c in chunks], Release(ids), theta.size)
-            else:
-                results = [pool.result(p) for p in pool.submit(theta, ids, ids, keep=True)]
-                blocks = np.repeat(np.arange(len(results)), [len(r.client_ids) for r in results])
-                rows = np.concatenate([np.arange(len(r.client_ids)) for r in results])
-                combine = partial(pool.release_rows, [r.kept for r in results], Selection(blocks, rows, red, ids),
-                                  Release(np.arange(6)), theta.size)
+            chunks = list(pool.train(theta, 0, ids, red))
+            results = [pool.result(p) for p in pool.submit(theta, ids, ids, keep=True)]
+            blocks = np.repeat(np.arange(len(results)), [len(r.client_ids) for r in results])
+            rows = np.concatenate([np.arange(len(r.client_ids)) for r in results])
+            combines = {
+                "partial": partial(pool.release, [c.partial for c in chunks], Release(ids), theta.size),
+                "rows": partial(pool.release_rows, [r.kept for r in results], Selection(blocks, rows, red, ids),
+                                Release(np.arange(6)), theta.size)}
             cluster.remove_node(worker)  # what was trained there goes with its object store
-            try:
-                combine()
-                raised = ""
-            except PartialLost as exc:
-                raised = f"PartialLost: {exc}"
+            raised = {}
+            for what, combine in combines.items():
+                try:
+                    combine()
+                    raised[what] = ""
+                except PartialLost as exc:
+                    raised[what] = f"PartialLost: {exc}"
             return {"raised": raised, "actors_after": len(pool.describe())}
     finally:
         cluster.shutdown()
@@ -103,7 +103,7 @@ def main(run_dir: Path, overrides: list[str], remove_after: int = 1) -> dict[str
 
 
 if __name__ == "__main__":
-    if sys.argv[1] in ("--lost-partial", "--lost-rows"):
-        print(json.dumps(lost(json.loads(sys.argv[2]), sys.argv[1].removeprefix("--lost-"))))
+    if sys.argv[1] == "--lost":
+        print(json.dumps(lost(json.loads(sys.argv[2]))))
     else:
         print(json.dumps(main(Path(sys.argv[1]), json.loads(sys.argv[2]))))

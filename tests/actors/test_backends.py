@@ -199,9 +199,8 @@ FEDBUFF = dict(MODES)["fedbuff"]
 
 @pytest.mark.parametrize("extra", [
     ["algorithm.name=\"fedavg\"", "data.name=\"synthetic\"", "rounds=5", *CENTRAL_ADAPTIVE],
-    [*FEDBUFF, "algorithm.name=\"fedavg\""],  # c_i = n_i: coefficients s(tau_i) n_i / sum n
-    [*FEDBUFF, *CENTRAL_ADAPTIVE],
-], ids=["sync-central-dp-adaptive", "fedbuff-fedavg-weights", "fedbuff-central-dp-adaptive"])
+    [*FEDBUFF, *CENTRAL_ADAPTIVE],  # FedAvg's weights c_i = n_i: the pool-level test below and test_reduce.py
+], ids=["sync-central-dp-adaptive", "fedbuff-central-dp-adaptive"])
 def test_a_mean_combined_in_an_actor_is_the_drivers(ray_session, tmp_path, extra):
     # system.combine = "actors", chunks of 2 clients on 2 actors: the partials (FedBuff: the clients' vectors,
     # dispatched at different versions) stay in the object store and one actor turns them into the release's mean,

@@ -194,24 +194,24 @@ def test_node_removal_mid_run(sync_expected, tmp_path, mode):
     _assert_same(sync_expected, tmp_path / "ray")
 
 
-@pytest.mark.parametrize(("what", "lost", "again"), [
-    ("partial", "a partial sum was lost before it was combined", "the round's training runs again"),
-    ("rows", "a buffered client's update was lost before the buffer was summed", "the buffer's clients train again"),
-])
-def test_what_a_combine_needs_lost_with_its_node_is_trained_again(what, lost, again):
-    """``system.combine = "actors"``: the node holding one chunk's partial (FedBuff: a submitted chunk's vectors) is
-    removed after the chunk completed; the combine cannot read it, and the pool says so with ``PartialLost`` (a
-    retried failure: the round, or the buffer's clients, train again). The model is large enough (> 100 KB) for
-    Ray to keep the objects in the nodes' object stores."""
+def test_what_a_combine_needs_lost_with_its_node_is_trained_again():
+    """``system.combine = "actors"``: the node holding one chunk's partial, and one submitted (FedBuff) chunk's
+    vectors, is removed after the chunks completed; neither combine can read them, and the pool says so with
+    ``PartialLost`` (a retried failure: the round, or the buffer's clients, train again). The model is large enough
+    (> 100 KB) for Ray to keep the objects in the nodes' object stores."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(FAULT_ENV, None)
     overrides = small_overrides(rounds=1) + ["model.hidden=[200, 200]"]
-    proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), f"--lost-{what}", json.dumps(overrides)],
+    proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), "--lost", json.dumps(overrides)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     raised = json.loads(proc.stdout.strip().splitlines()[-1])["raised"]
-    assert raised.startswith(f"PartialLost: {lost} (Object"), raised
-    assert "\x1b" not in raised and raised.endswith(again)
+    for what, lost, again in (
+            ("partial", "a partial sum was lost before it was combined", "the round's training runs again"),
+            ("rows", "a buffered client's update was lost before the buffer was summed",
+             "the buffer's clients train again")):
+        assert raised[what].startswith(f"PartialLost: {lost} (Object"), raised[what]
+        assert "\x1b" not in raised[what] and raised[what].endswith(again)
 
 
 def test_a_worker_that_cannot_start_is_one_config_error(ray_session):
