@@ -35,7 +35,7 @@ from simulator.privacy.noise import gaussian
 
 
 def finite_rows(rows: np.ndarray, losses: np.ndarray) -> np.ndarray:
-    """Rows whose upload and loss are all finite (as ``rounds.rows.finite_updates``)."""
+    """Rows whose upload and loss are all finite (a NaN/inf update never touches the model)."""
     return np.isfinite(rows).all(axis=1) & np.isfinite(losses)
 
 
@@ -73,13 +73,13 @@ def reduce_rows(acc: Accumulator, rows: np.ndarray, accepted: np.ndarray, coefs:
 def reduce_result(res: TrainResult, red: Reduction, seed: int, keys: np.ndarray) -> TrainResult:
     """A chunk's result with its vectors reduced to one partial sum and per-client scalars (``keys``: each client's
     batch-stream key, which also keys its local noise). Vectors must be already decoded from compression."""
-    ok = finite_rows(res.vectors, res.loss_after)
+    res = summarize(res, clip_norms=False)  # accepted and the float32 norms; DP's norms come from reduce_rows
     acc = Accumulator(red.grid, res.vectors.shape[1])
     ids = np.asarray(res.client_ids, np.int64)
-    clip_norm = reduce_rows(acc, res.vectors, ok, red.coefficients(ids), ids, red, seed, np.asarray(keys), ids)
+    clip_norm = reduce_rows(acc, res.vectors, res.accepted, red.coefficients(ids), ids, red, seed, np.asarray(keys),
+                            ids)
     empty = np.empty((0, res.vectors.shape[1]), np.float32)  # not a view: the block's memory is released
-    return dataclasses.replace(res, vectors=empty, partial=acc.partial(), accepted=ok,
-                               update_norm=row_norms32(res.vectors), clip_norm=clip_norm)
+    return dataclasses.replace(res, vectors=empty, partial=acc.partial(), clip_norm=clip_norm)
 
 
 def summarize(res: TrainResult, clip_norms: bool = True) -> TrainResult:
@@ -94,11 +94,13 @@ def summarize(res: TrainResult, clip_norms: bool = True) -> TrainResult:
     return dataclasses.replace(res, accepted=ok, update_norm=row_norms32(res.vectors), clip_norm=clip_norm)
 
 
-def selected_partial(blocks: list[np.ndarray], sel: Selection, seed: int, size: int) -> Partial:
+def selected_partial(blocks: list[np.ndarray], sel: Selection, seed: int, size: int) -> tuple[Partial, np.ndarray]:
     """The exact partial sum of the rows ``sel`` picks from ``blocks`` (k_b x P each), block by block, as
-    ``reduce_rows`` adds them (clipped, noised as ``sel.reduce`` says; outliers keyed by position)."""
+    ``reduce_rows`` adds them (clipped, noised as ``sel.reduce`` says; outliers keyed by position), and the float64
+    norm each position was clipped by (NaN without a clip)."""
     red, picked, keys = sel.reduce, np.asarray(sel.rows), np.asarray(sel.noise_keys)
     acc = Accumulator(red.grid, size)
+    norms = np.full(len(picked), math.nan)
     step = max(1, BLOCK_ELEMENTS // max(1, size))  # rows gathered at a time: never a copy of a whole chunk
     for b, block in enumerate(blocks):
         block = np.asarray(block)
@@ -108,15 +110,15 @@ def selected_partial(blocks: list[np.ndarray], sel: Selection, seed: int, size: 
             idx = picked[pos]
             run = idx.size == 1 or bool((np.diff(idx) == 1).all())  # consecutive rows: a view, not a copy
             rows = block[idx[0]:idx[-1] + 1] if run else block[idx]
-            reduce_rows(acc, rows, np.ones(pos.size, bool), red.coefs[pos], pos, red, seed, keys[pos],
-                        red.client_ids[pos])
-    return acc.partial()
+            norms[pos] = reduce_rows(acc, rows, np.ones(pos.size, bool), red.coefs[pos], pos, red, seed, keys[pos],
+                                     red.client_ids[pos])
+    return acc.partial(), norms
 
 
 def selected_mean(blocks: list[np.ndarray], sel: Selection, release: Release, seed: int, size: int,
                   dtype: np.dtype | type = np.float32) -> np.ndarray:
     """The float32 mean of one release of kept rows (``selected_partial``, then ``release_mean``)."""
-    return release_mean([selected_partial(blocks, sel, seed, size)], release, size, dtype)
+    return release_mean([selected_partial(blocks, sel, seed, size)[0]], release, size, dtype)
 
 
 #: float64 elements ``release_mean`` converts at a time (2 MiB): it never holds a float64 copy of the sum

@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from simulator.algorithms.exactsum import Grid
-from simulator.client.reduce import selected_mean
+from simulator.client.reduce import release_mean, selected_partial
 from simulator.config.schema import ExperimentConfig
 from simulator.contract import Reduction, Release, Selection
 from simulator.privacy.accounting import Ledger, count_noise
-from simulator.privacy.clipping import adaptive_clip, unclipped_count, update_norms
+from simulator.privacy.clipping import adaptive_clip, unclipped_count
 from simulator.privacy.noise import gaussian
 
 
@@ -100,7 +100,7 @@ class Privacy:
              denominator: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The released mean of one release from individual finite uploads on the driver (FedAsync's one update):
         (sum_i (f_i v_i [+ N_i]) [+ N]) / m, reduced exactly as the workers reduce a synchronous round and as a
-        FedBuff buffer is reduced (``client.reduce.selected_mean``, with this ``reduction`` and ``finishing``).
+        FedBuff buffer is reduced (``client.reduce.selected_partial``, with this ``reduction`` and ``finishing``).
         ``keys``: the round (or one refill key per client) of the clients' local noise; ``release``: the index of
         the release (the round, or the server update) keying the central and the count noise."""
         k = len(vectors)
@@ -108,9 +108,9 @@ class Privacy:
         sel = Selection(np.zeros(k, np.int64), rows, self.reduction(client_ids, denominator),
                         np.broadcast_to(np.asarray(keys, np.int64), (k,)))
         fin = dataclasses.replace(self.finishing(client_ids, release, denominator), order=rows)
-        mean = selected_mean([vectors], sel, fin, self.cfg.seed, vectors.shape[1],
-                             torch.empty(0, dtype=dtype).numpy().dtype)
-        self.record(update_norms(vectors), client_ids, release, denominator)
+        summed, norms = selected_partial([vectors], sel, self.cfg.seed, vectors.shape[1])
+        mean = release_mean([summed], fin, vectors.shape[1], torch.empty(0, dtype=dtype).numpy().dtype)
+        self.record(norms, client_ids, release, denominator)  # the norms the rows were clipped by
         return torch.from_numpy(mean)
 
     def columns(self) -> dict[str, float]:

@@ -71,11 +71,6 @@ def ids_text(ids: np.ndarray, limit: int = 8) -> str:
     return f"[{shown}{', ...' if len(ids) > limit else ''}] ({len(ids)})"
 
 
-def finite_updates(vectors: np.ndarray, losses: np.ndarray) -> np.ndarray:
-    """Rows whose update vector and loss are all finite (a NaN/inf update never touches the model)."""
-    return np.isfinite(vectors).all(axis=1) & np.isfinite(losses)
-
-
 def client_rows(r: int, ids: np.ndarray, profiles: Profiles, n_samples: np.ndarray, start: np.ndarray,
                 finish: np.ndarray, reasons: np.ndarray, start_version: np.ndarray, staleness: np.ndarray,
                 staleness_weight: np.ndarray, trained: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
