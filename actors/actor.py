@@ -11,6 +11,7 @@ release's partials or kept rows) instead.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -44,6 +45,7 @@ class ClientActor:
                 self.die_on_release = mine
             else:
                 self.die_on_call = mine
+        gc.freeze()  # the worker is built: for the actor's life, as ``frozen_heap`` does for a run's driver
 
     def describe(self) -> dict[str, object]:
         return {**self.worker.describe(), "node": ray.get_runtime_context().get_node_id()}

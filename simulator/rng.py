@@ -108,17 +108,24 @@ class _Hashed(ISeedSequence):
         return np.random.SeedSequence(self.entropy).generate_state(n_words, dtype)
 
 
+#: fewer keys than this are seeded one by one: the vectorized pass costs about 0.1 ms whatever the count, numpy's
+#: own SeedSequence about 11 us a key (``benchmarks/README.md``, "Asynchronous driver"); the two cross near 8
+BULK_MIN = 8
+
+
 def generators(seed: int, purpose: str, round_idx: int | Sequence[int], client_ids: Sequence[int]
                ) -> list[np.random.Generator]:
     """``[generator(seed, purpose, r, c) ...]`` for many clients (``round_idx`` one for all or one per
     client): the same streams, seeded several times faster by hashing every key in one vectorized pass of
-    numpy's SeedSequence algorithm. A key with an entry >= 2**32 (more than one entropy word) takes
-    ``generator`` itself."""
+    numpy's SeedSequence algorithm. A key with an entry >= 2**32 (more than one entropy word), or fewer than
+    ``BULK_MIN`` keys (the asynchronous server seeds one client per completion), take ``generator`` itself."""
     n = len(client_ids)
     rounds = [round_idx] * n if isinstance(round_idx, int | np.integer) else list(round_idx)
+    if n < BULK_MIN:
+        return [generator(seed, purpose, int(r), int(c)) for r, c in zip(rounds, client_ids, strict=True)]
     keys = np.empty((n, _POOL), np.int64)
     keys[:, 0], keys[:, 1], keys[:, 2], keys[:, 3] = seed, PURPOSES[purpose], rounds, client_ids
-    if n == 0 or not _FAST or keys.min() < 0 or keys.max() > _MASK:
+    if not _FAST or keys.min() < 0 or keys.max() > _MASK:
         return [generator(seed, purpose, int(r), int(c)) for r, c in zip(rounds, client_ids, strict=True)]
     words = _states(_pools(keys.astype(np.uint32)))
     return [np.random.Generator(np.random.PCG64(_Hashed([seed, PURPOSES[purpose], int(r), int(c)], w)))

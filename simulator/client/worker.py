@@ -4,7 +4,7 @@ The same code runs inside a Ray actor (``actors.pool``) and in-process (``actors
 It builds the shards of the clients it serves from the dataset spec (lazily, LRU-cached, or ahead of a call:
 ``prefetch``), so no client data ever crosses a process boundary; it fixes torch's thread count the same way in
 every backend, because the thread count changes floating-point results, and glibc's allocator thresholds
-(``return_large_frees``), which change only speed and memory.
+(``return_large_frees``) and Python's collector (``frozen_heap``), which change only speed and memory.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import socket
@@ -89,6 +90,21 @@ def return_large_frees() -> bool:
         return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     except (AttributeError, OSError):  # musl and other C libraries without mallopt
         return False
+
+
+@contextlib.contextmanager
+def frozen_heap() -> Iterator[int]:
+    """Python's cyclic collector leaves every object alive on entry alone (``gc.freeze``) until exit (``gc.unfreeze``):
+    yields how many were frozen. A driver or worker process holds a few hundred thousand long-lived objects (torch's,
+    Ray's, pandas's modules and what they built), and each full collection walks all of them: 0.17-0.23 s a pass,
+    two in 200 anchor rounds, a tenth of the run (``benchmarks/README.md``, "Python's collector"). New objects are
+    collected as before; an object frozen here and later left in a reference cycle waits for exit to be collected
+    (a refcount reaching zero frees it at once either way)."""
+    gc.freeze()
+    try:
+        yield gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
 
 
 def pick_device() -> torch.device:

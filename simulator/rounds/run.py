@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulator.client.worker import return_large_frees
+from simulator.client.worker import frozen_heap, return_large_frees
 from simulator.config.schema import ExperimentConfig
 from simulator.config.toml import dumps_toml, to_dict
 from simulator.contract import Backend, WorkerFailure
@@ -62,14 +62,15 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepar
                 write_label_histogram(run_dir, hist)
             if (keys := getattr(ctx.dataset, "client_keys", None)) is not None:  # file datasets: the user's ids
                 write_client_ids(run_dir, *keys())
-            if cfg.system.mode == "async":
-                try:
-                    async_rounds(ctx)
-                except Stalled as exc:
-                    log.warning("run stopped early: %s", exc)
-                    status = "stalled"
-            else:
-                sync_rounds(ctx)
+            with frozen_heap():  # the context is built: its objects and the modules' are left out of collections
+                if cfg.system.mode == "async":
+                    try:
+                        async_rounds(ctx)
+                    except Stalled as exc:
+                        log.warning("run stopped early: %s", exc)
+                        status = "stalled"
+                else:
+                    sync_rounds(ctx)
         except BudgetExhausted as exc:
             log.warning("run stopped early: %s", exc)
             status = "budget_exhausted"

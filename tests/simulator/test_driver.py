@@ -1,11 +1,14 @@
-"""Driver bookkeeping: result reordering, steady throughput, and Ctrl-C mid-round."""
+"""Driver bookkeeping: result reordering, steady throughput, Ctrl-C mid-round, and the process settings of a run
+(glibc's allocator thresholds, Python's collector)."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pandas as pd
@@ -113,3 +116,28 @@ def test_a_freed_model_sized_array_goes_back_to_the_os():
 
     assert probe(True) == ["True", "True"]
     assert probe(False) == ["True", "False"]  # the same block, held and then kept: what the call changes
+
+
+class Cycle:
+    """An object that refers to itself: only the cyclic collector can free it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_a_run_keeps_the_heap_it_found_out_of_collections_and_gives_it_back(tmp_path):
+    """``frozen_heap``: while the rounds run, the objects alive before them are frozen (``gc.freeze``); cycles
+    made during the rounds are still collected, and the run unfreezes everything when it ends."""
+    frozen, collected = [], []
+
+    def on_round(row: dict) -> None:
+        frozen.append(gc.get_freeze_count())
+        made = weakref.ref(Cycle())
+        gc.collect()
+        collected.append(made() is None)
+
+    cfg = load_config(None, small_overrides(**{"system.backend": "inline"}))
+    with InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
+        assert run(cfg, backend, tmp_path / "run", on_round=on_round)["status"] == "completed"
+    assert len(frozen) == cfg.rounds and min(frozen) > 0 and all(collected)
+    assert gc.get_freeze_count() == 0

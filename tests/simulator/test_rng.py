@@ -47,7 +47,19 @@ def test_the_bulk_hash_checks_itself_against_numpy():
 
 
 def test_a_generator_can_still_spawn_other_sizes_of_state():
-    g = generators(1, "data", 0, [4])[0]
+    g = generators(1, "data", 0, range(4, 4 + rng.BULK_MIN))[0]
     seq = g.bit_generator.seed_seq
+    assert isinstance(seq, rng._Hashed)  # seeded by the vectorized pass
     np.testing.assert_array_equal(seq.generate_state(3), np.random.SeedSequence([1, PURPOSES["data"], 0, 4])
                                   .generate_state(3))
+
+
+@pytest.mark.parametrize("n", [1, rng.BULK_MIN - 1, rng.BULK_MIN])
+def test_few_keys_and_many_give_the_same_streams(n):
+    """Below ``BULK_MIN`` keys each is seeded by numpy's SeedSequence, from then on by the vectorized pass."""
+    clients, rounds = list(range(100, 100 + n)), list(range(7, 7 + n))
+    got = generators(11, "availability", rounds, clients)
+    kinds = {type(g.bit_generator.seed_seq) for g in got}
+    assert kinds == ({rng._Hashed} if n >= rng.BULK_MIN else {np.random.SeedSequence})
+    assert all(_same_stream(g, generator(11, "availability", r, c)) for g, r, c in zip(got, rounds, clients,
+                                                                                          strict=True))
