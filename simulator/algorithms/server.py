@@ -9,15 +9,22 @@ Optimization", Alg. 2) print them: no bias correction, tau added to sqrt(v), v_{
 changes mid-run (Personalized FedAvg) declares a ``schedule`` in its record; moments start afresh at the
 first version of each phase, and the phase is a function of ``state.step`` alone, so a state replaced
 from outside (FedAsync, a resumed checkpoint) keeps it.
+
+Every rule is elementwise, so the driver applies a round's mean block by block (``ServerOptimizer.step_mean``,
+``update_norm``): the same bits as the whole-vector rule, and no model-sized pseudo-gradient or temporary (LEAF's
+CNN: 26 MB each, ``benchmarks/README.md``, "The driver's temporaries").
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
-from simulator.algorithms.record import Algorithm, ServerPhase, phase_at
+from simulator.algorithms.record import Algorithm, ServerPhase, phase_at, pseudo_gradient
 from simulator.algorithms.registry import resolve
 from simulator.config.schema import AlgorithmConfig
 
@@ -90,6 +97,48 @@ def fedopt_step(state: ServerState, g: torch.Tensor, rule: str, lr: float, beta1
     return ServerState(state.theta - lr * m / (v.sqrt() + tau), state.step + 1, None, m, v)
 
 
+#: values per block of ``ServerOptimizer.step_mean`` and ``update_norm``: 1 MiB of float32 per temporary
+STEP_BLOCK = 2**18
+
+Rule = Callable[[ServerState, torch.Tensor], ServerState]
+
+
+def blockwise(rule: Rule, state: ServerState, g_of: Callable[[slice], torch.Tensor], size: int,
+              block: int = STEP_BLOCK) -> ServerState:
+    """``rule(state, g)`` for an elementwise ``rule``, computed on ``block`` values at a time, g's block made by
+    ``g_of``: each element goes through the same operations as in the whole-vector call, so the new state has the
+    same bits, and the temporaries are a block's. The new tensors are allocated once, from the first block's."""
+    out: dict[str, torch.Tensor | None] = {}
+    moments = [f.name for f in fields(ServerState) if f.name != "step"]
+    step = state.step + 1
+    for b in range(0, size, block):
+        sl = slice(b, min(b + block, size))
+        part = rule(ServerState(state.theta[sl], state.step,
+                                *(None if getattr(state, m) is None else getattr(state, m)[sl] for m in moments[1:])),
+                    g_of(sl))
+        if not out:
+            step = part.step
+            out = {m: None if getattr(part, m) is None else torch.empty(size, dtype=getattr(part, m).dtype)
+                   for m in moments}
+        for m in moments:
+            if (t := out[m]) is not None:
+                t[sl] = getattr(part, m)
+    return ServerState(out["theta"], step, out["momentum"], out["exp_avg"], out["exp_avg_sq"])
+
+
+def update_norm(new: torch.Tensor, old: torch.Tensor, block: int = STEP_BLOCK) -> float:
+    """||new - old||_2 of a server step, from the float64 sums of squares of ``block`` differences at a time (each
+    difference the float32 one): no model-sized difference. Within float32's rounding of the one-shot
+    ``torch.linalg.vector_norm(new - old)``, not necessarily its bits. The sums are numpy's pairwise ones, whose
+    order does not depend on the process's thread count (torch's and BLAS's reductions split by threads, and the
+    driver's threads differ between backends: a run must give the same bits on all)."""
+    total = 0.0
+    for b in range(0, new.numel(), block):
+        d = (new[b:b + block] - old[b:b + block]).numpy().astype(np.float64)
+        total += float(np.sum(np.square(d)))
+    return math.sqrt(total)
+
+
 def initial_vector(cfg: AlgorithmConfig, model_vector: torch.Tensor,
                    algorithm: Algorithm | None = None) -> torch.Tensor:
     """The server's initial vector: the model's flat parameters (plus, for algorithms that meta-learn more
@@ -106,10 +155,13 @@ class ServerOptimizer:
     ``ServerState``; ``state.step`` is the model version. ``algorithm`` defaults to the record ``cfg``
     names (``registry.resolve``)."""
 
-    def __init__(self, theta: torch.Tensor, cfg: AlgorithmConfig, algorithm: Algorithm | None = None) -> None:
+    def __init__(self, theta: torch.Tensor, cfg: AlgorithmConfig, algorithm: Algorithm | None = None,
+                 copy: bool = True) -> None:
+        """``copy`` False: the state starts from ``theta`` itself, which the caller must then leave unchanged (a run
+        does: its ``Prepared`` vector is only read, and no server vector is ever changed in place), saving a copy."""
         self.cfg = cfg
         self.algo = algorithm or resolve(cfg)
-        self.state = ServerState(theta.detach().clone())
+        self.state = ServerState(theta.detach().clone() if copy else theta.detach())
         self._phase: tuple[int, ServerPhase] | None = None  # (model version, its phase): asked once per client
 
     @property
@@ -132,18 +184,31 @@ class ServerOptimizer:
     def step(self, g: torch.Tensor) -> torch.Tensor:
         """Apply pseudo-gradient ``g``; returns the new parameters: the state's own tensor, not a copy (nothing
         changes a server vector in place: every step makes a new one), so a model-sized copy is saved a round."""
-        g = g.to(self.state.theta.dtype)
+        return self._apply(lambda local, rule: rule(local, g.to(local.theta.dtype)))
+
+    def step_mean(self, mean: torch.Tensor, block: int = STEP_BLOCK) -> torch.Tensor:
+        """``step(record.pseudo_gradient(algorithm, mean))`` for a round's mean client vector, computed ``block``
+        values at a time (``blockwise``): the same bits, without a model-sized pseudo-gradient or temporaries.
+        ``mean`` is only read (it may be a read-only view of Ray's object store)."""
+        dtype = self.state.theta.dtype
+        return self._apply(lambda local, rule: blockwise(
+            rule, local, lambda sl: pseudo_gradient(self.algo, mean[sl]).to(dtype), mean.numel(), block))
+
+    def _apply(self, run: Callable[[ServerState, Rule], ServerState]) -> torch.Tensor:
+        """The current phase's rule applied by ``run`` to the state, its moments fresh at a phase's first step."""
         st, ph = self.state, self.phase
         fresh = st.step == ph.start  # the first step of a phase: its optimizer's moments start afresh
         local = ServerState(st.theta, st.step - ph.start, None if fresh else st.momentum,
                             None if fresh else st.exp_avg, None if fresh else st.exp_avg_sq)
         if ph.optimizer == "adam":
-            new = adam_step(local, g, ph.lr)
+            rule: Rule = lambda s, g: adam_step(s, g, ph.lr)  # noqa: E731
         elif ph.optimizer in FEDOPT:
             c = self.cfg
-            new = fedopt_step(local, g, ph.optimizer, ph.lr, c.server_beta1, c.server_beta2, c.server_tau)
+            rule = lambda s, g: fedopt_step(s, g, ph.optimizer, ph.lr, c.server_beta1, c.server_beta2,  # noqa: E731
+                                            c.server_tau)
         else:
-            new = sgd_step(local, g, ph.lr, ph.momentum)
+            rule = lambda s, g: sgd_step(s, g, ph.lr, ph.momentum)  # noqa: E731
+        new = run(local, rule)
         self.state = ServerState(new.theta, st.step + 1, new.momentum, new.exp_avg, new.exp_avg_sq)
         return self.state.theta
 

@@ -40,7 +40,7 @@ import torch
 from simulator.algorithms.aggregation import fedasync_mix, fedbuff_coefficients, staleness_weight
 from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
 from simulator.algorithms.record import pseudo_gradient
-from simulator.algorithms.server import ServerState
+from simulator.algorithms.server import ServerState, update_norm
 from simulator.contract import Reduction, Release, Selection
 from simulator.rounds.context import RunContext, readonly_tensor
 from simulator.rounds.retry import with_retries
@@ -80,7 +80,7 @@ class AsyncServer:
         self.ctx, cfg = ctx, ctx.cfg
         self.cfg, self.acfg = cfg, cfg.async_
         self.concurrency = cfg.system.max_concurrency or cfg.clients.per_round
-        self.theta, self.version, self.now, self.updates = ctx.opt.params, 0, 0.0, 0
+        self.theta, self.version, self.now, self.updates = ctx.opt.state.theta, 0, 0.0, 0  # never changed in place
         # the model of every version some in-flight client started from: FedAsync mixes against it,
         # and a lost or resumed client's work is re-run from it
         self.bases: dict[int, torch.Tensor] = {0: self.theta}
@@ -198,7 +198,7 @@ class AsyncServer:
                                 self.cfg.system.max_failures, self._train_buffer_again, ctx.errors_log)
             if dp.on:  # the adaptive clip and the ledger, from the norms the workers computed
                 dp.record(np.array([f.result["clip_norm"] for f in flights]), ids, self.updates, self.acfg.buffer_size)
-            self.theta = ctx.opt.step(pseudo_gradient(algo, readonly_tensor(mean)))
+            self.theta = ctx.opt.step_mean(readonly_tensor(mean))
             del mean
         else:
             (f,) = flights
@@ -207,7 +207,7 @@ class AsyncServer:
             g = pseudo_gradient(algo, vec)
             client_theta = self.bases[f.version] - self.cfg.algorithm.server_lr * g
             self.theta = fedasync_mix(old, client_theta, self.acfg.mixing, float(s[0]))
-            ctx.opt.state = ServerState(self.theta.clone(), ctx.opt.state.step + 1)
+            ctx.opt.state = ServerState(self.theta, ctx.opt.state.step + 1)  # a new tensor, never changed in place
         tau = np.array([self.version - f.version for f in flights], np.float64)
         for (f, w), ci in zip(self.buffer, c.tolist(), strict=True):
             self._record(f, "", weight=ci, staleness_w=w)
@@ -220,7 +220,7 @@ class AsyncServer:
         row = round_row(self.updates, self.version, self.now, self.window_start, self.dispatched, self.reasons, tau,
                         self.bytes_up, self.bytes_down, np.array([f.result["loss_after"] for f in flights]),
                         np.array([f.result["loss_before"] for f in flights]),
-                        float(torch.linalg.vector_norm(self.theta - old)))
+                        update_norm(self.theta, old))
         self._write_clients()
         self.buffer = []
         ctx.record_round(row, self.theta)
@@ -251,7 +251,7 @@ class AsyncServer:
         sel = Selection(np.array([where[id(f.result["kept"])] for f in flights], np.int64),
                         np.array([f.result["row"] for f in flights], np.int64), red,
                         np.array([f.key for f in flights], np.int64))
-        return self.ctx.backend.release_rows(blocks, sel, release, self.ctx.opt.params.numel())
+        return self.ctx.backend.release_rows(blocks, sel, release, self.theta.numel())
 
     def _train_buffer_again(self) -> None:
         """The buffer's kept rows were lost (a node died): its clients train again from their start models, with

@@ -102,9 +102,9 @@ class RunContext:
         self.errors_log = run_dir / ERRORS_LOG
         self.algo = resolve(cfg.algorithm)
         prepared = prepared or prepare(cfg)
-        self.opt = ServerOptimizer(prepared.theta0, cfg.algorithm, self.algo)
+        self.opt = ServerOptimizer(prepared.theta0, cfg.algorithm, self.algo, copy=False)  # theta0 is only read
         self.dataset, self.devices = prepared.dataset, prepared.devices
-        p = self.opt.params
+        p = self.opt.state.theta
         self.model_bytes = p.numel() * p.element_size()
         self.update_bytes = encoded_bytes(cfg.compression, p.numel())  # 4 B a value uncompressed, as the model
         self.eval_ids = select_eval_clients(cfg.seed, cfg.data.num_clients, cfg.data.eval_clients, cfg.eval.clients)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid, weight_total
-from simulator.algorithms.record import pseudo_gradient
+from simulator.algorithms.server import update_norm as server_update_norm
 from simulator.contract import Reduction, Release, TrainResult
 from simulator.rounds.context import RunContext, readonly_tensor
 from simulator.rounds.rows import client_rows, nan_columns, ordered, round_row, take_profiles
@@ -130,9 +130,9 @@ def sync_rounds(ctx: RunContext) -> None:
             if released is not None:
                 if dp.on:
                     dp.record(col("clip_norm")[ok], kept, r, cfg.clients.per_round)
-                new_theta = ctx.opt.step(pseudo_gradient(ctx.algo, readonly_tensor(released)))
+                new_theta = ctx.opt.step_mean(readonly_tensor(released))  # block by block: no model-sized temporary
                 del released  # the mean: not held through the bookkeeping and the next round's sum
-                update_norm = float(torch.linalg.vector_norm(new_theta - theta))
+                update_norm = server_update_norm(new_theta, theta)
                 theta, version = new_theta, version + 1
                 losses, losses_before = after[ok], col("loss_before")[ok]
         if nxt is not None and nxt.plan.kept.any() and dp.allows():  # round r + 1 trains during r's bookkeeping

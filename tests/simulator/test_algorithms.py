@@ -17,7 +17,7 @@ from simulator.algorithms.fedavg import local_sgd_update
 from simulator.algorithms.maml import maml_update
 from simulator.algorithms.record import client_weight, pseudo_gradient
 from simulator.algorithms.registry import ALGORITHMS
-from simulator.algorithms.server import ServerOptimizer
+from simulator.algorithms.server import ServerOptimizer, update_norm
 from simulator.algorithms.steps import batch_plan, full_loss, loss_function, take
 from simulator.config.schema import AlgorithmConfig
 from simulator.data.base import ClientShard, Split
@@ -307,3 +307,49 @@ def test_server_adam_constant_gradient_moves_lr_per_step():
     out = opt.step(g)
     torch.testing.assert_close(out, th0 - 2 * lr * g / (g.abs() + 1e-8), rtol=1e-12, atol=1e-15)
     assert opt.state.step == 2
+
+
+@pytest.mark.parametrize(("optimizer", "momentum"), [("sgd", 0.0), ("sgd", 0.9), ("adam", 0.0), ("fedadagrad", 0.0),
+                                                     ("fedadam", 0.0), ("fedyogi", 0.0)])
+@pytest.mark.parametrize("name", ["fedavg", "maml", "pfedavg"])  # -mean; the mean itself; a change of rule mid-run
+def test_a_mean_applied_block_by_block_gives_the_whole_vector_steps_bits(optimizer, momentum, name):
+    """``step_mean`` (the driver's, on blocks of the vector) against ``step`` of the whole pseudo-gradient, in the
+    runs' float32: every rule is elementwise, so new parameters and moments are equal bit for bit."""
+    n, gen = 1003, torch.Generator().manual_seed(3)  # 15 blocks of 64 and a tail of 43
+    extra = {"switch_round": 2} if name == "pfedavg" else {}
+    c = cfg(name, server_lr=0.5, server_optimizer=optimizer, server_momentum=momentum, **extra)
+    th = torch.randn(n, generator=gen)
+    whole, blocks = ServerOptimizer(th, c), ServerOptimizer(th, c)
+    for _ in range(4):
+        mean = torch.randn(n, generator=gen)
+        want, got = whole.step(pseudo_gradient(whole.algo, mean)), blocks.step_mean(mean, block=64)
+        assert got.dtype == torch.float32 and torch.equal(got, want)
+        for moment in ("momentum", "exp_avg", "exp_avg_sq"):
+            a, b = getattr(whole.state, moment), getattr(blocks.state, moment)
+            assert (a is None and b is None) or torch.equal(a, b), moment
+        assert blocks.state.step == whole.state.step
+
+
+def test_the_update_norm_is_the_float64_norm_of_the_float32_difference():
+    gen = torch.Generator().manual_seed(4)
+    new, old = torch.randn(1003, generator=gen), torch.randn(1003, generator=gen)
+    exact = float(torch.linalg.vector_norm((new - old).double()))
+    # only the order of the float64 sum of 1,003 squares differs: n * 2^-53 relative at most
+    assert update_norm(new, old, block=64) == pytest.approx(exact, rel=1003 * 2.0**-53, abs=0)
+    assert update_norm(old, old) == 0.0
+
+
+def test_the_update_norm_does_not_depend_on_the_thread_count():
+    """The inline driver runs with the worker's thread count, a Ray driver with torch's default: the norm must not
+    change with it (a BLAS dot product of this size does, in its last bits)."""
+    gen = torch.Generator().manual_seed(5)
+    new, old = torch.randn(3 * 2**18 + 7, generator=gen), torch.randn(3 * 2**18 + 7, generator=gen)
+    threads = torch.get_num_threads()
+    try:
+        norms = set()
+        for n in (1, 2, 4):
+            torch.set_num_threads(n)
+            norms.add(update_norm(new, old))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(norms) == 1
