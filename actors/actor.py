@@ -45,7 +45,8 @@ class ClientActor:
                 self.die_on_release = mine
             else:
                 self.die_on_call = mine
-        gc.freeze()  # the worker is built: for the actor's life, as ``frozen_heap`` does for a run's driver
+        gc.collect()  # the worker is built: what survives is frozen for the actor's life (``frozen_heap``)
+        gc.freeze()
 
     def describe(self) -> dict[str, object]:
         return {**self.worker.describe(), "node": ray.get_runtime_context().get_node_id()}

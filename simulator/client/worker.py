@@ -93,18 +93,29 @@ def return_large_frees() -> bool:
 
 
 @contextlib.contextmanager
-def frozen_heap() -> Iterator[int]:
-    """Python's cyclic collector leaves every object alive on entry alone (``gc.freeze``) until exit (``gc.unfreeze``):
-    yields how many were frozen. A driver or worker process holds a few hundred thousand long-lived objects (torch's,
-    Ray's, pandas's modules and what they built), and each full collection walks all of them: 0.17-0.23 s a pass,
-    two in 200 anchor rounds, a tenth of the run (``benchmarks/README.md``, "Python's collector"). New objects are
-    collected as before; an object frozen here and later left in a reference cycle waits for exit to be collected
-    (a refcount reaching zero frees it at once either way)."""
-    gc.freeze()
+def frozen_heap() -> Iterator[None]:
+    """From the first full collection inside the block on, Python's cyclic collector leaves the objects that survived
+    it alone (``gc.freeze`` right after it), until exit (``gc.unfreeze``). A driver or worker process holds a few
+    hundred thousand long-lived objects (torch's, Ray's, pandas's modules and what they built), and each full
+    collection walks all of them: 0.17-0.23 s a pass, two in 200 anchor rounds (``benchmarks/README.md``, "Python's
+    collector"). Freezing after a full collection, not at entry, freezes no garbage: a reference cycle left before the
+    block (holding an object reference, a file, GPU memory) is still collected, by that collection; a short block
+    that sees no full collection changes nothing. New objects are collected as before."""
+    frozen = False
+
+    def after(phase: str, info: dict[str, int]) -> None:
+        nonlocal frozen
+        if phase == "stop" and info["generation"] == 2 and not frozen:
+            gc.freeze()
+            frozen = True
+
+    gc.callbacks.append(after)
     try:
-        yield gc.get_freeze_count()
+        yield
     finally:
-        gc.unfreeze()
+        gc.callbacks.remove(after)
+        if frozen:
+            gc.unfreeze()
 
 
 def pick_device() -> torch.device:

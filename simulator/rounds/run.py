@@ -62,7 +62,7 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepar
                 write_label_histogram(run_dir, hist)
             if (keys := getattr(ctx.dataset, "client_keys", None)) is not None:  # file datasets: the user's ids
                 write_client_ids(run_dir, *keys())
-            with frozen_heap():  # the context is built: its objects and the modules' are left out of collections
+            with frozen_heap():  # from its first full collection on, what survived it is left out of collections
                 if cfg.system.mode == "async":
                     try:
                         async_rounds(ctx)

@@ -125,19 +125,27 @@ class Cycle:
         self.me = self
 
 
-def test_a_run_keeps_the_heap_it_found_out_of_collections_and_gives_it_back(tmp_path):
-    """``frozen_heap``: while the rounds run, the objects alive before them are frozen (``gc.freeze``); cycles
-    made during the rounds are still collected, and the run unfreezes everything when it ends."""
+def test_a_run_freezes_what_survives_its_first_full_collection_and_gives_it_back(tmp_path):
+    """``frozen_heap``: garbage left before the run is still collected (by the rounds' first full collection, here
+    the one round 0 asks for), what survives it is frozen (``gc.freeze``) for the rest of the rounds, cycles made
+    later are collected, and the run unfreezes everything when it ends."""
+    before = weakref.ref(Cycle())  # garbage from before the run, for the collector only
+    gc.freeze()
+    gc.unfreeze()  # now in the oldest generation: only a full collection frees it
     frozen, collected = [], []
 
     def on_round(row: dict) -> None:
+        if row["round"] == 0:
+            gc.collect()
+            collected.append(before() is None)
         frozen.append(gc.get_freeze_count())
         made = weakref.ref(Cycle())
-        gc.collect()
+        gc.collect(1)  # a young collection: the frozen objects are not walked, the new cycle is freed
         collected.append(made() is None)
 
     cfg = load_config(None, small_overrides(**{"system.backend": "inline"}))
     with InlineBackend(WorkerSpec.from_config(cfg), cfg.system) as backend:
         assert run(cfg, backend, tmp_path / "run", on_round=on_round)["status"] == "completed"
     assert len(frozen) == cfg.rounds and min(frozen) > 0 and all(collected)
-    assert gc.get_freeze_count() == 0
+    assert gc.get_freeze_count() == 0 and not any(getattr(c, "__qualname__", "").startswith("frozen_heap")
+                                                  for c in gc.callbacks)

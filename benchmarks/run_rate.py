@@ -1,0 +1,42 @@
+"""One anchor run in this process, inline: its steady and whole-run client updates/s, and its wall time.
+
+The anchor workload of ``benchmarks.scale`` (``overrides("inline", per_round, rounds, population=10000, mode)``),
+run once by ``simulator.rounds.run.run`` on the in-process backend. ``steady_updates_per_s`` is a median round, so a
+pause every hundred rounds (a full collection of Python's collector, say) hardly moves it; ``updates_per_s`` is over
+the whole run and shows it. Used for the sixth pass of issue 17 in ``benchmarks/README.md``, alternated between
+trees with ``PYTHONPATH``:
+
+    python -m benchmarks.run_rate --mode fedbuff --rounds 200
+    python -m benchmarks.run_rate --mode sync --rounds 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from actors.backends import make_backend
+from benchmarks.scale import overrides
+from simulator.experiment import load_config
+from simulator.rounds.run import run
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=("sync", "fedbuff"), default="sync")
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--per-round", type=int, default=100, help="clients per round (FedBuff: in flight, buffered)")
+    args = parser.parse_args()
+    cfg = load_config(None, list(overrides("inline", args.per_round, args.rounds, population=10000, mode=args.mode)))
+    with make_backend(cfg) as backend, tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        summary = run(cfg, backend, Path(tmp) / "run")
+        wall = time.perf_counter() - start
+    print(f"{args.mode}: steady {summary['steady_updates_per_s']:,.0f} updates/s, whole run "
+          f"{summary['updates_per_s']:,.0f} updates/s, wall {wall:.2f} s")
+
+
+if __name__ == "__main__":
+    main()
