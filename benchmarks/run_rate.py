@@ -13,12 +13,14 @@ trees with ``PYTHONPATH``:
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 from actors.backends import make_backend
 from benchmarks.scale import overrides
+from simulator.config.schema import ConfigError
 from simulator.experiment import load_config
 from simulator.rounds.run import run
 
@@ -29,7 +31,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--per-round", type=int, default=100, help="clients per round (FedBuff: in flight, buffered)")
     args = parser.parse_args()
-    cfg = load_config(None, list(overrides("inline", args.per_round, args.rounds, population=10000, mode=args.mode)))
+    try:
+        cfg = load_config(None, list(overrides("inline", args.per_round, args.rounds, population=10000,
+                                               mode=args.mode)))
+    except ConfigError as exc:  # --rounds 0, --per-round -5: one line, exit 2
+        print(f"run_rate: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     with make_backend(cfg) as backend, tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         summary = run(cfg, backend, Path(tmp) / "run")

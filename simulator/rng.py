@@ -121,15 +121,14 @@ def generators(seed: int, purpose: str, round_idx: int | Sequence[int], client_i
     ``BULK_MIN`` keys (the asynchronous server seeds one client per completion), take ``generator`` itself."""
     n = len(client_ids)
     rounds = [round_idx] * n if isinstance(round_idx, int | np.integer) else list(round_idx)
-    if n < BULK_MIN:
-        return [generator(seed, purpose, int(r), int(c)) for r, c in zip(rounds, client_ids, strict=True)]
-    keys = np.empty((n, _POOL), np.int64)
-    keys[:, 0], keys[:, 1], keys[:, 2], keys[:, 3] = seed, PURPOSES[purpose], rounds, client_ids
-    if not _FAST or keys.min() < 0 or keys.max() > _MASK:
-        return [generator(seed, purpose, int(r), int(c)) for r, c in zip(rounds, client_ids, strict=True)]
-    words = _states(_pools(keys.astype(np.uint32)))
-    return [np.random.Generator(np.random.PCG64(_Hashed([seed, PURPOSES[purpose], int(r), int(c)], w)))
-            for r, c, w in zip(rounds, client_ids, words, strict=True)]
+    if n >= BULK_MIN and _FAST:
+        keys = np.empty((n, _POOL), np.int64)
+        keys[:, 0], keys[:, 1], keys[:, 2], keys[:, 3] = seed, PURPOSES[purpose], rounds, client_ids
+        if keys.min() >= 0 and keys.max() <= _MASK:
+            words = _states(_pools(keys.astype(np.uint32)))
+            return [np.random.Generator(np.random.PCG64(_Hashed([seed, PURPOSES[purpose], int(r), int(c)], w)))
+                    for r, c, w in zip(rounds, client_ids, words, strict=True)]
+    return [generator(seed, purpose, int(r), int(c)) for r, c in zip(rounds, client_ids, strict=True)]
 
 
 def _self_check() -> bool:

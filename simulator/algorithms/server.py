@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -101,6 +101,8 @@ def fedopt_step(state: ServerState, g: torch.Tensor, rule: str, lr: float, beta1
 STEP_BLOCK = 2**18
 
 Rule = Callable[[ServerState, torch.Tensor], ServerState]
+#: the model-sized fields of a ``ServerState``
+VECTORS = ("theta", "momentum", "exp_avg", "exp_avg_sq")
 
 
 def blockwise(rule: Rule, state: ServerState, g_of: Callable[[slice], torch.Tensor], size: int,
@@ -109,21 +111,18 @@ def blockwise(rule: Rule, state: ServerState, g_of: Callable[[slice], torch.Tens
     ``g_of``: each element goes through the same operations as in the whole-vector call, so the new state has the
     same bits, and the temporaries are a block's. The new tensors are allocated once, from the first block's."""
     out: dict[str, torch.Tensor | None] = {}
-    moments = [f.name for f in fields(ServerState) if f.name != "step"]
     step = state.step + 1
     for b in range(0, size, block):
         sl = slice(b, min(b + block, size))
-        part = rule(ServerState(state.theta[sl], state.step,
-                                *(None if getattr(state, m) is None else getattr(state, m)[sl] for m in moments[1:])),
-                    g_of(sl))
+        part = rule(ServerState(step=state.step, **{v: None if (t := getattr(state, v)) is None else t[sl]
+                                                    for v in VECTORS}), g_of(sl))
         if not out:
             step = part.step
-            out = {m: None if getattr(part, m) is None else torch.empty(size, dtype=getattr(part, m).dtype)
-                   for m in moments}
-        for m in moments:
-            if (t := out[m]) is not None:
-                t[sl] = getattr(part, m)
-    return ServerState(out["theta"], step, out["momentum"], out["exp_avg"], out["exp_avg_sq"])
+            out = {v: None if (t := getattr(part, v)) is None else torch.empty(size, dtype=t.dtype) for v in VECTORS}
+        for v, whole in out.items():
+            if whole is not None:
+                whole[sl] = getattr(part, v)
+    return ServerState(step=step, **out)
 
 
 def update_norm(new: torch.Tensor, old: torch.Tensor, block: int = STEP_BLOCK) -> float:
