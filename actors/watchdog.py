@@ -81,6 +81,11 @@ class Watchdog:
         state = self._actors.get(key)
         return [r for r, _ in state.calls] if state else []
 
+    def load(self, actor: Any) -> int:
+        """Clients in the actor's calls not yet seen done."""
+        state = self._actors.get(id(actor))
+        return sum(clients for _, clients in state.calls) if state else 0
+
     def outstanding(self, ref: Any) -> list[Any]:
         """The calls of ``ref``'s actor up to and including ``ref``, in order (ref alone if unknown)."""
         state = self._actors.get(self._owner.get(ref, -1))

@@ -73,9 +73,9 @@ def _role(pid: int, me: int, cmd: str) -> str:
     return next((name for name in ("raylet", "gcs_server") if name in cmd), "other Ray")
 
 
-def measure(system: str, rounds: int, population: int, per_round: int) -> dict[str, float]:
+def measure(system: str, rounds: int, population: int, per_round: int, mode: str = "sync") -> dict[str, float]:
     def config(r: int):  # the anchor workload on this execution, as benchmarks.scale runs it
-        return load_config(None, list(overrides(system, per_round, r, population=population)))
+        return load_config(None, list(overrides(system, per_round, r, population=population, mode=mode)))
 
     with make_backend(config(rounds)) as pool, tempfile.TemporaryDirectory() as tmp:
         run(config(2), pool, Path(tmp) / "warm-up")
@@ -98,6 +98,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=2, help="the systems alternate within each repeat")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=["inline", "ray-2"])
+    parser.add_argument("--mode", choices=["sync", "fedbuff"], default="sync",
+                        help="fedbuff: --per-round clients in flight and a buffer of as many (benchmarks.scale)")
     args = parser.parse_args()
     for flag in ("per_round", "population", "rounds", "repeats"):
         if getattr(args, flag) < 1:
@@ -108,11 +110,11 @@ def main() -> None:
     rows = []
     for i in range(args.repeats):
         for system in args.systems:
-            ms = measure(system, args.rounds, args.population, args.per_round)
+            ms = measure(system, args.rounds, args.population, args.per_round, args.mode)
             rows.append([system, str(i), *(f"{ms.get(r, 0.0):.1f}" for r in roles), f"{ms['sum']:.1f}",
                          f"{ms['wall']:.1f}", f"{ms['sum'] / ms['wall']:.2f}", f"{ms['updates/s']:,.0f}"])
             print(f"  done {system} repeat {i}", flush=True)
-    print(f"{args.per_round} clients per round, {args.population:,} registered, {args.rounds} rounds; "
+    print(f"{args.mode}: {args.per_round} clients per round, {args.population:,} registered, {args.rounds} rounds; "
           f"CPU ms per round ({os.cpu_count()} cores)")
     print(markdown(rows, ["system", "repeat", *roles, "sum", "wall ms", "cores busy", "steady updates/s"]))
 

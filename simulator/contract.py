@@ -191,7 +191,8 @@ class Backend(abc.ABC):
         """Dispatch training as one call per chunk; the chunks run while the caller goes on. Each result carries
         the worker's per-client scalars (``client.reduce.summarize``) and, with ``keep``, a handle to its vectors
         instead of the vectors (kept in the object store by a backend that combines in its workers, see
-        ``system.combine``; else held here), for ``release_rows``."""
+        ``system.combine``; else held here), for ``release_rows``. A submitted ``theta`` is never changed
+        afterwards, so the same array object submitted again is the same model (a backend may reuse what it sent)."""
 
     @abc.abstractmethod
     def result(self, pending: Any) -> TrainResult:

@@ -190,5 +190,16 @@ class StackedMLPSGD:
                 out = self.forward(params, xs[s], saved)
             params = self.step(params, saved, out, ts[s], lr, scale, fresh=s == 0)
         after = self.pointwise(self.forward(params, x), y)
-        flat = [(params[n].transpose(1, 2) if n == self.transposed else params[n]).reshape(k, -1) for n in self.shapes]
-        return torch.cat(flat, dim=1).sub_(theta), before, after
+        return self.deltas(params, theta, k), before, after
+
+    def deltas(self, params: Params, theta: torch.Tensor, k: int) -> torch.Tensor:
+        """k x P rows w_final - theta in ``named_parameters`` order, each parameter's columns written by one
+        subtraction (the transposed first weight read back in its own layout): no concatenated copy first."""
+        out = torch.empty((k, theta.numel()), dtype=theta.dtype, device=theta.device)
+        start = 0
+        for name, shape in self.shapes.items():
+            size = shape.numel()
+            p = params[name].transpose(1, 2) if name == self.transposed else params[name]
+            torch.sub(p, theta[start:start + size].view(shape), out=out[:, start:start + size].view(k, *shape))
+            start += size
+        return out

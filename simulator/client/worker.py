@@ -35,7 +35,7 @@ from simulator.client.evaluation import evaluate_client
 from simulator.client.reduce import reduce_result, summarize
 from simulator.compression import roundtrip
 from simulator.contract import EvalResult, Reduction, TrainResult, WorkerSpec
-from simulator.data.base import ClientShard
+from simulator.data.base import ClientShard, build_shards
 from simulator.data.registry import make_dataset
 from simulator.models import build_model
 from simulator.params import num_parameters
@@ -53,17 +53,25 @@ CPU_CHUNK = 256
 BLOCK_BYTES = 512 * 2**20
 
 
-def _nbytes(shard: ClientShard) -> int:
-    """A cached shard's memory: its support and query tensors, twice (a training client also keeps
-    ``shard.all``, the two concatenated)."""
-    return 2 * sum(t.element_size() * t.nelement() for split in (shard.support, shard.query)
-                   for t in (split.x, split.y))
-
-
 def configure_threads(threads: int) -> None:
     """Fix torch's intra-op thread count (identically in every backend: results depend on it)."""
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def fixed_threads(threads: int) -> Iterator[None]:
+    """torch's intra-op thread count fixed at ``threads`` inside the block, and restored after it. ``run`` holds the
+    driver's own torch work (the server step, a FedBuff buffer's exact sum, a release) at the workers' count whatever
+    the backend: at torch's default, a thread per core, the driver's parallel regions wait for cores the actors are
+    using (a FedBuff buffer's exact sum on the driver took 3.6x as long next to two busy actors on two cores,
+    ``benchmarks/README.md``, "Seventh pass"). Results do not depend on it: those sums are exact or elementwise."""
+    before = torch.get_num_threads()
+    configure_threads(threads)
+    try:
+        yield
+    finally:
+        configure_threads(before)
 
 
 #: allocations from this size up are mapped on their own and returned to the OS when freed (glibc ``mallopt``)
@@ -153,20 +161,32 @@ class ClientWorker:
         return {"worker_id": self.worker_id, "device": str(self.device), "device_name": name,
                 "threads": torch.get_num_threads(), "pid": os.getpid(), "host": socket.gethostname()}
 
-    def shard(self, client_id: int) -> ClientShard:
-        """A client's shard, from the LRU cache (at most ``shard_cache`` shards and ``shard_cache_mb`` MiB)
-        or built from the dataset spec. A round's clients beyond the cache are rebuilt every round."""
+    def shard(self, client_id: int, built: dict[int, ClientShard] | None = None) -> ClientShard:
+        """A client's shard, from the LRU cache (at most ``shard_cache`` shards and ``shard_cache_mb`` MiB),
+        else from ``built`` (made ahead by ``shards``), else built from the dataset spec. A round's clients beyond
+        the cache are rebuilt every round."""
         shard = self._shards.get(client_id)
         if shard is None:
-            shard = self.dataset.shard(client_id).to(self.device)
+            shard = built.get(client_id) if built else None
+            if shard is None:
+                shard = self.dataset.shard(client_id)
+            shard = shard.to(self.device)
             self._shards[client_id] = shard
-            self._shard_bytes += _nbytes(shard)
+            self._shard_bytes += shard.nbytes()
             budget = self.spec.shard_cache_mb * 2**20
             while len(self._shards) > 1 and (len(self._shards) > self.spec.shard_cache or self._shard_bytes > budget):
-                self._shard_bytes -= _nbytes(self._shards.popitem(last=False)[1])
+                self._shard_bytes -= self._shards.popitem(last=False)[1].nbytes()
         else:
             self._shards.move_to_end(client_id)
         return shard
+
+    def shards(self, client_ids: Sequence[int]) -> list[ClientShard]:
+        """``[shard(c) ...]`` with the cache's misses built together first (``data.base.build_shards``): the cache
+        ends as ``shard`` one by one leaves it, and holds no more meanwhile than the returned list does."""
+        ids = [int(c) for c in client_ids]
+        missing = list(dict.fromkeys(c for c in ids if c not in self._shards))
+        built = dict(zip(missing, build_shards(self.dataset, missing), strict=True)) if len(missing) > 1 else None
+        return [self.shard(c, built) for c in ids]
 
     def prefetch(self, client_ids: Sequence[int]) -> int:
         """Build (and cache) these clients' shards ahead of their call, while this worker would otherwise wait;
@@ -180,7 +200,7 @@ class ClientWorker:
             shard = self.shard(int(cid))
             _ = shard.all  # the concatenated local data a training client steps on
             if fresh:
-                built, nbytes = built + 1, nbytes + _nbytes(shard)
+                built, nbytes = built + 1, nbytes + shard.nbytes()
         return built
 
     def _theta(self, theta: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -222,7 +242,7 @@ class ClientWorker:
         params = self._theta(theta)
         per_client = [keys] * len(client_ids) if isinstance(keys, int | np.integer) else list(keys)
         ids = np.asarray(client_ids, dtype=np.int64)
-        shards = [self.shard(int(c)) for c in client_ids]
+        shards = self.shards(client_ids)
         rngs = generators(self.spec.seed, "batches", per_client, [int(c) for c in client_ids])
         vectorized = self.vectorized is not None and shards
         step = (CPU_CHUNK if self.device.type == "cpu" else max(1, len(shards))) if vectorized else 1

@@ -11,6 +11,7 @@ data of MAML) and a ``query`` split (its test data; the meta-objective and evalu
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Protocol
@@ -39,6 +40,14 @@ class ClientShard:
     support: Split
     query: Split
 
+    @classmethod
+    def from_rows(cls, client_id: int, x: torch.Tensor, y: torch.Tensor, k: int) -> ClientShard:
+        """Rows ``0..k-1`` of (x, y) the support, the rest the query: both are views, and (x, y) itself is
+        ``all`` (no concatenated copy is ever made; the same values as one)."""
+        shard = cls(client_id, Split(x[:k], y[:k]), Split(x[k:], y[k:]))
+        shard.__dict__["all"] = Split(x, y)  # what the cached property would hold, without its copy
+        return shard
+
     @property
     def num_samples(self) -> int:
         return len(self.support) + len(self.query)
@@ -48,7 +57,25 @@ class ClientShard:
         """Support and query together: a training client's whole local dataset (built once per shard)."""
         return Split(torch.cat([self.support.x, self.query.x]), torch.cat([self.support.y, self.query.y]))
 
+    def shares_rows(self) -> bool:
+        """Whether ``all`` is (or will be) the support's and query's own storage rather than a copy of them."""
+        whole = self.__dict__.get("all")
+        return whole is not None and whole.x.untyped_storage().data_ptr() == self.support.x.untyped_storage().data_ptr()
+
+    def nbytes(self) -> int:
+        """The memory the shard holds once ``all`` is built: support and query, and ``all`` when it is a copy."""
+        own = sum(t.element_size() * t.nelement() for split in (self.support, self.query) for t in (split.x, split.y))
+        return own if self.shares_rows() else 2 * own
+
     def to(self, device: torch.device) -> ClientShard:
+        """The shard on ``device``: itself when it is there already (its ``all`` kept), else a moved copy (one
+        transfer of ``all`` when the splits are views of it)."""
+        tensors = (self.support.x, self.support.y, self.query.x, self.query.y)
+        if all(t.device == device for t in tensors):
+            return self
+        if self.shares_rows():
+            whole = self.all.to(device)
+            return ClientShard.from_rows(self.client_id, whole.x, whole.y, len(self.support))
         return ClientShard(self.client_id, self.support.to(device), self.query.to(device))
 
 
@@ -73,6 +100,13 @@ class FederatedDataset(Protocol):
         """Per-client label counts (clients x classes, training and held-out clients) of a classification
         dataset that knows them (pooled, LEAF, tables), else None."""
         ...
+
+
+def build_shards(dataset: FederatedDataset, client_ids: Sequence[int]) -> list[ClientShard]:
+    """``[dataset.shard(c) ...]``, from the dataset's ``shards`` where it has one (the built-in generated datasets:
+    their streams seeded in one pass instead of one by one; the same shards)."""
+    many = getattr(dataset, "shards", None)
+    return many(list(client_ids)) if many is not None else [dataset.shard(c) for c in client_ids]
 
 
 def eval_client_ids(cfg: DataConfig) -> range:

@@ -5,12 +5,15 @@ Both are pure functions of (parameters, seed, client id): a shard is generated w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from functools import cached_property
+
 import numpy as np
 import torch
 
 from simulator.config.schema import DataConfig
-from simulator.data.base import ClientShard, Split
-from simulator.rng import generator
+from simulator.data.base import ClientShard
+from simulator.rng import generator, generators
 
 
 class Sinusoid:
@@ -30,13 +33,20 @@ class Sinusoid:
         self.shots, self.query, self.seed = cfg.shots, cfg.query, seed
 
     def shard(self, client_id: int) -> ClientShard:
-        rng = generator(self.seed, "data", 0, client_id)
+        return self._shard(client_id, generator(self.seed, "data", 0, client_id))
+
+    def shards(self, client_ids: Sequence[int]) -> list[ClientShard]:
+        """``[shard(c) ...]``, the clients' streams seeded in one pass (``rng.generators``)."""
+        return [self._shard(c, rng) for c, rng in zip(client_ids, generators(self.seed, "data", 0, client_ids),
+                                                         strict=True)]
+
+    def _shard(self, client_id: int, rng: np.random.Generator) -> ClientShard:
         amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi)
         x = rng.uniform(-5.0, 5.0, size=(self.shots + self.query, 1))
         y = amplitude * np.sin(x - phase)
         xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.float32))
         k = self.shots
-        return ClientShard(client_id, Split(xt[:k], yt[:k]), Split(xt[k:], yt[k:]))
+        return ClientShard.from_rows(client_id, xt, yt, k)
 
     def num_samples(self, client_id: int) -> int:
         return self.shots + self.query
@@ -81,26 +91,43 @@ class Synthetic:
     def label_histogram(self) -> None:
         return None
 
-    def _model(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        d, c = self.input_dim, self.output_dim
-        if self.cfg.iid:
-            shared = generator(self.seed, "data_global")
-            w, b = shared.normal(0.0, 1.0, (d, c)), shared.normal(0.0, 1.0, c)
-            return w, b, np.zeros(d)
-        u = rng.normal(0.0, self.cfg.alpha)
-        big_b = rng.normal(0.0, self.cfg.beta)
-        v = rng.normal(big_b, 1.0, d)
-        w, b = rng.normal(u, 1.0, (d, c)), rng.normal(u, 1.0, c)
-        return w, b, v
+    @cached_property
+    def _shared(self) -> tuple[np.ndarray, np.ndarray]:
+        """The IID variant's one W, b ~ N(0, 1), drawn once."""
+        shared = generator(self.seed, "data_global")
+        return shared.normal(0.0, 1.0, (self.input_dim, self.output_dim)), shared.normal(0.0, 1.0, self.output_dim)
 
     def shard(self, client_id: int) -> ClientShard:
-        rng = generator(self.seed, "data", 0, client_id)
-        w, b, v = self._model(rng)
+        return self._shard(client_id, generator(self.seed, "data", 0, client_id))
+
+    def shards(self, client_ids: Sequence[int]) -> list[ClientShard]:
+        """``[shard(c) ...]``, the clients' streams seeded in one pass (``rng.generators``)."""
+        return [self._shard(c, rng) for c, rng in zip(client_ids, generators(self.seed, "data", 0, client_ids),
+                                                         strict=True)]
+
+    def _shard(self, client_id: int, rng: np.random.Generator) -> ClientShard:
         k, n_test = self.split_sizes(client_id)
-        n = k + n_test
-        x = rng.standard_normal((n, self.input_dim))
+        n, d, c = k + n_test, self.input_dim, self.output_dim
+        if self.cfg.iid:
+            (w, b), v = self._shared, 0.0
+            x = rng.standard_normal((n, d))
+        else:
+            # FedProx's draws in their order, u, B, v (d), W (d x c), b (c), then x (n x d), as one standard-normal
+            # stream: numpy's normal(loc, scale) is loc + scale * z for the stream's next z (``random_normal`` in
+            # numpy's distributions.c), so with scale 1 (or loc 0) these are its values bit for bit, from one call
+            # instead of six (tests/simulator/test_data.py compares them with the draws made one by one)
+            z = rng.standard_normal(2 + d + d * c + c + n * d)
+            u = 0.0 + self.cfg.alpha * float(z[0])
+            big_b = 0.0 + self.cfg.beta * float(z[1])
+            v = z[2:2 + d]
+            v += big_b
+            w = z[2 + d:2 + d + d * c].reshape(d, c)
+            b = z[2 + d + d * c:2 + d + d * c + c]
+            w += u
+            b += u
+            x = z[2 + d + d * c + c:].reshape(n, d)
         x *= self._sigma
         x += v  # in place: the same values as v + z * sigma (IEEE addition commutes), no temporaries
         y = np.argmax(x @ w + b, axis=1)  # softmax is monotone: argmax of the logits
-        xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
-        return ClientShard(client_id, Split(xt[:k], yt[:k]), Split(xt[k:], yt[k:]))
+        return ClientShard.from_rows(client_id, torch.from_numpy(x.astype(np.float32)),
+                                     torch.from_numpy(y.astype(np.int64)), k)

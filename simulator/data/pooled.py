@@ -24,7 +24,7 @@ import torch
 
 from simulator.config.schema import ConfigError, DataConfig
 from simulator.data import partitioners
-from simulator.data.base import ClientShard, Split
+from simulator.data.base import ClientShard
 from simulator.rng import generator
 
 #: samples per noise block of the Gaussian pool: block b's noise comes from generator(seed, "data", 1, b).
@@ -89,7 +89,7 @@ class PooledDataset:
         k, _ = self.split_sizes(client_id)
         x = torch.from_numpy(np.ascontiguousarray(self._features(idx), dtype=np.float32))
         y = torch.from_numpy(self.labels[idx].astype(np.int64))
-        return ClientShard(int(client_id), Split(x[:k], y[:k]), Split(x[k:], y[k:]))
+        return ClientShard.from_rows(int(client_id), x, y, k)
 
     @cached_property
     def _histogram(self) -> np.ndarray:

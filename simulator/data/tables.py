@@ -32,7 +32,7 @@ import torch
 from pyarrow import csv
 
 from simulator.config.schema import ConfigError, DataConfig
-from simulator.data.base import ClientShard, Split
+from simulator.data.base import ClientShard
 from simulator.data.filecache import cache_candidates, find_or_build, fingerprint, pick_clients
 from simulator.rng import generator
 
@@ -238,7 +238,7 @@ class TableDataset:
         yt = torch.from_numpy(y.astype(np.int64) if self.task == "classification" else
                               y.astype(np.float32).reshape(n, 1))
         k, _ = self.split_sizes(c)
-        return ClientShard(c, Split(xt[:k], yt[:k]), Split(xt[k:], yt[k:]))
+        return ClientShard.from_rows(c, xt, yt, k)
 
     def client_keys(self) -> tuple[str, np.ndarray]:
         """(``data.client_column``, its value for each client id): ``RUN_DIR/client_ids.parquet``."""

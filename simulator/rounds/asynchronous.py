@@ -87,6 +87,7 @@ class AsyncServer:
         self.base_refs: dict[int, int] = {}
         self.queue, self.held, self.group, self.seq = EventQueue(), [], 0, 0
         self.buffer: list[tuple[Flight, float]] = []
+        self._array: tuple[torch.Tensor, np.ndarray] | None = None  # the last submitted model, as the array sent
         self._reset_window()
         if ctx.resumed:
             self._restore(ctx.resumed)
@@ -138,7 +139,9 @@ class AsyncServer:
         by_id = {f.client_id: f for f in flights}
         ids = np.array(sorted(by_id), np.int64)
         keys = np.array([by_id[c].key for c in ids.tolist()], np.int64)
-        for pending in self.ctx.backend.submit(theta.numpy(), keys, ids, keep=self.acfg.rule == "fedbuff"):
+        if self._array is None or self._array[0] is not theta:  # one array per model: a backend may reuse its copy
+            self._array = (theta, theta.numpy())
+        for pending in self.ctx.backend.submit(self._array[1], keys, ids, keep=self.acfg.rule == "fedbuff"):
             for cid in pending.client_ids:
                 by_id[int(cid)].pending = pending
 

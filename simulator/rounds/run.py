@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulator.client.worker import frozen_heap, return_large_frees
+from simulator.client.worker import fixed_threads, frozen_heap, return_large_frees
 from simulator.config.schema import ExperimentConfig
 from simulator.config.toml import dumps_toml, to_dict
 from simulator.contract import Backend, WorkerFailure
@@ -62,7 +62,9 @@ def run(cfg: ExperimentConfig, backend: Backend, run_dir: Path, prepared: Prepar
                 write_label_histogram(run_dir, hist)
             if (keys := getattr(ctx.dataset, "client_keys", None)) is not None:  # file datasets: the user's ids
                 write_client_ids(run_dir, *keys())
-            with frozen_heap():  # from its first full collection on, what survived it is left out of collections
+            # after its first full collection, what survived it is left out of collections; the driver's torch work runs
+            # at the workers' thread count
+            with frozen_heap(), fixed_threads(cfg.system.threads):
                 if cfg.system.mode == "async":
                     try:
                         async_rounds(ctx)

@@ -201,7 +201,8 @@ def test_what_a_combine_needs_lost_with_its_node_is_trained_again():
     (> 100 KB) for Ray to keep the objects in the nodes' object stores."""
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop(FAULT_ENV, None)
-    overrides = small_overrides(rounds=1) + ["model.hidden=[200, 200]"]
+    # 3 clients a call: the 6 submitted clients go out as two calls, one on each node's actor
+    overrides = small_overrides(rounds=1) + ["model.hidden=[200, 200]", "system.clients_per_actor=3"]
     proc = subprocess.run([sys.executable, str(HERE / "cluster_run.py"), "--lost", json.dumps(overrides)],
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -93,7 +93,7 @@ def test_long_run_keeps_memory_and_references_flat(ray_session, tmp_path, capsys
 
 def test_fetched_chunks_release_their_references(ray_session):
     """Once every chunk of a dispatch is fetched (``map``, or ``submit`` then ``result``), neither the
-    results nor the model stay referenced."""
+    results nor the model stay referenced (a submitted model: until the next dispatch of another one)."""
     import numpy as np
 
     from simulator.client.worker import ClientWorker
@@ -115,4 +115,33 @@ def test_fetched_chunks_release_their_references(ray_session):
             else:
                 chunks = list(pool.train(theta, r, np.arange(6)))
             assert sorted(np.concatenate([c.client_ids for c in chunks]).tolist()) == list(range(6))
-            assert settled_refs(before) == before
+            # a submitted model stays referenced (once) for the next submit of the same array, until another dispatch
+            assert settled_refs(before + r % 2) == before + r % 2
+
+
+def test_small_submitted_cohorts_share_one_model_put_and_go_to_the_idlest_actor(ray_session):
+    """A cohort of fewer than ``MIN_SUBMIT_CALL`` clients per actor is one call, on the actor with the fewest clients
+    outstanding; the same array submitted again travels as the same object reference, another array as its own; and
+    the results are those of a cohort split as ``train`` splits it."""
+    import numpy as np
+
+    from actors.pool import MIN_SUBMIT_CALL
+    from simulator.client.worker import ClientWorker
+    from simulator.contract import WorkerSpec
+    from simulator.params import flat_params
+
+    cfg = load_config(None, small_overrides(**{"system.actors": 2}))
+    theta = flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
+    assert 6 < MIN_SUBMIT_CALL
+    with make_backend(cfg) as pool:
+        first, second = pool.submit(theta, 0, np.arange(6)), pool.submit(theta, 1, np.arange(6, 12))
+        assert len(first) == len(second) == 1 and first[0].slot is not second[0].slot  # the other actor was idle
+        assert first[0].batch.model_ref == second[0].batch.model_ref
+        other = pool.submit(theta.copy(), 1, np.arange(3))
+        assert other[0].batch.model_ref != first[0].batch.model_ref
+        got = [pool.result(p) for p in first + second + other]
+        split = {int(r.client_ids[0]): r for r in pool.train(theta, 1, np.arange(6, 12))}
+    by_id = {int(c): r.vectors[i] for r in got[1:2] for i, c in enumerate(r.client_ids)}
+    for r in split.values():
+        for i, c in enumerate(r.client_ids):
+            np.testing.assert_array_equal(by_id[int(c)], r.vectors[i])
