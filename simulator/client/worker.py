@@ -64,8 +64,8 @@ def fixed_threads(threads: int) -> Iterator[None]:
     """torch's intra-op thread count fixed at ``threads`` inside the block, and restored after it. ``run`` holds the
     driver's own torch work (the server step, a FedBuff buffer's exact sum, a release) at the workers' count whatever
     the backend: at torch's default, a thread per core, the driver's parallel regions wait for cores the actors are
-    using (a FedBuff buffer's exact sum on the driver took 3.6x as long next to two busy actors on two cores,
-    ``benchmarks/README.md``, "Seventh pass"). Results do not depend on it: those sums are exact or elementwise."""
+    using (``benchmarks/README.md``, "Seventh pass"). Results do not depend on it: those sums are exact or
+    elementwise."""
     before = torch.get_num_threads()
     configure_threads(threads)
     try:

@@ -258,3 +258,21 @@ def test_submitted_vectors_stay_where_they_were_computed_until_a_buffer_sums_the
         np.testing.assert_array_equal(summed(pool, np.ndarray), expected)
     with InlineBackend(spec, cfg.system) as inline:
         np.testing.assert_array_equal(summed(inline, np.ndarray), expected)
+
+
+@pytest.mark.parametrize("backend", ["inline", "ray"])
+def test_the_driver_runs_its_torch_work_at_the_workers_thread_count_and_gives_its_own_back(ray_session, tmp_path,
+                                                                                          backend):
+    """``fixed_threads``: during a run the driver's torch ops (server step, exact sums) run at ``system.threads``,
+    whatever the backend (a Ray driver kept torch's default of a thread per core, next to busy actors), and the
+    process's own count is back when the run ends."""
+    cfg = load_config(None, small_overrides(rounds=2, **{"system.backend": backend, "system.actors": 1}))
+    seen: list[int] = []
+    threads = torch.get_num_threads()
+    try:
+        with make_backend(cfg) as pool:  # an in-process worker sets the count when it is built: 2 from here on
+            torch.set_num_threads(2)
+            run(cfg, pool, tmp_path / "run", on_round=lambda row: seen.append(torch.get_num_threads()))
+            assert seen == [cfg.system.threads] * 2 == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
