@@ -3,7 +3,8 @@
 Each ``ClientActor`` reserves ``cpus_per_actor`` CPUs and ``gpus_per_actor`` of a GPU (a fraction lets several
 actors share one GPU), wraps a ``ClientWorker`` that builds its clients' shards locally, and trains a whole chunk of
 the cohort per call. The model travels once per round: the driver ``ray.put``s the flat parameter vector and every
-call receives the same object reference; a reduced call carries its chunk's share of the ``Reduction`` by value.
+call receives the same object reference (submitted cohorts: once per model version, however many train on it); a
+reduced call carries its chunk's share of the ``Reduction`` by value.
 With ``system.combine`` "actors" (or "auto" and a large model) the calls' partial sums (FedBuff: the submitted
 chunks' vectors) stay in the object store and one actor combines them into the release's mean (``release``,
 ``release_rows``), so the driver reads one float32 vector a round.
