@@ -58,7 +58,8 @@ class ClientShard:
         return Split(torch.cat([self.support.x, self.query.x]), torch.cat([self.support.y, self.query.y]))
 
     def shares_rows(self) -> bool:
-        """Whether ``all`` is (or will be) the support's and query's own storage rather than a copy of them."""
+        """Whether ``all`` is the support's and query's own storage (``from_rows``), not a copy of them (built, or
+        to be built by the cached property)."""
         whole = self.__dict__.get("all")
         return whole is not None and whole.x.untyped_storage().data_ptr() == self.support.x.untyped_storage().data_ptr()
 

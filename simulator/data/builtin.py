@@ -16,7 +16,24 @@ from simulator.data.base import ClientShard
 from simulator.rng import generator, generators
 
 
-class Sinusoid:
+class _Generated:
+    """A dataset whose client c's shard is drawn from the stream (seed, "data", 0, c) by ``_shard``."""
+
+    seed: int
+
+    def shard(self, client_id: int) -> ClientShard:
+        return self._shard(client_id, generator(self.seed, "data", 0, client_id))
+
+    def shards(self, client_ids: Sequence[int]) -> list[ClientShard]:
+        """``[shard(c) ...]``, the clients' streams seeded in one pass (``rng.generators``)."""
+        return [self._shard(c, rng) for c, rng in zip(client_ids, generators(self.seed, "data", 0, client_ids),
+                                                         strict=True)]
+
+    def _shard(self, client_id: int, rng: np.random.Generator) -> ClientShard:
+        raise NotImplementedError
+
+
+class Sinusoid(_Generated):
     """The sinusoid regression benchmark of MAML (Finn et al. 2017, Sec. 5.1).
 
     Each client is one task: amplitude A ~ U[0.1, 5.0], phase ~ U[0, pi], inputs x ~ U[-5, 5],
@@ -31,14 +48,6 @@ class Sinusoid:
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         self.shots, self.query, self.seed = cfg.shots, cfg.query, seed
-
-    def shard(self, client_id: int) -> ClientShard:
-        return self._shard(client_id, generator(self.seed, "data", 0, client_id))
-
-    def shards(self, client_ids: Sequence[int]) -> list[ClientShard]:
-        """``[shard(c) ...]``, the clients' streams seeded in one pass (``rng.generators``)."""
-        return [self._shard(c, rng) for c, rng in zip(client_ids, generators(self.seed, "data", 0, client_ids),
-                                                         strict=True)]
 
     def _shard(self, client_id: int, rng: np.random.Generator) -> ClientShard:
         amplitude, phase = rng.uniform(0.1, 5.0), rng.uniform(0.0, np.pi)
@@ -58,7 +67,7 @@ class Sinusoid:
         return None
 
 
-class Synthetic:
+class Synthetic(_Generated):
     """FedProx's Synthetic(alpha, beta) classification data (Li et al. 2020, Sec. 5.1).
 
     For client k: u_k ~ N(0, alpha), B_k ~ N(0, beta), v_k[j] ~ N(B_k, 1), W_k, b_k ~ N(u_k, 1),
@@ -97,14 +106,6 @@ class Synthetic:
         shared = generator(self.seed, "data_global")
         return shared.normal(0.0, 1.0, (self.input_dim, self.output_dim)), shared.normal(0.0, 1.0, self.output_dim)
 
-    def shard(self, client_id: int) -> ClientShard:
-        return self._shard(client_id, generator(self.seed, "data", 0, client_id))
-
-    def shards(self, client_ids: Sequence[int]) -> list[ClientShard]:
-        """``[shard(c) ...]``, the clients' streams seeded in one pass (``rng.generators``)."""
-        return [self._shard(c, rng) for c, rng in zip(client_ids, generators(self.seed, "data", 0, client_ids),
-                                                         strict=True)]
-
     def _shard(self, client_id: int, rng: np.random.Generator) -> ClientShard:
         k, n_test = self.split_sizes(client_id)
         n, d, c = k + n_test, self.input_dim, self.output_dim
@@ -116,16 +117,13 @@ class Synthetic:
             # stream: numpy's normal(loc, scale) is loc + scale * z for the stream's next z (``random_normal`` in
             # numpy's distributions.c), so with scale 1 (or loc 0) these are its values bit for bit, from one call
             # instead of six (tests/simulator/test_data.py compares them with the draws made one by one)
-            z = rng.standard_normal(2 + d + d * c + c + n * d)
-            u = 0.0 + self.cfg.alpha * float(z[0])
-            big_b = 0.0 + self.cfg.beta * float(z[1])
-            v = z[2:2 + d]
-            v += big_b
-            w = z[2 + d:2 + d + d * c].reshape(d, c)
-            b = z[2 + d + d * c:2 + d + d * c + c]
+            z_u, z_b, v, w, b, x = np.split(rng.standard_normal(2 + d + d * c + c + n * d),
+                                            np.cumsum([1, 1, d, d * c, c]))  # views of the one draw
+            u = 0.0 + self.cfg.alpha * float(z_u[0])
+            v += 0.0 + self.cfg.beta * float(z_b[0])  # v ~ N(B, 1)
+            w, x = w.reshape(d, c), x.reshape(n, d)
             w += u
             b += u
-            x = z[2 + d + d * c + c:].reshape(n, d)
         x *= self._sigma
         x += v  # in place: the same values as v + z * sigma (IEEE addition commutes), no temporaries
         y = np.argmax(x @ w + b, axis=1)  # softmax is monotone: argmax of the logits
