@@ -124,18 +124,22 @@ class Accumulator:
         self.rows: list[np.ndarray] = []
         self._scale = math.ldexp(1.0, grid.frac_bits)
 
-    def add(self, rows: np.ndarray, coefs: np.ndarray, keys: np.ndarray, factors: np.ndarray | None = None) -> None:
+    def add(self, rows: np.ndarray, coefs: np.ndarray, keys: np.ndarray, factors: np.ndarray | None = None,
+            peaks: np.ndarray | None = None) -> None:
         """Add x_i = (a_i f_i) u_i for each row u_i (finite; k x P, float32 or float64), ``coefs`` a_i (the nominal
-        coefficients the grid was sized for), ``factors`` f_i in [0, 1] (DP clip factors; default 1)."""
+        coefficients the grid was sized for), ``factors`` f_i in [0, 1] (DP clip factors; default 1); ``peaks``
+        max_j |u_ij| of each row when the caller knows them (``client.reduce.row_peaks``), else computed here."""
         rows = np.asarray(rows)
         a = np.asarray(coefs, np.float64)
         f = np.ones_like(a) if factors is None else np.asarray(factors, np.float64)
-        if rows.ndim != 2 or rows.shape[1] != self.size or a.shape != (len(rows),) or f.shape != a.shape:
+        if rows.ndim != 2 or rows.shape[1] != self.size or a.shape != (len(rows),) or f.shape != a.shape or \
+                (peaks is not None and np.shape(peaks) != a.shape):
             raise ValueError(f"need k x {self.size} rows and k coefficients, got {rows.shape}, {a.shape}, {f.shape}")
         step = max(1, BLOCK_ELEMENTS // max(1, self.size))
         for b in range(0, len(rows), step):
             u, ab, fb = rows[b:b + step], a[b:b + step], f[b:b + step]
-            peak = np.maximum(u.max(axis=1, initial=-np.inf), -u.min(axis=1, initial=np.inf)).astype(np.float64)
+            peak = (np.maximum(u.max(axis=1, initial=-np.inf), -u.min(axis=1, initial=np.inf)).astype(np.float64)
+                    if peaks is None else np.asarray(peaks[b:b + step], np.float64))
             fits = (peak * fb < self.grid.limit) & (ab != 0)  # |f_i u_ij| < R (NaN fails: an outlier)
             for i in np.flatnonzero(~fits & (ab != 0)).tolist():  # zero coefficients add nothing
                 self.keys.append(int(keys[b + i]))

@@ -34,22 +34,39 @@ from simulator.privacy.clipping import clip_factors, update_norms
 from simulator.privacy.noise import gaussian
 
 
-def finite_rows(rows: np.ndarray, losses: np.ndarray) -> np.ndarray:
-    """Rows whose upload and loss are all finite (a NaN/inf update never touches the model)."""
-    return np.isfinite(rows).all(axis=1) & np.isfinite(losses)
+def row_peaks(rows: np.ndarray) -> np.ndarray:
+    """Each row's largest magnitude max_j |u_ij| in float64: NaN when the row holds a NaN, inf when it holds an
+    infinity (numpy's max and min propagate both), so one pass answers both "is it finite" and "does it fit the
+    grid" (``exactsum.Accumulator.add``)."""
+    rows = np.asarray(rows)
+    if rows.shape[1] == 0:
+        return np.zeros(len(rows))
+    return np.maximum(rows.max(axis=1), -rows.min(axis=1)).astype(np.float64)
+
+
+def finite_rows(rows: np.ndarray, losses: np.ndarray, peaks: np.ndarray | None = None) -> np.ndarray:
+    """Rows whose upload and loss are all finite (a NaN/inf update never touches the model); ``peaks``: the rows'
+    ``row_peaks`` when already known."""
+    peaks = row_peaks(rows) if peaks is None else peaks
+    return np.isfinite(peaks) & np.isfinite(losses)
 
 
 def row_norms32(rows: np.ndarray) -> np.ndarray:
-    """Each row's L2 norm computed in float32, one row at a time (as the asynchronous server computes it)."""
-    return np.array([float(torch.linalg.vector_norm(torch.from_numpy(np.ascontiguousarray(r)))) for r in rows],
-                    np.float64)
+    """Each row's L2 norm computed in float32, the rows in one call (``torch.linalg.vector_norm`` over dim 1: each
+    row reduced alone, the bits of the row's own 1-D norm, which tests/simulator/test_reduce.py checks)."""
+    if len(rows) == 0:
+        return np.zeros(0)
+    r = torch.from_numpy(np.ascontiguousarray(rows))
+    return torch.linalg.vector_norm(r, dim=1).to(torch.float64).numpy()
 
 
 def reduce_rows(acc: Accumulator, rows: np.ndarray, accepted: np.ndarray, coefs: np.ndarray, keys: np.ndarray,
-                red: Reduction, seed: int, noise_keys: np.ndarray, client_ids: np.ndarray) -> np.ndarray:
+                red: Reduction, seed: int, noise_keys: np.ndarray, client_ids: np.ndarray,
+                peaks: np.ndarray | None = None) -> np.ndarray:
     """Add the accepted rows (k x P) with coefficients ``coefs`` to ``acc``, clipped and noised as ``red`` says;
     ``keys`` order the outliers (client ids, or buffer positions), ``noise_keys`` key the local noise (the round,
-    or the refill group). Returns the float64 norms DP clips by (NaN where not clipped or not accepted)."""
+    or the refill group); ``peaks``: the rows' ``row_peaks`` when known. Returns the float64 norms DP clips by (NaN
+    where not clipped or not accepted). When every row is accepted they are added as they are (no copy)."""
     k = len(rows)
     clip_norm = np.full(k, math.nan)
     ok = np.flatnonzero(accepted)
@@ -60,7 +77,10 @@ def reduce_rows(acc: Accumulator, rows: np.ndarray, accepted: np.ndarray, coefs:
         clip_norm[ok] = update_norms(rows[ok])
         factors = clip_factors(clip_norm[ok], red.clip)
     if red.local_std <= 0:
-        acc.add(rows[ok], coefs[ok], keys[ok], factors)
+        if ok.size == k:
+            acc.add(rows, coefs, keys, factors, peaks)
+        else:
+            acc.add(rows[ok], coefs[ok], keys[ok], factors, None if peaks is None else peaks[ok])
         return clip_norm
     size = rows.shape[1]
     for j, i in enumerate(ok.tolist()):
@@ -73,21 +93,23 @@ def reduce_rows(acc: Accumulator, rows: np.ndarray, accepted: np.ndarray, coefs:
 def reduce_result(res: TrainResult, red: Reduction, seed: int, keys: np.ndarray) -> TrainResult:
     """A chunk's result with its vectors reduced to one partial sum and per-client scalars (``keys``: each client's
     batch-stream key, which also keys its local noise). Vectors must be already decoded from compression."""
-    res = summarize(res, clip_norms=False)  # accepted and the float32 norms; DP's norms come from reduce_rows
+    peaks = row_peaks(res.vectors)  # one pass: finiteness here, the grid test in the accumulator
+    res = summarize(res, clip_norms=False, peaks=peaks)  # accepted, float32 norms; DP's norms come from reduce_rows
     acc = Accumulator(red.grid, res.vectors.shape[1])
     ids = np.asarray(res.client_ids, np.int64)
     clip_norm = reduce_rows(acc, res.vectors, res.accepted, red.coefficients(ids), ids, red, seed, np.asarray(keys),
-                            ids)
+                            ids, peaks)
     empty = np.empty((0, res.vectors.shape[1]), np.float32)  # not a view: the block's memory is released
     return dataclasses.replace(res, vectors=empty, partial=acc.partial(), clip_norm=clip_norm)
 
 
-def summarize(res: TrainResult, clip_norms: bool = True) -> TrainResult:
+def summarize(res: TrainResult, clip_norms: bool = True, peaks: np.ndarray | None = None) -> TrainResult:
     """A submitted chunk's per-client scalars, worked out where its vectors are (``Backend.submit``): accepted
     (finite), the float32 norm of each upload (``update_norm``) and, with ``clip_norms`` (DP is on), its float64
     norm (``clip_norm``, which DP clips by and adaptive clipping counts; NaN where not accepted or not asked for:
-    it costs a float64 pass over the vector). The vectors stay in the result."""
-    ok = finite_rows(res.vectors, res.loss_after)
+    it costs a float64 pass over the vector); ``peaks``: the vectors' ``row_peaks`` when known. The vectors stay in
+    the result."""
+    ok = finite_rows(res.vectors, res.loss_after, peaks)
     clip_norm = np.full(len(ok), math.nan)
     if clip_norms:
         clip_norm[ok] = update_norms(res.vectors)[ok]  # row by row: no copy of the accepted rows
@@ -95,24 +117,40 @@ def summarize(res: TrainResult, clip_norms: bool = True) -> TrainResult:
 
 
 def selected_partial(blocks: list[np.ndarray], sel: Selection, seed: int, size: int) -> tuple[Partial, np.ndarray]:
-    """The exact partial sum of the rows ``sel`` picks from ``blocks`` (k_b x P each), block by block, as
-    ``reduce_rows`` adds them (clipped, noised as ``sel.reduce`` says; outliers keyed by position), and the float64
-    norm each position was clipped by (NaN without a clip)."""
+    """The exact partial sum of the rows ``sel`` picks from ``blocks`` (k_b x P each), as ``reduce_rows`` adds them
+    (clipped, noised as ``sel.reduce`` says; outliers keyed by position), and the float64 norm each position was
+    clipped by (NaN without a clip). The picked rows go through ``reduce_rows`` in groups of up to
+    ``BLOCK_ELEMENTS`` values, gathered across blocks (a view when a group is consecutive rows of one block), so a
+    buffer of many small chunks costs a few large grid passes, and a group never holds more than one block of
+    values; every row is reduced alone and the integer sum is exact, so the grouping changes no bit."""
     red, picked, keys = sel.reduce, np.asarray(sel.rows), np.asarray(sel.noise_keys)
+    where = np.asarray(sel.blocks)
     acc = Accumulator(red.grid, size)
     norms = np.full(len(picked), math.nan)
     step = max(1, BLOCK_ELEMENTS // max(1, size))  # rows gathered at a time: never a copy of a whole chunk
-    for b, block in enumerate(blocks):
-        block = np.asarray(block)
-        found = np.flatnonzero(np.asarray(sel.blocks) == b)
-        for lo in range(0, found.size, step):
-            pos = found[lo:lo + step]
-            idx = picked[pos]
-            run = idx.size == 1 or bool((np.diff(idx) == 1).all())  # consecutive rows: a view, not a copy
-            rows = block[idx[0]:idx[-1] + 1] if run else block[idx]
-            norms[pos] = reduce_rows(acc, rows, np.ones(pos.size, bool), red.coefs[pos], pos, red, seed, keys[pos],
-                                     red.client_ids[pos])
+    order = np.lexsort((picked, where))  # by block, then row: runs of consecutive rows stay views
+    for lo in range(0, order.size, step):
+        pos = order[lo:lo + step]
+        rows = gathered([np.asarray(b) for b in blocks], where[pos], picked[pos], size)
+        norms[pos] = reduce_rows(acc, rows, np.ones(pos.size, bool), red.coefs[pos], pos, red, seed, keys[pos],
+                                 red.client_ids[pos])
     return acc.partial(), norms
+
+
+def gathered(blocks: list[np.ndarray], block_of: np.ndarray, rows: np.ndarray, size: int) -> np.ndarray:
+    """Rows ``rows[j]`` of ``blocks[block_of[j]]`` as one (m x P) array: a view when they are consecutive rows of
+    one block, else one buffer filled block by block (``np.take``: no temporary)."""
+    first = int(block_of[0])
+    if (block_of == first).all() and (rows.size == 1 or bool((np.diff(rows) == 1).all())):
+        return blocks[first][rows[0]:rows[-1] + 1]
+    out = np.empty((rows.size, size), np.result_type(*(blocks[int(b)].dtype for b in np.unique(block_of))))
+    cuts = np.flatnonzero(np.diff(block_of)) + 1
+    for a, b in zip([0, *cuts.tolist()], [*cuts.tolist(), rows.size], strict=True):
+        block, idx = blocks[int(block_of[a])], rows[a:b]
+        if idx.min() < 0 or idx.max() >= len(block):
+            raise IndexError(f"row {int(idx.max())} of a block of {len(block)} rows")
+        np.take(block, idx, axis=0, out=out[a:b], mode="clip")  # checked above; "clip" writes out unbuffered
+    return out
 
 
 def selected_mean(blocks: list[np.ndarray], sel: Selection, release: Release, seed: int, size: int,

@@ -251,8 +251,8 @@ class ClientWorker:
         for i in range(0, len(shards), step):  # a client's result does not depend on its block-mates
             updates, times = self._updates(params, shards[i:i + step], rngs[i:i + step])
             block = np.empty((len(updates), self.vector_size), np.float32)
-            for j, u in enumerate(updates):
-                block[j] = u.vector.to("cpu", torch.float32).numpy()
+            if updates:  # one copy of all the rows (a vectorized cohort's are rows of one tensor)
+                torch.stack([u.vector.to("cpu", torch.float32) for u in updates], out=torch.from_numpy(block))
             if self.spec.compression.method != "none":
                 self._compress(block, per_client[i:i + step], client_ids[i:i + step])
             col = lambda values, dt: np.array(values, dt)  # noqa: E731

@@ -84,7 +84,7 @@ class Synthetic(_Generated):
 
     def __init__(self, cfg: DataConfig, seed: int) -> None:
         self.cfg, self.seed = cfg, seed
-        self._sigma = np.sqrt(np.arange(1, self.input_dim + 1, dtype=np.float64) ** -1.2)
+        self._sigma_t = torch.from_numpy(np.sqrt(np.arange(1, self.input_dim + 1, dtype=np.float64) ** -1.2))
 
     def num_samples(self, client_id: int) -> int:
         if self.cfg.samples_per_client:
@@ -107,25 +107,58 @@ class Synthetic(_Generated):
         return shared.normal(0.0, 1.0, (self.input_dim, self.output_dim)), shared.normal(0.0, 1.0, self.output_dim)
 
     def _shard(self, client_id: int, rng: np.random.Generator) -> ClientShard:
-        k, n_test = self.split_sizes(client_id)
-        n, d, c = k + n_test, self.input_dim, self.output_dim
+        return self._built([client_id], [rng])[0]
+
+    def shards(self, client_ids: Sequence[int]) -> list[ClientShard]:
+        """``[shard(c) ...]``: the clients' streams seeded in one pass (``rng.generators``) and, clients of one size
+        together, the arithmetic after the draws done once for all of them (``_built``)."""
+        ids = list(client_ids)
+        rngs = generators(self.seed, "data", 0, ids)
+        by_size: dict[int, list[int]] = {}
+        for i, c in enumerate(ids):
+            by_size.setdefault(self.num_samples(c), []).append(i)
+        out: list[ClientShard | None] = [None] * len(ids)
+        for rows in by_size.values():
+            for i, shard in zip(rows, self._built([ids[i] for i in rows], [rngs[i] for i in rows]), strict=True):
+                out[i] = shard
+        return out  # type: ignore[return-value]
+
+    def _built(self, client_ids: list[int], rngs: list[np.random.Generator]) -> list[ClientShard]:
+        """The shards of m clients of one size n, from their streams: each client's draws into its row of one
+        (m x draws) array, then every step after them on all m clients at once. Elementwise, the same operations
+        on the same values as one client alone, and ``x @ W`` is one BLAS product per client either way
+        (``np.matmul`` over a stack), so a shard's bits do not depend on the clients built with it."""
+        k, n_test = self.split_sizes(client_ids[0])
+        n, d, c, m = k + n_test, self.input_dim, self.output_dim, len(client_ids)
         if self.cfg.iid:
-            (w, b), v = self._shared, 0.0
-            x = rng.standard_normal((n, d))
+            (w, b), v = self._shared, None
+            x = np.empty((m, n, d))
+            for row, rng in zip(x, rngs, strict=True):
+                rng.standard_normal(out=row)
         else:
             # FedProx's draws in their order, u, B, v (d), W (d x c), b (c), then x (n x d), as one standard-normal
-            # stream: numpy's normal(loc, scale) is loc + scale * z for the stream's next z (``random_normal`` in
-            # numpy's distributions.c), so with scale 1 (or loc 0) these are its values bit for bit, from one call
-            # instead of six (tests/simulator/test_data.py compares them with the draws made one by one)
-            z_u, z_b, v, w, b, x = np.split(rng.standard_normal(2 + d + d * c + c + n * d),
-                                            np.cumsum([1, 1, d, d * c, c]))  # views of the one draw
-            u = 0.0 + self.cfg.alpha * float(z_u[0])
-            v += 0.0 + self.cfg.beta * float(z_b[0])  # v ~ N(B, 1)
-            w, x = w.reshape(d, c), x.reshape(n, d)
-            w += u
-            b += u
-        x *= self._sigma
-        x += v  # in place: the same values as v + z * sigma (IEEE addition commutes), no temporaries
-        y = np.argmax(x @ w + b, axis=1)  # softmax is monotone: argmax of the logits
-        return ClientShard.from_rows(client_id, torch.from_numpy(x.astype(np.float32)),
-                                     torch.from_numpy(y.astype(np.int64)), k)
+            # stream per client: numpy's normal(loc, scale) is loc + scale * z for the stream's next z
+            # (``random_normal`` in numpy's distributions.c), so with scale 1 (or loc 0) these are its values bit
+            # for bit, from one call instead of six (tests/simulator/test_data.py compares them with the draws
+            # made one by one)
+            z = np.empty((m, 2 + d + d * c + c + n * d))
+            for row, rng in zip(z, rngs, strict=True):
+                rng.standard_normal(out=row)
+            at = np.cumsum([0, 1, 1, d, d * c, c])  # offsets of u, B, v, W, b, x in a client's row
+            u = 0.0 + self.cfg.alpha * z[:, at[0]]
+            v = z[:, at[2]:at[3]]
+            v += (0.0 + self.cfg.beta * z[:, at[1]])[:, None]  # v ~ N(B, 1)
+            w = z[:, at[3]:at[4]].reshape(m, d, c)
+            b = z[:, at[4]:at[5]]
+            x = z[:, at[5]:].reshape(m, n, d)
+            w += u[:, None, None]
+            b += u[:, None]
+            b = b[:, None, :]
+        # x = v + z Sigma^(1/2), in place: IEEE products and sums, the same values as numpy's (torch's broadcasting
+        # loops over the strided rows are several times faster)
+        xt = torch.from_numpy(x).mul_(self._sigma_t)
+        if v is not None:
+            xt.add_(torch.from_numpy(v)[:, None, :])
+        y = np.argmax(np.matmul(x, w) + b, axis=2)  # softmax is monotone: argmax of the logits
+        x32, y64 = xt.to(torch.float32), torch.from_numpy(y.astype(np.int64))
+        return [ClientShard.from_rows(cid, x32[i].clone(), y64[i].clone(), k) for i, cid in enumerate(client_ids)]

@@ -46,7 +46,7 @@ from simulator.rounds.context import RunContext, readonly_tensor
 from simulator.rounds.retry import with_retries
 from simulator.rounds.rows import client_rows, round_row
 from simulator.rundir.checkpoint import plain
-from simulator.scheduling import Event, EventQueue, Profiles, sample_clients
+from simulator.scheduling import Event, EventQueue, Profiles, SampleStreams, sample_clients
 
 log = logging.getLogger("metafleet.async")
 
@@ -86,6 +86,7 @@ class AsyncServer:
         self.bases: dict[int, torch.Tensor] = {0: self.theta}
         self.base_refs: dict[int, int] = {}
         self.queue, self.held, self.group, self.seq = EventQueue(), [], 0, 0
+        self.streams = SampleStreams(cfg.seed)  # refill groups are consecutive keys: their streams seeded in bulk
         self.buffer: list[tuple[Flight, float]] = []
         self._array: tuple[torch.Tensor, np.ndarray] | None = None  # the last submitted model, as the array sent
         self._reset_window()
@@ -104,7 +105,8 @@ class AsyncServer:
         if free <= 0:
             return 0
         key, self.group = self.group, self.group + 1
-        ids = sample_clients(self.cfg.seed, key, self.cfg.data.num_clients, free, self.queue.client_ids())
+        ids = sample_clients(self.cfg.seed, key, self.cfg.data.num_clients, free, self.queue.client_ids(),
+                             self.streams.get(key))
         if not ids.size:
             return 0
         profiles, n_samples, samples, durations = self.ctx.plan(ids)

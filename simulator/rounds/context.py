@@ -13,6 +13,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,40 @@ def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDatas
     return profiles, np.array([s + q for s, q in sizes], np.int64), samples, durations
 
 
+#: client plans ``ClientPlans`` remembers (5 numbers each)
+PLAN_CACHE = 65_536
+
+
+class ClientPlans:
+    """``plan_clients`` remembered per client: a client's profile, sizes and duration are functions of its id alone
+    (for one run's config and model), and the asynchronous server plans one or two clients a refill, where the
+    vectorized computation is mostly overhead. Small requests are answered from the rows of earlier ones; each value
+    is computed element by element as ``plan_clients`` computes it for any batch, so the numbers are the same."""
+
+    def __init__(self, plan: Callable[[np.ndarray], tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        self._plan = plan
+        self._rows: dict[int, tuple[float, float, float, int, int, float]] = {}
+
+    def __call__(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
+        ids = np.asarray(client_ids, np.int64)
+        if ids.size >= 8:
+            return self._plan(ids)
+        keys = ids.tolist()
+        missing = [c for c in dict.fromkeys(keys) if c not in self._rows]
+        if missing:
+            prof, n, samples, durations = self._plan(np.array(missing, np.int64))
+            if len(self._rows) + len(missing) > PLAN_CACHE:
+                self._rows.clear()
+            for i, c in enumerate(missing):
+                self._rows[c] = (float(prof.compute_speed[i]), float(prof.up_bw[i]), float(prof.down_bw[i]),
+                                 int(n[i]), int(samples[i]), float(durations[i]))
+        cols = list(zip(*(self._rows[c] for c in keys), strict=True)) if keys else [()] * 6
+        speed, up, down, n, samples, durations = (np.array(col, dt) for col, dt in
+                                                  zip(cols, (np.float64,) * 3 + (np.int64,) * 2 + (np.float64,),
+                                                      strict=True))
+        return Profiles(ids, speed, up, down), n, samples, durations
+
+
 def readonly_tensor(values: np.ndarray) -> torch.Tensor:
     """A tensor over ``values`` without a copy, even when they are read-only (a mean read from Ray's object store);
     the server's step only reads it."""
@@ -107,6 +142,8 @@ class RunContext:
         p = self.opt.state.theta
         self.model_bytes = p.numel() * p.element_size()
         self.update_bytes = encoded_bytes(cfg.compression, p.numel())  # 4 B a value uncompressed, as the model
+        self._plans = ClientPlans(partial(plan_clients, cfg, self.algo, self.dataset, self.devices,
+                                          model_bytes=self.model_bytes, update_bytes=self.update_bytes))
         self.eval_ids = select_eval_clients(cfg.seed, cfg.data.num_clients, cfg.data.eval_clients, cfg.eval.clients)
         self.resumed = checkpoint.load(run_dir) if resume else None
         if self.resumed:
@@ -194,8 +231,7 @@ class RunContext:
                                               self.cfg.system.max_failures, log_file=self.errors_log)
 
     def plan(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
-        return plan_clients(self.cfg, self.algo, self.dataset, self.devices, client_ids, self.model_bytes,
-                            self.update_bytes)
+        return self._plans(client_ids)
 
     def evaluate(self, theta: torch.Tensor, r: int) -> EvalResult | None:
         if not len(self.eval_ids):

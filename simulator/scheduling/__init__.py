@@ -11,10 +11,10 @@ from simulator.scheduling.policies import (
     drop_counts,
     plan_round,
 )
-from simulator.scheduling.sampling import sample_clients, sample_cohort, select_eval_clients
+from simulator.scheduling.sampling import SampleStreams, sample_clients, sample_cohort, select_eval_clients
 
 __all__ = [
     "DROP_REASONS", "MBIT", "Devices", "Event", "EventQueue", "Profiles", "RoundPlan", "VirtualClock",
-    "client_durations", "cohort_size", "drop_counts", "plan_round", "sample_clients", "sample_cohort",
+    "client_durations", "cohort_size", "drop_counts", "plan_round", "SampleStreams", "sample_clients", "sample_cohort",
     "select_eval_clients",
 ]

@@ -19,6 +19,7 @@ Asynchronous mode (``simulator.rounds.asynchronous``) uses ``EventQueue``: compl
 from __future__ import annotations
 
 import heapq
+from collections.abc import KeysView
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,12 +112,20 @@ class EventQueue:
 
     def __init__(self) -> None:
         self._heap: list[Event] = []
+        self._ids: dict[int, int] = {}  # client id -> its events in the queue
 
     def push(self, event: Event) -> None:
         heapq.heappush(self._heap, event)
+        self._ids[event.client_id] = self._ids.get(event.client_id, 0) + 1
 
     def pop(self) -> Event:
-        return heapq.heappop(self._heap)
+        event = heapq.heappop(self._heap)
+        left = self._ids[event.client_id] - 1
+        if left:
+            self._ids[event.client_id] = left
+        else:
+            del self._ids[event.client_id]
+        return event
 
     def peek_time(self) -> float | None:
         return self._heap[0].time if self._heap else None
@@ -124,8 +133,9 @@ class EventQueue:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def client_ids(self) -> set[int]:
-        return {e.client_id for e in self._heap}
+    def client_ids(self) -> KeysView[int]:
+        """The ids of the queued clients: a live view, kept as events come and go (no pass over the queue)."""
+        return self._ids.keys()
 
     def events(self) -> list[Event]:
         """The queued events (in heap order: push them again to rebuild the queue)."""

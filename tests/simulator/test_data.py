@@ -192,9 +192,14 @@ def test_eval_client_ids():
 
 
 @pytest.mark.parametrize("ds", [Synthetic(DataConfig(name="synthetic", samples_per_client=0), 5),
+                                Synthetic(DataConfig(name="synthetic", samples_per_client=30), 5),
+                                Synthetic(DataConfig(name="synthetic", samples_per_client=20, iid=True), 5),
                                 Sinusoid(DataConfig(name="sinusoid", shots=5, query=7), 5)])
 def test_shards_seeded_together_are_the_shards_one_by_one(ds):
+    """Built together (one size: their arithmetic done as one stack), the shards are those built one by one, and
+    each holds its own memory (not a view of the stack)."""
     ids = [3, 0, 41, 3, 2**33 + 5, *range(100, 120)]  # a repeat; an id past 32 bits: the bulk seeding falls back
     many = build_shards(ds, ids)
     assert [s.client_id for s in many] == ids
     assert all(_same(a, ds.shard(c)) for a, c in zip(many, ids, strict=True))
+    assert all(s.all.x.untyped_storage().nbytes() == s.all.x.nbytes for s in many)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import os
@@ -16,8 +17,10 @@ import pytest
 from conftest import small_overrides
 
 from actors.inline import InlineBackend
+from simulator.algorithms.registry import resolve
 from simulator.contract import EvalResult, WorkerSpec
 from simulator.experiment import load_config
+from simulator.rounds.context import ClientPlans, plan_clients, prepare
 from simulator.rounds.rows import ordered
 from simulator.rounds.run import run
 from simulator.rundir.summary import steady_throughput, steady_updates_per_s
@@ -149,3 +152,23 @@ def test_a_run_freezes_what_survives_its_first_full_collection_and_gives_it_back
     assert len(frozen) == cfg.rounds and min(frozen) > 0 and all(collected)
     assert gc.get_freeze_count() == 0 and not any(getattr(c, "__qualname__", "").startswith("frozen_heap")
                                                   for c in gc.callbacks)
+
+
+@pytest.mark.parametrize("devices", [[], ['devices.speed={dist="lognormal", median=100.0, sigma=1.0}',
+                                         'devices.bandwidth={dist="pareto", median=20.0, shape=1.5}']])
+def test_a_clients_plan_is_remembered_with_the_same_numbers(devices):
+    """``ClientPlans`` answers small requests (the asynchronous server's refills) from rows it planned before: the
+    same profiles, sizes and durations, bit for bit, as ``plan_clients`` planning the whole batch at once, in the
+    order asked, repeats and the empty request included."""
+    cfg = load_config(None, small_overrides(**{"data.name": "synthetic", "data.samples_per_client": 0}) + devices)
+    prep = prepare(cfg)
+    algo = resolve(cfg.algorithm)
+    plan = functools.partial(plan_clients, cfg, algo, prep.dataset, prep.devices, model_bytes=4000, update_bytes=900)
+    plans = ClientPlans(plan)
+    for ids in ([3], [7, 3], [3, 3, 11], [], [5, 1, 2, 9, 0, 4, 8, 6, 10], [2]):
+        got, want = plans(np.array(ids, np.int64)), plan(np.array(ids, np.int64))
+        np.testing.assert_array_equal(got[0].client_ids, ids)
+        for a, b in zip([got[0].compute_speed, got[0].up_bw, got[0].down_bw, *got[1:]],
+                        [want[0].compute_speed, want[0].up_bw, want[0].down_bw, *want[1:]], strict=True):
+            assert a.dtype == b.dtype
+            np.testing.assert_array_equal(a, b)

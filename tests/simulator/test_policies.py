@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 
 from simulator.contract import split_work
+from simulator.rng import generator
 from simulator.scheduling import (
     DROP_REASONS,
     Event,
     EventQueue,
+    SampleStreams,
     VirtualClock,
     cohort_size,
     drop_counts,
@@ -17,6 +19,7 @@ from simulator.scheduling import (
     sample_clients,
     sample_cohort,
 )
+from simulator.scheduling.sampling import STREAMS_AHEAD
 
 NAN = np.nan
 
@@ -167,6 +170,32 @@ def test_event_queue_orders_by_time_client_and_seq():
     assert [(e.time, e.client_id, e.seq) for e in popped] == [(0.5, 9, 7), (1.0, 5, 1), (3.0, 1, 0), (3.0, 1, 2),
                                                               (3.0, 2, 0)]
     assert q.peek_time() is None and q.client_ids() == set()
+
+
+def test_the_queued_ids_follow_pushes_and_pops():
+    """``client_ids`` is kept as events come and go: a client queued twice (a resumed run's re-submission) stays
+    until both of its events are out."""
+    q = EventQueue()
+    q.push(Event(2.0, 4, 0))
+    q.push(Event(1.0, 4, 1))
+    q.push(Event(1.5, 6, 2))
+    ids = q.client_ids()
+    assert ids == {4, 6} and 4 in ids and len(ids) == 2
+    assert q.pop().client_id == 4 and q.client_ids() == {4, 6}
+    assert q.pop().client_id == 6 and q.client_ids() == {4}
+    assert q.pop().client_id == 4 and q.client_ids() == set() and not len(q)
+
+
+def test_sample_streams_are_the_samplers_own_streams():
+    """Seeded ahead in bulk, each key's stream is ``generator(seed, "sample", key)``: the same cohorts, also past
+    the first batch of keys and from a key met out of order (a resumed run)."""
+    streams, draws = SampleStreams(7), SampleStreams(7)
+    exclude = {1, 2, 3}
+    for key in [*range(0, STREAMS_AHEAD + 3), 500, 2]:
+        got = sample_clients(7, key, 1000, 5, exclude, streams.get(key))
+        assert np.array_equal(got, sample_clients(7, key, 1000, 5, exclude))
+        assert np.array_equal(draws.get(key).random(3), generator(7, "sample", key).random(3))
+    assert np.array_equal(sample_cohort(7, 3, 1000, 9, SampleStreams(7).get(3)), sample_cohort(7, 3, 1000, 9))
 
 
 def test_events_ignore_info_when_compared():

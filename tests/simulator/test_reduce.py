@@ -162,3 +162,57 @@ def test_a_submitted_chunk_is_summarized_where_its_vectors_are():
                                                     for v in vectors])
     np.testing.assert_array_equal(out.clip_norm[[0, 3]], update_norms(vectors[[0, 3]]))
     assert np.isnan(out.clip_norm[[1, 2]]).all()
+
+
+def test_row_peaks_answer_finiteness_and_the_grid_test_in_one_pass():
+    """A row's peak is max |u_ij| exactly; NaN or an infinity anywhere in it makes the peak non-finite, so
+    ``finite_rows`` from peaks is numpy's element-by-element isfinite test, and an accumulator given the peaks
+    sums to the same partial as one that finds them itself."""
+    gen = np.random.default_rng(4)
+    rows = gen.standard_normal((6, 33)).astype(np.float32)
+    rows[1, 4], rows[2, 0], rows[3, 32], rows[4, 9] = np.nan, np.inf, -np.inf, -50.0
+    peaks = reduce.row_peaks(rows)
+    np.testing.assert_array_equal(peaks[[0, 4, 5]], np.abs(rows[[0, 4, 5]]).max(axis=1).astype(np.float64))
+    assert peaks[4] == 50.0 and np.isnan(peaks[1]) and peaks[2] == peaks[3] == np.inf
+    losses = np.array([0.1, 0.2, 0.3, 0.4, 0.5, np.nan])
+    np.testing.assert_array_equal(reduce.finite_rows(rows, losses),
+                                  np.isfinite(rows).all(axis=1) & np.isfinite(losses))
+    np.testing.assert_array_equal(reduce.row_peaks(np.zeros((3, 0), np.float32)), np.zeros(3))
+    ok = [0, 4, 5]
+    coefs, keys, grid = np.array([0.2, 0.3, 0.5]), np.array([7, 8, 9]), Grid.for_bound(16.0)
+    found, given = Accumulator(grid, 33), Accumulator(grid, 33)
+    found.add(rows[ok], coefs, keys)
+    given.add(rows[ok], coefs, keys, peaks=peaks[ok])
+    a, b = found.partial(), given.partial()
+    np.testing.assert_array_equal(a.total, b.total)
+    np.testing.assert_array_equal(a.outlier_keys, [8]) and np.testing.assert_array_equal(b.outlier_keys, [8])
+    with pytest.raises(ValueError):
+        given.add(rows[ok], coefs, keys, peaks=peaks)  # one peak per row
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_row_norms_in_one_call_are_each_rows_own_norm(threads):
+    """``row_norms32`` reduces each row alone: the bits of the row's 1-D float32 norm (what the asynchronous server and
+    a one-client chunk compute), whatever the other rows and their number, on small and model-sized rows."""
+    gen = np.random.default_rng(5)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k, size in [(1, 1), (3, 17), (100, 4554), (2, 300_007), (1, 2_000_003)]:
+            rows = (gen.standard_normal((k, size)) * 10.0 ** gen.integers(-4, 4, (k, 1))).astype(np.float32)
+            want = [float(torch.linalg.vector_norm(torch.from_numpy(r))) for r in rows]
+            np.testing.assert_array_equal(reduce.row_norms32(rows), want)
+            np.testing.assert_array_equal(reduce.row_norms32(rows[-1:]), want[-1:])
+    finally:
+        torch.set_num_threads(before)
+    assert reduce.row_norms32(np.zeros((0, 5), np.float32)).shape == (0,)
+
+
+def test_rows_gathered_across_blocks_are_a_view_when_they_can_be():
+    a, b = np.arange(12, dtype=np.float32).reshape(4, 3), -np.arange(6, dtype=np.float32).reshape(2, 3)
+    run = reduce.gathered([a, b], np.array([0, 0, 0]), np.array([1, 2, 3]), 3)
+    assert np.shares_memory(run, a) and np.array_equal(run, a[1:4])
+    mixed = reduce.gathered([a, b], np.array([0, 0, 1]), np.array([3, 0, 1]), 3)
+    assert not np.shares_memory(mixed, a) and np.array_equal(mixed, np.stack([a[3], a[0], b[1]]))
+    with pytest.raises(IndexError):
+        reduce.gathered([a, b], np.array([0, 1]), np.array([0, 2]), 3)
