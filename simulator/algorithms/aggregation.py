@@ -10,6 +10,8 @@ below half an ulp of the float32 result (see ``exactsum``).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -72,9 +74,28 @@ def staleness_weight(name: str, tau: np.ndarray | float, a: float = 0.5, b: floa
         return (1.0 + t) ** -a
     if name == "sqrt":
         return 1.0 / np.sqrt(1.0 + t)
-    if name == "hinge":
-        return np.where(t <= b, 1.0, 1.0 / (a * (t - b) + 1.0))
+    if name == "hinge":  # the second branch only where it applies (a (tau - b) + 1 may be 0 below b)
+        out = np.ones_like(t)
+        past = t > b
+        out[past] = 1.0 / (a * (t[past] - b) + 1.0)
+        return out
     raise ValueError(f"unknown staleness function {name!r}; choose one of {', '.join(STALENESS)}")
+
+
+def staleness_one(name: str, tau: int, a: float = 0.5, b: float = 4.0) -> float:
+    """``staleness_weight`` of one update, without numpy's per-call cost (the asynchronous server weighs every
+    arrival): the same IEEE operations, so the same value; the polynomial's power goes through numpy, whose ``pow``
+    need not be the C library's."""
+    if tau < 0:
+        raise ValueError(f"staleness must be >= 0, got {tau!r}")
+    t = float(tau)
+    if name == "constant":
+        return 1.0
+    if name == "sqrt":
+        return 1.0 / math.sqrt(1.0 + t)
+    if name == "hinge":
+        return 1.0 if t <= b else 1.0 / (a * (t - b) + 1.0)
+    return float(staleness_weight(name, t, a, b))
 
 
 def fedbuff_mean(vectors: torch.Tensor, weights: torch.Tensor,

@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from simulator.algorithms.aggregation import fedasync_mix, fedbuff_coefficients, staleness_weight
+from simulator.algorithms.aggregation import fedasync_mix, fedbuff_coefficients, staleness_one
 from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
 from simulator.algorithms.record import pseudo_gradient
 from simulator.algorithms.server import ServerState, update_norm
@@ -72,6 +72,7 @@ class Flight:
     samples: int
     profile: tuple[float, float, float]
     pending: Any = None
+    row: int = -1       # its position in ``pending``'s clients (found by search when it is not)
     result: dict[str, Any] = field(default_factory=dict)
 
 
@@ -144,8 +145,8 @@ class AsyncServer:
         if self._array is None or self._array[0] is not theta:  # one array per model: a backend may reuse its copy
             self._array = (theta, theta.numpy())
         for pending in self.ctx.backend.submit(self._array[1], keys, ids, keep=self.acfg.rule == "fedbuff"):
-            for cid in pending.client_ids:
-                by_id[int(cid)].pending = pending
+            for row, cid in enumerate(pending.client_ids):
+                by_id[int(cid)].pending, by_id[int(cid)].row = pending, row
 
     def fetch(self, f: Flight) -> dict[str, Any]:
         if f.pending is None:
@@ -153,7 +154,9 @@ class AsyncServer:
         res = with_retries(lambda: self.ctx.backend.result(f.pending), f"training client {f.client_id}",
                            self.cfg.system.max_failures, lambda: self._submit([f], self.bases[f.version]),
                            self.ctx.errors_log)
-        i = int(np.flatnonzero(res.client_ids == f.client_id)[0])
+        i = f.row
+        if not 0 <= i < len(res.client_ids) or int(res.client_ids[i]) != f.client_id:
+            i = int(np.flatnonzero(res.client_ids == f.client_id)[0])
         if int(res.samples_processed[i]) != f.samples:
             raise RuntimeError("a worker processed a different number of samples than planned at dispatch")
         f.pending = None
@@ -182,7 +185,7 @@ class AsyncServer:
             self._release(f.version)
             self._record(f, "staleness")
             return
-        s = float(staleness_weight(self.acfg.staleness, tau, self.acfg.staleness_a, self.acfg.staleness_b))
+        s = staleness_one(self.acfg.staleness, tau, self.acfg.staleness_a, self.acfg.staleness_b)
         self.buffer.append((f, s))
         if self.acfg.rule == "fedasync" or len(self.buffer) >= self.acfg.buffer_size:
             self.server_update()

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from simulator.algorithms.aggregation import STALENESS, fedasync_mix, fedbuff_mean, staleness_weight, weighted_mean
+from simulator.algorithms.aggregation import (
+    STALENESS,
+    fedasync_mix,
+    fedbuff_mean,
+    staleness_one,
+    staleness_weight,
+    weighted_mean,
+)
 
 
 @pytest.mark.parametrize(("name", "tau", "a", "b", "expected"), [
@@ -27,6 +34,19 @@ def test_staleness_rejects_unknown_and_negative():
     with pytest.raises(ValueError, match=">= 0"):
         staleness_weight("sqrt", -1.0)
     assert set(STALENESS) == {"constant", "polynomial", "sqrt", "hinge"}
+
+
+@pytest.mark.parametrize("name", STALENESS)
+@pytest.mark.parametrize(("a", "b"), [(0.5, 4.0), (1.7, 0.0), (0.01, 12.5)])
+def test_one_updates_weight_is_the_vectors_bit_for_bit(name, a, b):
+    """The asynchronous server's per-arrival weight (``staleness_one``) is ``staleness_weight``'s value exactly."""
+    taus = np.arange(0, 300)
+    want = staleness_weight(name, taus, a, b)
+    got = [staleness_one(name, int(t), a, b) for t in taus]
+    assert np.array_equal(np.array(got), want) or name == "polynomial"  # numpy's pow: per call vs vectorized
+    assert got == [float(staleness_weight(name, float(t), a, b)) for t in taus]
+    with pytest.raises(ValueError, match=">= 0"):
+        staleness_one(name, -1, a, b)
 
 
 def test_fedbuff_divides_by_k_not_by_the_weights():
