@@ -7,6 +7,8 @@ the Ray errors after which it runs again (``LOST``), the first lines of Ray's er
 from __future__ import annotations
 
 import re
+from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +59,32 @@ class Slot:
     actor: Any
     info: dict[str, object]
     restarts: int = 0
+
+
+class Placed:
+    """The driver's picture of one actor's shard cache: the clients it was given (to train, evaluate or prefetch)
+    since it started, least recent first, at most ``capacity`` (the worker's ``shard_cache``). A ``prefetch`` whose
+    clients are all in it would build nothing and is not sent. Where a worker's MiB bound (``shard_cache_mb``) evicts
+    first, the picture holds clients the actor no longer has: their shards are then built in their call, as without
+    prefetch (shards are pure functions of the client, so no result changes)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._actor: Any = None
+        self._ids: OrderedDict[int, None] = OrderedDict()
+
+    def add(self, actor: Any, client_ids: Iterable[int]) -> None:
+        if actor is not self._actor:  # a replacement starts empty
+            self._actor, self._ids = actor, OrderedDict()
+        for c in client_ids:
+            self._ids[int(c)] = None
+            self._ids.move_to_end(int(c))
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def holds(self, actor: Any, client_ids: Iterable[int]) -> bool:
+        """Whether ``actor`` was given every one of these clients and, as far as the count bound says, keeps them."""
+        return actor is self._actor and all(int(c) in self._ids for c in client_ids)
 
 
 @dataclass(eq=False)

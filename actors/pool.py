@@ -34,7 +34,18 @@ import ray
 from ray.exceptions import GetTimeoutError, ObjectLostError
 
 from actors.actor import FAULT_ENV, ClientActor, start_call
-from actors.calls import FIX, LOST, Batch, KeptPartial, KeptRows, RayPending, Slot, creation_error, first_line
+from actors.calls import (
+    FIX,
+    LOST,
+    Batch,
+    KeptPartial,
+    KeptRows,
+    Placed,
+    RayPending,
+    Slot,
+    creation_error,
+    first_line,
+)
 from actors.cluster import actors_that_fit, check_gcs, connect, log_level, pool_size
 from actors.combine import Combining
 from actors.watchdog import Watchdog
@@ -76,6 +87,7 @@ class RayPool(Combining, Backend):
         self._watchdog = Watchdog(system.call_timeout_s)
         self._stuck: dict[int, str] = {}  # actors the watchdog killed -> why
         self._prefetching: list[Any] = []  # prefetch calls not yet seen done (their errors are dropped)
+        self._placed: dict[int, Placed] = {}  # worker id -> the clients its actor has been given (``Placed``)
         self._submitted: tuple[np.ndarray, Any] | None = None  # the last submitted model and its object reference
         self._owns_ray = connect(system)
         self._gcs, self._checked, self._gcs_lost = ray.get_runtime_context().gcs_address, time.monotonic(), False
@@ -133,6 +145,7 @@ class RayPool(Combining, Backend):
         for (w, ids, k), part in zip(work, parts, strict=True):
             slot = self._slots[w]
             ref, partial_ref = start_call(slot.actor, method, batch.model_ref, k, ids, part, keep, bool(rows))
+            self._placement(slot).add(slot.actor, ids)
             pending.append(RayPending(ids, ref, keys=k, reduce=part, keep=keep, rows=rows, partial_ref=partial_ref,
                                       slot=slot, actor=slot.actor, batch=batch))
             self._watchdog.started(slot.actor, ref, len(ids))
@@ -168,8 +181,19 @@ class RayPool(Combining, Backend):
         """Queue a ``prefetch`` behind each actor's current call, for the clients ``train`` will place on it (the
         same ``split_cohort``): it builds their shards while the driver aggregates the current round."""
         self._settle_prefetch()
-        self._prefetching += [self._slots[w].actor.prefetch.remote(ids)
-                              for w, ids in split_cohort(client_ids, self.num_workers, self.system.clients_per_actor)]
+        for w, ids in split_cohort(client_ids, self.num_workers, self.system.clients_per_actor):
+            slot = self._slots[w]
+            placed = self._placement(slot)
+            if placed.holds(slot.actor, ids):  # nothing to build there: a call would only cost the actor and Ray
+                continue
+            self._prefetching.append(slot.actor.prefetch.remote(ids))
+            placed.add(slot.actor, ids)
+
+    def _placement(self, slot: Slot) -> Placed:
+        placed = self._placed.get(slot.worker_id)
+        if placed is None:
+            placed = self._placed[slot.worker_id] = Placed(self.spec.shard_cache)
+        return placed
 
     def _settle_prefetch(self) -> None:
         """Forget finished prefetches; one whose actor died raised, which only the next ``train`` call must see."""

@@ -8,6 +8,9 @@ steps concatenate their results back into a vector (``flatten``). Meta-SGD's lea
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,3 +59,11 @@ def flatten(tensors: Params | list[torch.Tensor] | tuple[torch.Tensor, ...], cli
     if clients:
         return torch.cat([t.detach().reshape(t.shape[0], -1) for t in values], dim=1)
     return torch.cat([t.detach().reshape(-1) for t in values])
+
+
+def readonly_tensor(values: np.ndarray) -> torch.Tensor:
+    """A tensor over ``values`` without a copy, even when they are read-only (a mean or rows read from Ray's object
+    store); for readers only."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(values)

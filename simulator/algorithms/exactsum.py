@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from simulator.params import readonly_tensor
+
 #: |u_ij| below which an upload sits on the default grid (F = 42, 2^-42 = 2.3e-13); larger elements are outliers
 DEFAULT_BOUND = 2.0 ** 20
 #: the int64 range used: every partial sum stays below 2^62 (1 + 2^-20) + k / 2 < 2^63
@@ -96,7 +98,7 @@ def on_grid(rows: np.ndarray, scales: np.ndarray) -> np.ndarray:
     rows) in two reused buffers, so each step stays in cache and no row-sized temporary is allocated: every element
     is computed alone and the integer sum is exact, so blocking changes no bit (its cost in a worker:
     ``benchmarks.exactsum_speed``; about 2-3x faster than one whole-array pass per step)."""
-    r = torch.from_numpy(np.ascontiguousarray(rows))
+    r = readonly_tensor(np.ascontiguousarray(rows))  # only read (rows may be the object store's)
     s = torch.from_numpy(np.asarray(scales, np.float64))[:, None]
     k, size = r.shape
     out = torch.empty(size, dtype=torch.int64)

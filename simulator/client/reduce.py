@@ -30,6 +30,7 @@ import torch
 
 from simulator.algorithms.exactsum import BLOCK_ELEMENTS, Accumulator, Grid, Partial, merge, outlier_order
 from simulator.contract import Reduction, Release, Selection, TrainResult
+from simulator.params import readonly_tensor
 from simulator.privacy.clipping import clip_factors, update_norms
 from simulator.privacy.noise import gaussian
 
@@ -56,7 +57,7 @@ def row_norms32(rows: np.ndarray) -> np.ndarray:
     row reduced alone, the bits of the row's own 1-D norm, which tests/simulator/test_reduce.py checks)."""
     if len(rows) == 0:
         return np.zeros(0)
-    r = torch.from_numpy(np.ascontiguousarray(rows))
+    r = readonly_tensor(np.ascontiguousarray(rows))
     return torch.linalg.vector_norm(r, dim=1).to(torch.float64).numpy()
 
 

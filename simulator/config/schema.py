@@ -111,7 +111,7 @@ class SystemConfig:
     shard_cache: int = 65536   # client shards each worker keeps (LRU), at most ...
     shard_cache_mb: float = 512.0  # ... and at most this many MiB of them
     vectorize: bool = True     # train a cohort's clients together with torch.func.vmap where the model allows
-    prefetch: bool = True      # actors build the next round's shards while the driver aggregates (sync modes)
+    prefetch: bool = False     # actors build the next round's shards while the driver aggregates (sync modes)
     combine: str = "auto"      # where a round's partial sums become its mean: "driver" | "actors" | "auto" (by size)
     max_failures: int = 3      # lost worker calls (actor or node death) retried per round before the run stops
     call_timeout_s: float = 600.0  # a worker call this long past its start is stuck: its actor is replaced (0 = off)

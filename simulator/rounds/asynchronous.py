@@ -42,7 +42,8 @@ from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
 from simulator.algorithms.record import pseudo_gradient
 from simulator.algorithms.server import ServerState, update_norm
 from simulator.contract import Reduction, Release, Selection
-from simulator.rounds.context import RunContext, readonly_tensor
+from simulator.params import readonly_tensor
+from simulator.rounds.context import RunContext
 from simulator.rounds.retry import with_retries
 from simulator.rounds.rows import client_rows, round_row
 from simulator.rundir.checkpoint import plain

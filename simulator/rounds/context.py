@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -107,14 +106,6 @@ class ClientPlans:
                                                   zip(cols, (np.float64,) * 3 + (np.int64,) * 2 + (np.float64,),
                                                       strict=True))
         return Profiles(ids, speed, up, down), n, samples, durations
-
-
-def readonly_tensor(values: np.ndarray) -> torch.Tensor:
-    """A tensor over ``values`` without a copy, even when they are read-only (a mean read from Ray's object store);
-    the server's step only reads it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
-        return torch.from_numpy(values)
 
 
 RoundCallback = Callable[[dict[str, Any]], None]

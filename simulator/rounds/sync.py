@@ -23,7 +23,8 @@ import torch
 from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid, weight_total
 from simulator.algorithms.server import update_norm as server_update_norm
 from simulator.contract import Reduction, Release, TrainResult
-from simulator.rounds.context import RunContext, readonly_tensor
+from simulator.params import readonly_tensor
+from simulator.rounds.context import RunContext
 from simulator.rounds.rows import client_rows, nan_columns, ordered, round_row, take_profiles
 from simulator.scheduling import Profiles, RoundPlan, VirtualClock, cohort_size, plan_round, sample_cohort
 

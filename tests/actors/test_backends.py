@@ -79,8 +79,8 @@ MODES = [
 def test_identical_metrics_in_every_mode(ray_session, tmp_path, mode, extra):
     base = small_overrides(rounds=6) + HETEROGENEOUS + extra
     inline = _run(tmp_path, "inline", base + ["system.backend=\"inline\""])
-    no_prefetch = ["system.prefetch=false"] if mode == "deadline" else []  # with and without, both equal inline
-    ray1 = _run(tmp_path, "ray1", base + ["system.backend=\"ray\"", "system.actors=1", *no_prefetch])
+    prefetch = ["system.prefetch=true"] if mode != "deadline" else []  # with and without, both equal inline
+    ray1 = _run(tmp_path, "ray1", base + ["system.backend=\"ray\"", "system.actors=1", *prefetch])
     ray2 = _run(tmp_path, "ray2", base + ["system.backend=\"ray\"", "system.actors=2"])
     assert len(inline["rounds"]) == 6
     assert inline["rounds"]["num_dropped"].sum() > 0  # the scenario exercises drops
@@ -133,6 +133,10 @@ def test_ray_pool_describes_actors_and_places_on_cpu(ray_session):
         assert sorted(ray_session.get(pool._prefetching)) == [3, 3]
         chunks = list(pool.train(theta, 0, np.arange(6)))
         assert sorted(c.worker_id for c in chunks) == [0, 1]
+        pool.prefetch(np.arange(6))  # every actor was given all of its clients: no call is sent
+        assert pool._prefetching == []
+        pool.prefetch(np.array([1, 3, 5, 8]))  # [8, 1] land on actor 0, which has neither: one call, there only
+        assert ray_session.get(pool._prefetching) == [2]
         assert sorted(np.concatenate([c.client_ids for c in chunks]).tolist()) == list(range(6))
         # the same clients trained in-process give bit-identical vectors
         local = worker.train(theta, 0, list(range(6)))

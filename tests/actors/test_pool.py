@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from actors.calls import Placed
 from actors.cluster import pool_size
 from actors.watchdog import Watchdog
 from simulator.config.schema import ConfigError, SystemConfig
@@ -81,3 +82,18 @@ def test_a_late_call_is_reported_once_before_its_deadline():
     clock.now = 105.5 + 55.5
     assert dog.late() == [(id(a), 55.5, 110.0)]
     assert Watchdog(0.0, clock).late() == []
+
+
+def test_the_drivers_picture_of_a_shard_cache():
+    """``Placed``: the clients an actor was given, least recent out first past the cache's count, and nothing for a
+    replacement actor (it starts with an empty cache)."""
+    first, second = object(), object()
+    placed = Placed(capacity=3)
+    assert not placed.holds(first, [1])
+    placed.add(first, [1, 2, 3])
+    assert placed.holds(first, [3, 1]) and placed.holds(first, [])
+    placed.add(first, [1, 4])  # 1 touched, 4 in: 2 (least recent) out
+    assert placed.holds(first, [1, 3, 4]) and not placed.holds(first, [2])
+    assert not placed.holds(second, [1])  # another actor in the slot
+    placed.add(second, [7])
+    assert placed.holds(second, [7]) and not placed.holds(second, [1]) and not placed.holds(first, [7])
