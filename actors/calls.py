@@ -76,9 +76,9 @@ class Placed:
     def add(self, actor: Any, client_ids: Iterable[int]) -> None:
         if actor is not self._actor:  # a replacement starts empty
             self._actor, self._ids = actor, OrderedDict()
-        for c in client_ids:
-            self._ids[int(c)] = None
-            self._ids.move_to_end(int(c))
+        for c in map(int, client_ids):
+            self._ids[c] = None
+            self._ids.move_to_end(c)
         while len(self._ids) > self.capacity:
             self._ids.popitem(last=False)
 

@@ -87,7 +87,7 @@ class RayPool(Combining, Backend):
         self._watchdog = Watchdog(system.call_timeout_s)
         self._stuck: dict[int, str] = {}  # actors the watchdog killed -> why
         self._prefetching: list[Any] = []  # prefetch calls not yet seen done (their errors are dropped)
-        self._placed: dict[int, Placed] = {}  # worker id -> the clients its actor has been given (``Placed``)
+        self._placed: dict[int, Placed] = {}  # worker id -> the clients its actor was given (with prefetch on)
         self._submitted: tuple[np.ndarray, Any] | None = None  # the last submitted model and its object reference
         self._owns_ray = connect(system)
         self._gcs, self._checked, self._gcs_lost = ray.get_runtime_context().gcs_address, time.monotonic(), False
@@ -145,7 +145,8 @@ class RayPool(Combining, Backend):
         for (w, ids, k), part in zip(work, parts, strict=True):
             slot = self._slots[w]
             ref, partial_ref = start_call(slot.actor, method, batch.model_ref, k, ids, part, keep, bool(rows))
-            self._placement(slot).add(slot.actor, ids)
+            if self.system.prefetch:  # only prefetch consults the picture
+                self._placement(slot).add(slot.actor, ids)
             pending.append(RayPending(ids, ref, keys=k, reduce=part, keep=keep, rows=rows, partial_ref=partial_ref,
                                       slot=slot, actor=slot.actor, batch=batch))
             self._watchdog.started(slot.actor, ref, len(ids))

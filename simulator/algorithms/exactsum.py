@@ -87,6 +87,14 @@ class Partial:
     outliers: np.ndarray | None = None  # n x P float64, or None when there is none
 
 
+def row_peaks(rows: np.ndarray) -> np.ndarray:
+    """Each row's largest magnitude max_j |u_ij| in float64 (0 for an empty row): NaN when the row holds a NaN, inf
+    when it holds an infinity (numpy's max and min propagate both), so one pass answers both "is it finite"
+    (``client.reduce.finite_rows``) and "does it fit the grid" (``Accumulator.add``)."""
+    rows = np.asarray(rows)
+    return np.maximum(rows.max(axis=1, initial=0.0), -rows.min(axis=1, initial=0.0)).astype(np.float64)
+
+
 #: float64 elements ``on_grid`` works on at a time (512 KiB, a core's L2): the k rows' columns in blocks this large
 ON_GRID_ELEMENTS = 1 << 16
 
@@ -130,7 +138,7 @@ class Accumulator:
             peaks: np.ndarray | None = None) -> None:
         """Add x_i = (a_i f_i) u_i for each row u_i (finite; k x P, float32 or float64), ``coefs`` a_i (the nominal
         coefficients the grid was sized for), ``factors`` f_i in [0, 1] (DP clip factors; default 1); ``peaks``
-        max_j |u_ij| of each row when the caller knows them (``client.reduce.row_peaks``), else computed here."""
+        max_j |u_ij| of each row when the caller knows them (``row_peaks``), else computed here."""
         rows = np.asarray(rows)
         a = np.asarray(coefs, np.float64)
         f = np.ones_like(a) if factors is None else np.asarray(factors, np.float64)
@@ -140,8 +148,7 @@ class Accumulator:
         step = max(1, BLOCK_ELEMENTS // max(1, self.size))
         for b in range(0, len(rows), step):
             u, ab, fb = rows[b:b + step], a[b:b + step], f[b:b + step]
-            peak = (np.maximum(u.max(axis=1, initial=-np.inf), -u.min(axis=1, initial=np.inf)).astype(np.float64)
-                    if peaks is None else np.asarray(peaks[b:b + step], np.float64))
+            peak = row_peaks(u) if peaks is None else np.asarray(peaks[b:b + step], np.float64)
             fits = (peak * fb < self.grid.limit) & (ab != 0)  # |f_i u_ij| < R (NaN fails: an outlier)
             for i in np.flatnonzero(~fits & (ab != 0)).tolist():  # zero coefficients add nothing
                 self.keys.append(int(keys[b + i]))

@@ -28,21 +28,19 @@ import math
 import numpy as np
 import torch
 
-from simulator.algorithms.exactsum import BLOCK_ELEMENTS, Accumulator, Grid, Partial, merge, outlier_order
+from simulator.algorithms.exactsum import (
+    BLOCK_ELEMENTS,
+    Accumulator,
+    Grid,
+    Partial,
+    merge,
+    outlier_order,
+    row_peaks,
+)
 from simulator.contract import Reduction, Release, Selection, TrainResult
 from simulator.params import readonly_tensor
 from simulator.privacy.clipping import clip_factors, update_norms
 from simulator.privacy.noise import gaussian
-
-
-def row_peaks(rows: np.ndarray) -> np.ndarray:
-    """Each row's largest magnitude max_j |u_ij| in float64: NaN when the row holds a NaN, inf when it holds an
-    infinity (numpy's max and min propagate both), so one pass answers both "is it finite" and "does it fit the
-    grid" (``exactsum.Accumulator.add``)."""
-    rows = np.asarray(rows)
-    if rows.shape[1] == 0:
-        return np.zeros(len(rows))
-    return np.maximum(rows.max(axis=1), -rows.min(axis=1)).astype(np.float64)
 
 
 def finite_rows(rows: np.ndarray, losses: np.ndarray, peaks: np.ndarray | None = None) -> np.ndarray:
@@ -130,9 +128,10 @@ def selected_partial(blocks: list[np.ndarray], sel: Selection, seed: int, size: 
     norms = np.full(len(picked), math.nan)
     step = max(1, BLOCK_ELEMENTS // max(1, size))  # rows gathered at a time: never a copy of a whole chunk
     order = np.lexsort((picked, where))  # by block, then row: runs of consecutive rows stay views
+    arrays = [np.asarray(b) for b in blocks]
     for lo in range(0, order.size, step):
         pos = order[lo:lo + step]
-        rows = gathered([np.asarray(b) for b in blocks], where[pos], picked[pos], size)
+        rows = gathered(arrays, where[pos], picked[pos], size)
         norms[pos] = reduce_rows(acc, rows, np.ones(pos.size, bool), red.coefs[pos], pos, red, seed, keys[pos],
                                  red.client_ids[pos])
     return acc.partial(), norms

@@ -48,7 +48,7 @@ log = logging.getLogger("metafleet.worker")
 #: outgrows the caches (`python -m benchmarks.chunks --clients 10000 --chunks 100 256 1000 10000`, anchor
 #: workload, 1 thread: 204, 206, 226 and 424 us per client)
 CPU_CHUNK = 256
-#: cache misses ``prefetch`` builds together at a time (a bound on what it builds past the cache's half)
+#: clients ``prefetch`` takes at a time, their misses built together (a bound on what it builds past its stop)
 PREFETCH_BATCH = 32
 #: update vectors a worker holds at once (one block; a reduced call keeps no more): LEAF's FEMNIST CNN (26 MB an
 #: update) trains 20 clients a block instead of 256 (6.7 GB), and a client's result does not depend on its block
@@ -196,19 +196,19 @@ class ClientWorker:
         it has just built, nor all the others."""
         built, nbytes, budget = 0, 0, self.spec.shard_cache_mb * 2**20 / 2
         ids = [int(c) for c in client_ids]
-        todo = iter(dict.fromkeys(c for c in ids if c not in self._shards))
-        made: dict[int, ClientShard] = {}
-        for cid in ids:
-            if built >= self.spec.shard_cache // 2 or nbytes >= budget:
-                break
-            fresh = cid not in self._shards
-            if fresh and cid not in made:  # the next misses built together (``build_shards``), as ``shards`` does
-                batch = [c for _, c in zip(range(PREFETCH_BATCH), todo, strict=False)]
-                made = dict(zip(batch, build_shards(self.dataset, batch), strict=True))
-            shard = self.shard(cid, made)
-            _ = shard.all  # the concatenated local data a training client steps on
-            if fresh:
-                built, nbytes = built + 1, nbytes + shard.nbytes()
+        for lo in range(0, len(ids), PREFETCH_BATCH):  # each slice's misses built together, as ``shards`` does
+            part, made = ids[lo:lo + PREFETCH_BATCH], None
+            for cid in part:
+                if built >= self.spec.shard_cache // 2 or nbytes >= budget:
+                    return built
+                if made is None:  # built once the slice is known to be needed
+                    missing = list(dict.fromkeys(c for c in part if c not in self._shards))
+                    made = dict(zip(missing, build_shards(self.dataset, missing), strict=True))
+                fresh = cid not in self._shards
+                shard = self.shard(cid, made)
+                _ = shard.all  # the concatenated local data a training client steps on
+                if fresh:
+                    built, nbytes = built + 1, nbytes + shard.nbytes()
         return built
 
     def _theta(self, theta: np.ndarray | torch.Tensor) -> torch.Tensor:

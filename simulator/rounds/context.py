@@ -74,15 +74,18 @@ def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDatas
     return profiles, np.array([s + q for s, q in sizes], np.int64), samples, durations
 
 
-#: client plans ``ClientPlans`` remembers (5 numbers each)
+#: client plans ``ClientPlans`` remembers (6 numbers each)
 PLAN_CACHE = 65_536
+#: requests of at least this many clients are planned as a batch (vectorized), smaller ones from remembered rows
+PLAN_BATCH = 8
 
 
 class ClientPlans:
     """``plan_clients`` remembered per client: a client's profile, sizes and duration are functions of its id alone
     (for one run's config and model), and the asynchronous server plans one or two clients a refill, where the
-    vectorized computation is mostly overhead. Small requests are answered from the rows of earlier ones; each value
-    is computed element by element as ``plan_clients`` computes it for any batch, so the numbers are the same."""
+    vectorized computation is mostly overhead. Requests under ``PLAN_BATCH`` clients are answered from the rows of
+    earlier ones; each value is computed element by element as ``plan_clients`` computes it for any batch, so the
+    numbers are the same."""
 
     def __init__(self, plan: Callable[[np.ndarray], tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]]) -> None:
         self._plan = plan
@@ -90,7 +93,7 @@ class ClientPlans:
 
     def __call__(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
         ids = np.asarray(client_ids, np.int64)
-        if ids.size >= 8:
+        if ids.size >= PLAN_BATCH:
             return self._plan(ids)
         keys = ids.tolist()
         missing = [c for c in dict.fromkeys(keys) if c not in self._rows]

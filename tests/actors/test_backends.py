@@ -119,7 +119,7 @@ def test_completion_order_does_not_change_results(tmp_path):
 
 
 def test_ray_pool_describes_actors_and_places_on_cpu(ray_session):
-    cfg = load_config(None, small_overrides(**{"system.actors": 2}))
+    cfg = load_config(None, small_overrides(**{"system.actors": 2, "system.prefetch": True}))
     with make_backend(cfg) as pool:
         info = pool.describe()
         assert [d["worker_id"] for d in info] == [0, 1]
