@@ -61,6 +61,23 @@ def flatten(tensors: Params | list[torch.Tensor] | tuple[torch.Tensor, ...], cli
     return torch.cat([t.detach().reshape(-1) for t in values])
 
 
+def row_block(vectors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+    """The k x P float32 CPU tensor whose rows 0..k-1 are ``vectors``, in order, as a view of their one storage (a
+    vectorized cohort's updates are the rows of one result), or None when they are not such rows."""
+    if not vectors:
+        return None
+    first = vectors[0]
+    if first.dim() != 1 or first.dtype != torch.float32 or first.device.type != "cpu" or first.stride() != (1,):
+        return None
+    size, storage = first.numel(), first.untyped_storage().data_ptr()
+    start, step = first.data_ptr(), first.numel() * first.element_size()
+    for j, v in enumerate(vectors):
+        if v.data_ptr() != start + j * step or v.shape != first.shape or v.stride() != (1,) or \
+                v.dtype != torch.float32 or v.untyped_storage().data_ptr() != storage:
+            return None
+    return first.as_strided((len(vectors), size), (size, 1))
+
+
 def readonly_tensor(values: np.ndarray) -> torch.Tensor:
     """A tensor over ``values`` without a copy, even when they are read-only (a mean or rows read from Ray's object
     store); for readers only."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from simulator.algorithms.record import Algorithm, Batch, ClientUpdate, LossFn, batch_samples
+from simulator.algorithms.record import Algorithm, ClientUpdate, LossFn, Plan, batch_samples
 from simulator.algorithms.stacked import Group, VectorizedCohort
 from simulator.algorithms.steps import batch_plan, descend, full_loss, processed, take
 from simulator.config.schema import AlgorithmConfig
@@ -35,7 +35,7 @@ def outer_lr(cfg: AlgorithmConfig) -> float:
     return cfg.outer_lr or cfg.local_lr
 
 
-def per_fedavg_plans(rng: np.random.Generator, n: int, cfg: AlgorithmConfig, hessian_free: bool) -> list[list[Batch]]:
+def per_fedavg_plans(rng: np.random.Generator, n: int, cfg: AlgorithmConfig, hessian_free: bool) -> list[Plan]:
     """The batch streams D, D' (and D'' for HF) of ``local_steps`` steps each, drawn one after the
     other from the client's generator: independent seeded permutation streams over all local data."""
     return [batch_plan(rng, n, cfg.batch_size, cfg.local_steps) for _ in range(3 if hessian_free else 2)]

@@ -32,11 +32,17 @@ from simulator.data.base import ClientShard
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Batch = np.ndarray | None  # indices into a split; None = the whole split
+#: a client's batches (``steps.batch_plan``): a (steps x batch size) index array whose rows are the batches, or
+#: ``[None] * steps`` for full-batch steps
+Plan = Sequence[Batch]
 
 
 @dataclass(frozen=True)
 class ClientUpdate:
-    """One client's contribution: ``vector`` is a delta (FedAvg, Reptile) or a meta-gradient (MAML)."""
+    """One client's contribution: ``vector`` is a delta (FedAvg, Reptile) or a meta-gradient (MAML).
+
+    The vector is handed over to the worker: it may be read without a copy (the rows of one tensor are one block,
+    ``params.row_block``) and compressed in place, so a step returns a tensor of its own, never one it keeps."""
 
     vector: torch.Tensor
     loss_before: float

@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from simulator.algorithms.mlpsgd import StackedMLPSGD
-from simulator.algorithms.record import Algorithm, Batch, ClientUpdate
+from simulator.algorithms.record import Algorithm, ClientUpdate, Plan
 from simulator.algorithms.steps import batch_plan, processed
 from simulator.config.schema import AlgorithmConfig
 from simulator.data.base import ClientShard, Split
@@ -87,7 +87,7 @@ class Group:
     plans: torch.Tensor | None  # k x steps x b indices, None = full-batch steps
 
 
-def stack(splits: Sequence[Split], plans: Sequence[list[Batch]], rows: list[int]) -> Group:
+def stack(splits: Sequence[Split], plans: Sequence[Plan], rows: list[int]) -> Group:
     n_max = max(len(s) for s in splits)
     device = splits[0].x.device
 
@@ -99,7 +99,7 @@ def stack(splits: Sequence[Split], plans: Sequence[list[Batch]], rows: list[int]
     y = torch.stack([pad(s.y) for s in splits])
     sizes = torch.tensor([len(s) for s in splits], device=device)
     mask = (torch.arange(n_max, device=device) < sizes[:, None]).to(torch.float32)
-    full = plans[0][0] is None if plans[0] else True
+    full = len(plans[0]) == 0 or plans[0][0] is None
     idx = None if full else torch.from_numpy(np.asarray(plans)).to(device)
     return Group(rows, x, y, mask, idx)
 
@@ -232,7 +232,7 @@ class VectorizedCohort:
         mlp = self.mlp
         return lambda theta, g: mlp.local_sgd(theta, g.x, g.y, g.plans, steps, lr)
 
-    def delta_updates(self, theta: torch.Tensor, data: list[Split], plans: list[list[Batch]], batch_size: int,
+    def delta_updates(self, theta: torch.Tensor, data: list[Split], plans: list[Plan], batch_size: int,
                       local: Callable[[Params, Group], Params], fused: FusedSGD | None = None) -> list[ClientUpdate]:
         """Client steps that start from theta on each client's whole local data and return w_final - theta
         (FedAvg, Reptile, Per-FedAvg): ``local(params, group)`` runs one group's steps on its stacked
@@ -253,13 +253,13 @@ class VectorizedCohort:
                 params = {n: p.detach() for n, p in local(params, g).items()}
                 after = self.full_losses(params, g, sizes)
                 delta = self.rows(params) - theta
-            for j, i in enumerate(rows):
-                out[i] = ClientUpdate(delta[j], before[j], after[j], processed(len(data[i]), plans[i]))
+            for i, vector, b, a in zip(rows, delta.unbind(0), before, after, strict=False):  # a lone client: 2 rows
+                out[i] = ClientUpdate(vector, b, a, processed(len(data[i]), plans[i]))
         return out  # type: ignore[return-value]
 
     @staticmethod
     def support_query(shards: Sequence[ClientShard], rngs: Sequence[np.random.Generator], cfg: AlgorithmConfig
-                       ) -> tuple[list[Split], list[Split], list[list[Batch]], list[list[Batch]], list[object]]:
+                       ) -> tuple[list[Split], list[Split], list[Plan], list[Plan], list[object]]:
         """Support and query splits, their batch plans (drawn in the sequential path's order) and group keys."""
         sup = [s.support for s in shards]
         qry = [s.query for s in shards]
@@ -271,7 +271,7 @@ class VectorizedCohort:
                               for s, q in zip(sup, qry, strict=True)]
         return sup, qry, plans, qplans, keys
 
-    def meta_group(self, sup: list[Split], qry: list[Split], plans: list[list[Batch]], qplans: list[list[Batch]],
+    def meta_group(self, sup: list[Split], qry: list[Split], plans: list[Plan], qplans: list[Plan],
                     run: list[int]) -> tuple[Group, Group, torch.Tensor, torch.Tensor]:
         """A group's stacked support and query data, and its one query batch (MAML-style steps)."""
         gs = stack([sup[i] for i in run], [plans[i] for i in run], run)
@@ -280,7 +280,7 @@ class VectorizedCohort:
 
     def meta_updates(self, out: list[ClientUpdate | None], rows: list[int], vectors: torch.Tensor,
                       before: torch.Tensor, after: torch.Tensor,
-                      data: tuple[list[Split], list[Split], list[list[Batch]], list[list[Batch]]]) -> None:
+                      data: tuple[list[Split], list[Split], list[Plan], list[Plan]]) -> None:
         """A group's client updates of a MAML-style step, written into ``out`` at their cohort positions."""
         sup, qry, plans, qplans = data
         for j, i in enumerate(rows):

@@ -18,15 +18,13 @@ in FedMeta (Chen et al. 2018, Alg. 1). Held-out clients only ever adapt on suppo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from simulator.algorithms.record import Batch, LossFn
+from simulator.algorithms.record import Batch, LossFn, Plan
 from simulator.config.schema import AlgorithmConfig
 from simulator.data.base import ClientShard, Split
 from simulator.params import Params, load_flat
@@ -39,16 +37,17 @@ def loss_function(task: str) -> LossFn:
     return F.mse_loss if task == "regression" else F.cross_entropy
 
 
-def batch_plan(rng: np.random.Generator, n: int, batch_size: int, steps: int) -> list[Batch]:
-    """Mini-batch indices for ``steps`` SGD steps: consecutive epochs of seeded permutations.
+def batch_plan(rng: np.random.Generator, n: int, batch_size: int, steps: int) -> Plan:
+    """Mini-batch indices for ``steps`` SGD steps: consecutive epochs of seeded permutations, as a
+    (steps x batch_size) array whose rows are the batches (one array, no list of slices to build).
 
-    ``batch_size`` 0 or >= n means full-batch steps.
+    ``batch_size`` 0 or >= n means full-batch steps: ``[None] * steps``.
     """
     if batch_size <= 0 or batch_size >= n or steps == 0:
         return [None] * steps
     epochs = -(-steps * batch_size // n)
-    order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
-    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+    order = rng.permutation(n) if epochs == 1 else np.concatenate([rng.permutation(n) for _ in range(epochs)])
+    return order[:steps * batch_size].reshape(steps, batch_size)
 
 
 def take(split: Split, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +57,10 @@ def take(split: Split, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return split.x[idx], split.y[idx]
 
 
-def processed(n: int, plan: Sequence[Batch]) -> int:
+def processed(n: int, plan: Plan) -> int:
     """Samples a plan's steps process on a split of n samples."""
+    if isinstance(plan, np.ndarray):  # a mini-batch plan: steps x batch size indices
+        return plan.size
     return sum(n if b is None else len(b) for b in plan)
 
 
@@ -70,7 +71,7 @@ def descend(params: Params, grads: Params, lr: Rate) -> Params:
     return {n: params[n] - lr * grads[n] for n in params}
 
 
-def inner_loop(model: nn.Module, data: Split, plan: Sequence[Batch], lr: Rate, loss: LossFn,
+def inner_loop(model: nn.Module, data: Split, plan: Plan, lr: Rate, loss: LossFn,
                fast: Params | None = None, create_graph: bool = False, rho: float = 0.0) -> Params:
     """Gradient steps theta <- theta - lr o grad L_batch(theta), one per batch of ``plan`` (see the module
     docstring).

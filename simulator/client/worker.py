@@ -38,7 +38,7 @@ from simulator.contract import EvalResult, Reduction, TrainResult, WorkerSpec
 from simulator.data.base import ClientShard, build_shards
 from simulator.data.registry import make_dataset
 from simulator.models import build_model
-from simulator.params import num_parameters
+from simulator.params import num_parameters, row_block
 from simulator.plugins import provide_sources
 from simulator.rng import generator, generators
 
@@ -258,9 +258,7 @@ class ClientWorker:
         parts, merged = [], Merger(self.vector_size)
         for i in range(0, len(shards), step):  # a client's result does not depend on its block-mates
             updates, times = self._updates(params, shards[i:i + step], rngs[i:i + step])
-            block = np.empty((len(updates), self.vector_size), np.float32)
-            if updates:  # one copy of all the rows (a vectorized cohort's are rows of one tensor)
-                torch.stack([u.vector.to("cpu", torch.float32) for u in updates], out=torch.from_numpy(block))
+            block = self._block([u.vector for u in updates])
             if self.spec.compression.method != "none":
                 self._compress(block, per_client[i:i + step], client_ids[i:i + step])
             col = lambda values, dt: np.array(values, dt)  # noqa: E731
@@ -282,6 +280,17 @@ class ClientWorker:
                   and getattr(parts[0], f.name) is not None}
         out = TrainResult(self.worker_id, partial=merged.partial() if reduce is not None else None, **joined)
         return summarize(out, self.spec.clip_norms) if summarized and reduce is None else out
+
+    def _block(self, vectors: list[torch.Tensor]) -> np.ndarray:
+        """The updates as one k x P float32 array: a vectorized group's rows are already one tensor on the CPU
+        (``params.row_block``), used as it is; any others are copied into a new array, all at once."""
+        rows = row_block(vectors)
+        if rows is not None and rows.shape[1] == self.vector_size:
+            return rows.numpy()
+        block = np.empty((len(vectors), self.vector_size), np.float32)
+        if vectors:
+            torch.stack([v.to("cpu", torch.float32) for v in vectors], out=torch.from_numpy(block))
+        return block
 
     def _updates(self, params: torch.Tensor, shards: list[ClientShard],
                  rngs: list[np.random.Generator]) -> tuple[list, list[float]]:

@@ -18,7 +18,7 @@ from simulator.algorithms.maml import maml_update
 from simulator.algorithms.record import client_weight, pseudo_gradient
 from simulator.algorithms.registry import ALGORITHMS
 from simulator.algorithms.server import ServerOptimizer, update_norm
-from simulator.algorithms.steps import batch_plan, full_loss, loss_function, take
+from simulator.algorithms.steps import batch_plan, full_loss, loss_function, processed, take
 from simulator.config.schema import AlgorithmConfig
 from simulator.data.base import ClientShard, Split
 from simulator.params import load_flat
@@ -46,6 +46,27 @@ def test_batch_plan_epochs_are_permutations():
     for epoch in range(2):  # 12 / 3 = 4 steps per epoch
         seen = np.concatenate(plan[4 * epoch:4 * epoch + 4])
         assert sorted(seen.tolist()) == list(range(12))
+
+
+@pytest.mark.parametrize(("n", "batch_size", "steps"), [(50, 10, 5), (12, 3, 8), (10, 3, 7), (7, 6, 1)])
+def test_batch_plan_is_one_array_of_the_streams_permutations(n, batch_size, steps):
+    """Its rows are the batches cut, one after another, from the epochs' permutations of the client's stream."""
+    plan = batch_plan(rng(3), n, batch_size, steps)
+    ref, order = rng(3), np.zeros(0, np.int64)
+    while order.size < steps * batch_size:
+        order = np.concatenate([order, ref.permutation(n)])
+    want = [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+    assert isinstance(plan, np.ndarray) and plan.shape == (steps, batch_size)
+    assert all(np.array_equal(b, w) for b, w in zip(plan, want, strict=True))
+    assert processed(n, plan) == steps * batch_size == sum(len(b) for b in want)
+    assert ref.random() == _after(n, batch_size, steps)  # the plan drew its epochs' permutations, no more
+
+
+def _after(n: int, batch_size: int, steps: int) -> float:
+    """The stream's next value after a plan: a plan consumes exactly its epochs' permutations."""
+    g = rng(3)
+    batch_plan(g, n, batch_size, steps)
+    return g.random()
 
 
 def test_batch_plan_partial_epochs():

@@ -17,7 +17,7 @@ from simulator.config.schema import AlgorithmConfig, EvalConfig
 from simulator.contract import Reduction, WorkerSpec
 from simulator.data.base import ClientShard, Split, eval_client_ids
 from simulator.experiment import load_config
-from simulator.params import flat_params
+from simulator.params import flat_params, row_block
 
 BASE = ["data.num_clients=20", "clients.per_round=4", "eval.clients=5", "data.eval_clients=5",
         "model.hidden=[8]", "algorithm.local_steps=2", "eval.adapt_steps=2"]
@@ -244,3 +244,25 @@ def test_a_chunks_share_of_a_reduction_reduces_its_clients_as_the_whole_does(syn
     assert a.grid == b.grid and np.array_equal(a.total, b.total) and a.total.any()
     with pytest.raises(KeyError):
         whole.parts([[4]])  # not in the cohort
+
+
+def test_row_block_is_the_rows_own_tensor_or_none():
+    """A vectorized cohort's update rows are used as the call's block without a copy; anything else is not."""
+    delta = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    block = row_block(list(delta.unbind(0)))
+    assert block is not None and torch.equal(block, delta) and block.data_ptr() == delta.data_ptr()
+    assert torch.equal(row_block([delta[1], delta[2]]), delta[1:])  # consecutive rows from any start
+    assert torch.equal(row_block([delta[0]]), delta[:1])  # a lone client's first row of its doubled group
+    other = delta.clone()
+    for rows in ([delta[1], delta[0]], [delta[0], delta[2]], [delta[0], other[1]], [delta[:, 0]],
+                 [delta[0].double()], []):
+        assert row_block(rows) is None
+
+
+def test_a_vectorized_calls_block_equals_the_rows_it_was_given(synthetic):
+    """The block taken as it is holds each client's own row: the same bits as the clients trained alone."""
+    worker, theta = synthetic
+    assert worker.vectorized is not None
+    res = worker.train(theta, 1, [4, 9, 2])
+    for i, c in enumerate([4, 9, 2]):
+        assert np.array_equal(worker.train(theta, 1, [c, 0]).vectors[0], res.vectors[i])
