@@ -64,14 +64,12 @@ def flatten(tensors: Params | list[torch.Tensor] | tuple[torch.Tensor, ...], cli
 def row_block(vectors: list[torch.Tensor] | tuple[torch.Tensor, ...]) -> torch.Tensor | None:
     """The k x P float32 CPU tensor whose rows 0..k-1 are ``vectors``, in order, as a view of their one storage (a
     vectorized cohort's updates are the rows of one result), or None when they are not such rows."""
-    if not vectors:
+    if not vectors or vectors[0].dim() != 1 or vectors[0].device.type != "cpu":
         return None
-    first = vectors[0]
-    if first.dim() != 1 or first.dtype != torch.float32 or first.device.type != "cpu" or first.stride() != (1,):
-        return None
+    first = vectors[0]  # its dtype and stride are checked with every other row's below
     size, storage = first.numel(), first.untyped_storage().data_ptr()
-    start, step = first.data_ptr(), first.numel() * first.element_size()
-    for j, v in enumerate(vectors):
+    start, step = first.data_ptr(), size * first.element_size()
+    for j, v in enumerate(vectors):  # one storage: rows at consecutive addresses of another would read past it
         if v.data_ptr() != start + j * step or v.shape != first.shape or v.stride() != (1,) or \
                 v.dtype != torch.float32 or v.untyped_storage().data_ptr() != storage:
             return None
