@@ -2,7 +2,11 @@
 cost of one actor call.
 
 1. Client work: 50 fresh anchor-workload clients per call (``prefetch`` builds their shards, then ``train`` with a
-   ``Reduction``), 30 calls each, CPU ms per call (medians), in the driver's process and in one actor, alternated.
+   ``Reduction``), 30 calls each, CPU ms per call (medians), in the driver's process and in one actor, alternated;
+   then in two actors at once (as a round of a 2-actor pool runs them), and in one of them alone right after. On a
+   machine with as many cores as actors the same client work costing more CPU in two actors at once than in one
+   says the actors slow each other down (shared caches, memory bandwidth, the driver and the raylet on the same
+   cores), not Ray's machinery, which the second part times.
 2. One call: the CPU the actor and the driver spend per call (``/proc`` for the actor, ``process_time`` here) and
    its wall time, for a bare call (as a ``prefetch``), and for a call that resolves a freshly ``ray.put`` model
    (4,554 float32 values) and carries 50 client ids and a chunk's coefficients (as a round's ``train``).
@@ -101,6 +105,15 @@ def main() -> None:
         there = ray.get(probe.work.remote((2 * i + 1) * 10**5))
         print(f"  repeat {i}: in this process {here[0]:.2f} + {here[1]:.2f}, "
               f"in an actor {there[0]:.2f} + {there[1]:.2f}")
+    other = Probe.remote()
+    ray.get(other.pid.remote())
+    print(f"client work in two actors at once, then in the first alone (CPU ms per call, median of {CALLS})")
+    for i in range(args.repeats):
+        base = (2 * args.repeats + 3 * i) * 10**5
+        both = ray.get([p.work.remote(base + j * 10**5) for j, p in enumerate((probe, other))])
+        alone = ray.get(probe.work.remote(base + 2 * 10**5))
+        print(f"  repeat {i}: at once {both[0][0]:.2f} + {both[0][1]:.2f} and {both[1][0]:.2f} + {both[1][1]:.2f}, "
+              f"alone {alone[0]:.2f} + {alone[1]:.2f}")
     ids, red = list(range(CHUNK)), Reduction(np.arange(CHUNK), np.ones(CHUNK), Grid.for_bound(DEFAULT_BOUND, 1.0))
     print("one actor call, ms per call: actor CPU, driver CPU, wall")
     for name, fn in (("bare call", lambda: ray.get(probe.call.remote())),
