@@ -4,9 +4,9 @@ cost of one actor call.
 1. Client work: 50 fresh anchor-workload clients per call (``prefetch`` builds their shards, then ``train`` with a
    ``Reduction``), 30 calls each, CPU ms per call (medians), in the driver's process and in one actor, alternated;
    then in two actors at once (as a round of a 2-actor pool runs them), and in one of them alone right after. On a
-   machine with as many cores as actors the same client work costing more CPU in two actors at once than in one
-   says the actors slow each other down (shared caches, memory bandwidth, the driver and the raylet on the same
-   cores), not Ray's machinery, which the second part times.
+   machine with at least as many cores as actors, the same client work costing more CPU in two actors at once than
+   in one alone says the actors slow each other down (shared caches, memory bandwidth); the driver only waits
+   meanwhile. Every call's clients are new ones of the registered population.
 2. One call: the CPU the actor and the driver spend per call (``/proc`` for the actor, ``process_time`` here) and
    its wall time, for a bare call (as a ``prefetch``), and for a call that resolves a freshly ``ray.put`` model
    (4,554 float32 values) and carries 50 client ids and a chunk's coefficients (as a round's ``train``).
@@ -37,7 +37,10 @@ from simulator.experiment import load_config
 from simulator.params import flat_params
 
 CHUNK, CALLS = 50, 30
-SPEC = WorkerSpec.from_config(load_config(None, ANCHOR + ["data.num_clients=1000000", "system.vectorize=true"]))
+POPULATION = 1_000_000
+SPEC = WorkerSpec.from_config(load_config(None, ANCHOR + [f"data.num_clients={POPULATION}", "system.vectorize=true"]))
+#: client-work measurements per repeat (in this process, in an actor, two at once, one alone), each on new clients
+WORKS_PER_REPEAT = 5
 
 
 def client_work(worker: ClientWorker, theta: np.ndarray, first: int) -> tuple[float, float]:
@@ -92,8 +95,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    most = POPULATION // (WORKS_PER_REPEAT * CALLS * CHUNK)
+    if not 1 <= args.repeats <= most:
+        parser.error(f"--repeats must be between 1 and {most} (each repeat trains "
+                     f"{WORKS_PER_REPEAT * CALLS * CHUNK:,} new clients of {POPULATION:,}), got {args.repeats}")
+    fresh = iter(range(0, POPULATION, CALLS * CHUNK))  # the first client id of each measurement's new clients
     connect(load_config(None, ANCHOR).system)
     local = ClientWorker(SPEC)
     theta = initial_vector(SPEC.algorithm, flat_params(local.model)).numpy()
@@ -101,17 +107,16 @@ def main() -> None:
     pid = ray.get(probe.pid.remote())
     print(f"client work, {CHUNK} new clients a call, CPU ms per call (median of {CALLS}): shards + train")
     for i in range(args.repeats):
-        here = client_work(local, theta, 2 * i * 10**5)
-        there = ray.get(probe.work.remote((2 * i + 1) * 10**5))
+        here = client_work(local, theta, next(fresh))
+        there = ray.get(probe.work.remote(next(fresh)))
         print(f"  repeat {i}: in this process {here[0]:.2f} + {here[1]:.2f}, "
               f"in an actor {there[0]:.2f} + {there[1]:.2f}")
     other = Probe.remote()
     ray.get(other.pid.remote())
     print(f"client work in two actors at once, then in the first alone (CPU ms per call, median of {CALLS})")
     for i in range(args.repeats):
-        base = (2 * args.repeats + 3 * i) * 10**5
-        both = ray.get([p.work.remote(base + j * 10**5) for j, p in enumerate((probe, other))])
-        alone = ray.get(probe.work.remote(base + 2 * 10**5))
+        both = ray.get([p.work.remote(next(fresh)) for p in (probe, other)])
+        alone = ray.get(probe.work.remote(next(fresh)))
         print(f"  repeat {i}: at once {both[0][0]:.2f} + {both[0][1]:.2f} and {both[1][0]:.2f} + {both[1][1]:.2f}, "
               f"alone {alone[0]:.2f} + {alone[1]:.2f}")
     ids, red = list(range(CHUNK)), Reduction(np.arange(CHUNK), np.ones(CHUNK), Grid.for_bound(DEFAULT_BOUND, 1.0))
