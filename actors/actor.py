@@ -51,6 +51,10 @@ class ClientActor:
     def describe(self) -> dict[str, object]:
         return {**self.worker.describe(), "node": ray.get_runtime_context().get_node_id()}
 
+    def gpu_memory(self) -> dict[str, int | None]:
+        """The worker's CUDA memory cap and peaks so far (``ClientWorker.gpu_memory``; None on a CPU)."""
+        return self.worker.gpu_memory()
+
     def _call(self) -> None:
         self.calls += 1
         if self.calls == self.die_on_call:

@@ -29,6 +29,7 @@ from simulator.config.schema import (
     EvalConfig,
     ExperimentConfig,
     ModelConfig,
+    SystemConfig,
 )
 from simulator.plugins import factory_sources
 
@@ -57,6 +58,8 @@ class WorkerSpec:
     factory_sources: tuple[tuple[str, str], ...] = ()
     #: DP is on: a submitted chunk reports the float64 norms DP clips by (``client.reduce.summarize``)
     clip_norms: bool = False
+    #: the share of its GPU's memory the worker's CUDA caching allocator may hold (``gpu_memory_share``; 0 = no cap)
+    gpu_memory_fraction: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: ExperimentConfig) -> WorkerSpec:
@@ -64,7 +67,18 @@ class WorkerSpec:
         return cls(cfg.seed, cfg.data, cfg.model, cfg.algorithm, cfg.eval, cfg.system.threads,
                    cfg.system.shard_cache, cfg.system.vectorize, cfg.system.shard_cache_mb,
                    cfg.async_.proximal_rho if fedasync else 0.0, cfg.compression,
-                   factory_sources((cfg.model.factory, cfg.algorithm.factory)), cfg.privacy.mode != "off")
+                   factory_sources((cfg.model.factory, cfg.algorithm.factory)), cfg.privacy.mode != "off",
+                   gpu_memory_share(cfg.system))
+
+
+def gpu_memory_share(system: SystemConfig) -> float:
+    """The fraction of its GPU's memory a worker's CUDA allocator may hold, 0 for no cap: ``gpu_memory_fraction``
+    when set, else a Ray actor's fractional ``gpus_per_actor``. Ray's GPU fractions are logical, for scheduling only
+    (they do not limit what a process allocates), so without a cap one actor of four on a GPU can take all of its
+    memory and make its neighbours fail; a whole GPU, or the inline backend, is not capped unless asked."""
+    if system.gpu_memory_fraction > 0:
+        return system.gpu_memory_fraction
+    return system.gpus_per_actor if system.backend == "ray" and 0 < system.gpus_per_actor < 1 else 0.0
 
 
 @dataclass(frozen=True)

@@ -218,6 +218,9 @@ def validate(cfg: ExperimentConfig, raw_data: dict[str, Any]) -> None:
     _require(s.cpus_per_actor > 0, f"system.cpus_per_actor must be > 0, got {s.cpus_per_actor}")
     _require(s.gpus_per_actor == 0 or 0 < s.gpus_per_actor <= 1,
              f"system.gpus_per_actor must be a fraction in (0, 1] (or 0 for none), got {s.gpus_per_actor}")
+    _require(0 <= s.gpu_memory_fraction <= 1,
+             f"system.gpu_memory_fraction must be a fraction in (0, 1] (or 0 for gpus_per_actor's share), "
+             f"got {s.gpu_memory_fraction}")
     _require(s.clients_per_actor >= 0, f"system.clients_per_actor must be >= 0, got {s.clients_per_actor}")
     _require(s.threads >= 1, f"system.threads must be >= 1, got {s.threads}")
     _require(s.shard_cache >= 1, f"system.shard_cache must be >= 1, got {s.shard_cache}")

@@ -69,6 +69,7 @@ BAD = [
     (["--set", "algorithm.name=\"sgd\""], "algorithm.name"),
     (["--set", "algorithm.local_lr=-0.1"], "algorithm.local_lr"),
     (["--set", "system.gpus_per_actor=1.5"], "system.gpus_per_actor"),
+    (["--set", "system.gpu_memory_fraction=2"], "system.gpu_memory_fraction"),
     (["--set", "model.hidden=[64, \"x\"]"], "model.hidden"),
     (["--set", "rounds=2.5"], "rounds"),
     (["--set", "data.alpha=0.5"], "data.alpha"),

@@ -133,6 +133,28 @@ def pick_device() -> torch.device:
     return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
 
 
+def cap_gpu_memory(device: torch.device, fraction: float) -> int | None:
+    """Cap this process's CUDA caching allocator on ``device`` at ``fraction`` of the device's memory
+    (``torch.cuda.set_per_process_memory_fraction``) and return the cap in bytes; None on a CPU or with no cap
+    (``fraction`` 0). An allocation past the cap raises ``torch.OutOfMemoryError`` in this worker, instead of
+    taking the memory of the other actors that share the GPU. The CUDA context of the process (a few hundred MiB,
+    allocated by the driver, not by the caching allocator) is outside the cap."""
+    if device.type != "cuda" or fraction <= 0:
+        return None
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    return int(fraction * torch.cuda.get_device_properties(device).total_memory)
+
+
+def share_exhausted(exc: BaseException, worker_id: int, cap: int, fraction: float) -> torch.OutOfMemoryError:
+    """The error of a worker whose CUDA allocations outgrew its cap: the share, the keys that change it, then
+    torch's own first line (what it tried to allocate)."""
+    torch_line = (str(exc).strip().splitlines() or [""])[0]
+    return torch.OutOfMemoryError(
+        f"worker {worker_id} outgrew its share of the GPU's memory ({cap / 2**30:.2f} GiB, a fraction {fraction:g}): "
+        "lower system.clients_per_actor, or raise system.gpus_per_actor or system.gpu_memory_fraction; "
+        f"torch: {torch_line}")
+
+
 class ClientWorker:
     def __init__(self, spec: WorkerSpec, worker_id: int = 0) -> None:
         configure_threads(spec.threads)
@@ -140,6 +162,7 @@ class ClientWorker:
         provide_sources(spec.factory_sources)  # the driver's factory files, for a worker on a node without them
         self.spec, self.worker_id = spec, worker_id
         self.device = pick_device()
+        self.gpu_memory_cap = cap_gpu_memory(self.device, spec.gpu_memory_fraction)  # before anything is allocated
         self.dataset = make_dataset(spec.data, spec.seed)
         self.model = build_model(spec.model, self.dataset.input_dim, self.dataset.output_dim, spec.seed)
         self.model.to(self.device)
@@ -161,7 +184,17 @@ class ClientWorker:
     def describe(self) -> dict[str, object]:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         return {"worker_id": self.worker_id, "device": str(self.device), "device_name": name,
-                "threads": torch.get_num_threads(), "pid": os.getpid(), "host": socket.gethostname()}
+                "threads": torch.get_num_threads(), "pid": os.getpid(), "host": socket.gethostname(),
+                "gpu_memory_cap": self.gpu_memory_cap}
+
+    def gpu_memory(self) -> dict[str, int | None]:
+        """This worker's CUDA memory so far, in bytes: its cap, and the peaks of what its tensors held
+        (``max_memory_allocated``) and of what the caching allocator reserved (``max_memory_reserved``, what the
+        cap bounds); None on a CPU."""
+        cuda = self.device.type == "cuda"
+        return {"cap": self.gpu_memory_cap,
+                "peak_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else None,
+                "peak_reserved": torch.cuda.max_memory_reserved(self.device) if cuda else None}
 
     def shard(self, client_id: int, built: dict[int, ClientShard] | None = None) -> ClientShard:
         """A client's shard, from the LRU cache (at most ``shard_cache`` shards and ``shard_cache_mb`` MiB),
@@ -224,6 +257,16 @@ class ClientWorker:
         return out
 
     @contextlib.contextmanager
+    def _within_share(self) -> Iterator[None]:
+        """A CUDA out-of-memory error under a cap (``cap_gpu_memory``) says so, and what to change."""
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            if self.gpu_memory_cap is None:
+                raise
+            raise share_exhausted(exc, self.worker_id, self.gpu_memory_cap, self.spec.gpu_memory_fraction) from exc
+
+    @contextlib.contextmanager
     def _kernels(self) -> Iterator[None]:
         """cuDNN's fused RNN kernels have no double backward: second-order steps of an RNN on a GPU use
         the native kernels (same maths); only ``cudnn.enabled`` is switched, and restored after."""
@@ -246,6 +289,11 @@ class ClientWorker:
         the updates are summed here as they are produced (``simulator.client.reduce``): the result carries one
         partial sum and per-client scalars, and this worker never holds more than one block of vectors; ``summarized``
         (a submitted chunk, ``Backend.submit``): the vectors come back with their per-client scalars (``summarize``)."""
+        with self._within_share():
+            return self._train(theta, keys, client_ids, reduce, summarized)
+
+    def _train(self, theta: np.ndarray | torch.Tensor, keys: int | Sequence[int], client_ids: list[int],
+               reduce: Reduction | None, summarized: bool) -> TrainResult:
         configure_threads(self.spec.threads)
         params = self._theta(theta)
         per_client = [keys] * len(client_ids) if isinstance(keys, int | np.integer) else list(keys)
@@ -317,6 +365,10 @@ class ClientWorker:
                 vectors[i] = roundtrip(vectors[i], self.spec.compression, rng)
 
     def evaluate(self, theta: np.ndarray | torch.Tensor, round_idx: int, client_ids: list[int]) -> EvalResult:
+        with self._within_share():
+            return self._evaluate(theta, round_idx, client_ids)
+
+    def _evaluate(self, theta: np.ndarray | torch.Tensor, round_idx: int, client_ids: list[int]) -> EvalResult:
         configure_threads(self.spec.threads)
         params = self._theta(theta)
         evals = []

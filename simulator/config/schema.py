@@ -104,6 +104,7 @@ class SystemConfig:
     actors: int = 0
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
+    gpu_memory_fraction: float = 0.0  # of its GPU's memory a worker's CUDA allocator may hold (0 = gpus_per_actor, Ray)
     clients_per_actor: int = 0
     address: str = ""
     threads: int = 1

@@ -37,9 +37,9 @@ FORMAT = 1
 #: keys that may differ when a run is resumed: they change how the run executes, never its numbers
 RESUMABLE_KEYS = frozenset({
     "rounds", "checkpoint_every", "metrics.flush_every", "system.backend", "system.actors",
-    "system.cpus_per_actor", "system.gpus_per_actor", "system.clients_per_actor", "system.address",
-    "system.ship_code", "system.shard_cache", "system.shard_cache_mb", "system.max_failures", "system.call_timeout_s",
-    "system.prefetch", "system.combine",
+    "system.cpus_per_actor", "system.gpus_per_actor", "system.gpu_memory_fraction", "system.clients_per_actor",
+    "system.address", "system.ship_code", "system.shard_cache", "system.shard_cache_mb", "system.max_failures",
+    "system.call_timeout_s", "system.prefetch", "system.combine",
     *(f"tracking.{f.name}" for f in dataclasses.fields(TrackingConfig)),
 })
 

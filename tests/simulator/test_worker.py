@@ -12,8 +12,8 @@ from torch import nn
 
 from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
 from simulator.client.evaluation import evaluate_client, summarize
-from simulator.client.worker import ClientWorker
-from simulator.config.schema import AlgorithmConfig, EvalConfig
+from simulator.client.worker import ClientWorker, cap_gpu_memory, share_exhausted
+from simulator.config.schema import AlgorithmConfig, ConfigError, EvalConfig
 from simulator.contract import Reduction, WorkerSpec
 from simulator.data.base import ClientShard, Split, eval_client_ids
 from simulator.experiment import load_config
@@ -266,3 +266,51 @@ def test_a_vectorized_calls_block_equals_the_rows_it_was_given(synthetic):
     res = worker.train(theta, 1, [4, 9, 2])
     for i, c in enumerate([4, 9, 2]):
         assert np.array_equal(worker.train(theta, 1, [c, 0]).vectors[0], res.vectors[i])
+
+
+@pytest.mark.parametrize(("system", "share"), [
+    ([], 0.0),                                                                    # no GPU: no cap
+    (["system.gpus_per_actor=0.25"], 0.25),                                       # 4 Ray actors on one GPU
+    (["system.gpus_per_actor=0.5", "system.gpu_memory_fraction=0.3"], 0.3),       # set apart from the scheduling share
+    (["system.gpus_per_actor=1"], 0.0),                                           # a whole GPU: its own
+    (["system.gpus_per_actor=1", "system.gpu_memory_fraction=0.9"], 0.9),
+    (["system.gpus_per_actor=0.25", "system.backend=\"inline\""], 0.0),           # the driver's process: no neighbours
+    (["system.backend=\"inline\"", "system.gpu_memory_fraction=0.5"], 0.5),       # unless asked
+])
+def test_a_workers_gpu_memory_share_follows_its_fraction_of_a_gpu(system, share):
+    assert WorkerSpec.from_config(load_config(None, [*BASE, *system])).gpu_memory_fraction == share
+
+
+@pytest.mark.parametrize("bad", ["1.5", "-0.1"])
+def test_a_gpu_memory_fraction_outside_0_1_is_one_clear_error(bad):
+    with pytest.raises(ConfigError, match=r"system\.gpu_memory_fraction must be a fraction in \(0, 1\]"):
+        load_config(None, [*BASE, f"system.gpu_memory_fraction={bad}"])
+
+
+def test_a_cpu_worker_takes_no_gpu_cap_and_reports_none():
+    worker, _ = make_worker("system.gpus_per_actor=0.25")
+    assert worker.spec.gpu_memory_fraction == 0.25 and worker.device.type == "cpu"
+    assert cap_gpu_memory(torch.device("cpu"), 0.25) is None
+    assert worker.describe()["gpu_memory_cap"] is None
+    assert worker.gpu_memory() == {"cap": None, "peak_allocated": None, "peak_reserved": None}
+
+
+def test_an_exhausted_share_names_the_share_the_keys_and_torchs_line():
+    err = share_exhausted(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore text"),
+                          3, 35 * 2**30, 0.25)
+    assert isinstance(err, torch.OutOfMemoryError)
+    assert str(err) == ("worker 3 outgrew its share of the GPU's memory (35.00 GiB, a fraction 0.25): lower "
+                        "system.clients_per_actor, or raise system.gpus_per_actor or system.gpu_memory_fraction; "
+                        "torch: CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_capped_worker_cannot_allocate_past_its_share_of_the_gpu():
+    worker, theta = make_worker(*SYN, "system.gpu_memory_fraction=0.05")
+    total = torch.cuda.get_device_properties(worker.device).total_memory
+    assert worker.device.type == "cuda" and worker.gpu_memory_cap == int(0.05 * total)
+    worker.train(theta, 0, [0, 1, 2])  # a few clients fit
+    with pytest.raises(torch.OutOfMemoryError, match="outgrew its share"), worker._within_share():
+        torch.empty(int(0.06 * total), dtype=torch.uint8, device=worker.device)
+    memory = worker.gpu_memory()
+    assert 0 < memory["peak_allocated"] <= memory["peak_reserved"] <= memory["cap"]
