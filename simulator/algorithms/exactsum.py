@@ -47,7 +47,8 @@ from simulator.params import readonly_tensor
 DEFAULT_BOUND = 2.0 ** 20
 #: the int64 range used: every partial sum stays below 2^62 (1 + 2^-20) + k / 2 < 2^63
 RANGE_BITS = 62
-#: float64 elements handled per block (rows x P): a 6.6 M-parameter CNN goes one row at a time
+#: values gathered or converted per block (rows x P) where a whole array would be a large temporary (a FedBuff
+#: buffer's rows, ``selected_partial``; the int64 total's float64 image, ``to_float64``)
 BLOCK_ELEMENTS = 1 << 22
 
 
@@ -99,28 +100,50 @@ def row_peaks(rows: np.ndarray) -> np.ndarray:
 ON_GRID_ELEMENTS = 1 << 16
 
 
-def on_grid(rows: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """sum_i rint(u_i s_i) in int64 (k x P rows, k float64 scales): each product in float64 (one rounding, as numpy's
-    float32 x float64 multiply), rounded half to even, converted exactly and summed exactly: the integers of numpy's
-    ``multiply``/``rint``/``astype``/``sum``. Computed over blocks of columns (``ON_GRID_ELEMENTS`` values of the k
-    rows) in two reused buffers, so each step stays in cache and no row-sized temporary is allocated: every element
-    is computed alone and the integer sum is exact, so blocking changes no bit (its cost in a worker:
-    ``benchmarks.exactsum_speed``; about 2-3x faster than one whole-array pass per step)."""
+def on_grid(rows: np.ndarray, scales: np.ndarray, into: np.ndarray | None = None,
+            select: np.ndarray | None = None) -> np.ndarray:
+    """sum_i rint(u_i s_i) in int64, added into ``into`` (P int64, in place) or, without it, as a new array; the
+    rows are ``rows`` (k x P), or only those of indices ``select`` (read in place, never copied whole), with one
+    float64 scale each in ``scales``. Each product is taken in float64 (one rounding, as numpy's float32 x float64
+    multiply), rounded half to even, converted exactly and summed exactly: the integers of numpy's
+    ``multiply``/``rint``/``astype``/``sum``. Computed over blocks of columns (``ON_GRID_ELEMENTS`` values of the
+    rows) in reused buffers, each block's integers written or added straight into the total, so each step stays in
+    cache and nothing row-sized is allocated: every element is computed alone and integer sums are exact, so neither
+    the blocking nor the order of the rows changes a bit (its cost in a worker: ``benchmarks.exactsum_speed``)."""
     r = readonly_tensor(np.ascontiguousarray(rows))  # only read (rows may be the object store's)
+    pick = None if select is None else torch.from_numpy(np.asarray(select, np.int64))
     s = torch.from_numpy(np.asarray(scales, np.float64))[:, None]
-    k, size = r.shape
-    out = torch.empty(size, dtype=torch.int64)
-    width = max(1, ON_GRID_ELEMENTS // max(1, k))
+    k, size = (r.shape[0] if pick is None else pick.numel()), r.shape[1]
+    if s.shape[0] != k:
+        raise ValueError(f"need one scale per summed row: {k} rows, {s.shape[0]} scales")
+    if k == 0 or size == 0:
+        return np.zeros(size, np.int64) if into is None else into
+    total = np.empty(size, np.int64) if into is None else into
+    out = torch.from_numpy(total)
+    width = max(1, ON_GRID_ELEMENTS // k)
     x = torch.empty((k, min(width, size)), dtype=torch.float64)
     q = torch.empty_like(x, dtype=torch.int64)
+    column = torch.empty(min(width, size), dtype=torch.int64) if k > 1 else None
+    picked = torch.empty((k, min(width, size)), dtype=r.dtype) if pick is not None else None
     for c in range(0, size, width):
         w = min(width, size - c)
         xb, qb = x[:, :w], q[:, :w]
-        xb.copy_(r[:, c:c + w])  # float32 -> float64: exact
+        if picked is None:
+            xb.copy_(r[:, c:c + w])  # float32 -> float64: exact
+        else:
+            xb.copy_(torch.index_select(r[:, c:c + w], 0, pick, out=picked[:, :w]))
         xb.mul_(s).round_()
         qb.copy_(xb)  # integral values: converted exactly
-        torch.sum(qb, dim=0, out=out[c:c + w])
-    return out.numpy()
+        ob = out[c:c + w]
+        if column is None and into is None:  # one row: its integers are the block's sum (a reduction over one
+            ob.copy_(qb[0])                   # row is a slow copy)
+        elif column is None:
+            ob.add_(qb[0])
+        elif into is None:
+            torch.sum(qb, dim=0, out=ob)
+        else:
+            ob.add_(torch.sum(qb, dim=0, out=column[:w]))
+    return total
 
 
 class Accumulator:
@@ -129,7 +152,7 @@ class Accumulator:
 
     def __init__(self, grid: Grid, size: int) -> None:
         self.grid, self.size = grid, size
-        self.total = np.zeros(size, np.int64)
+        self.total: np.ndarray | None = None  # the first rows' integers are written, later ones added
         self.keys: list[int] = []
         self.rows: list[np.ndarray] = []
         self._scale = math.ldexp(1.0, grid.frac_bits)
@@ -145,24 +168,22 @@ class Accumulator:
         if rows.ndim != 2 or rows.shape[1] != self.size or a.shape != (len(rows),) or f.shape != a.shape or \
                 (peaks is not None and np.shape(peaks) != a.shape):
             raise ValueError(f"need k x {self.size} rows and k coefficients, got {rows.shape}, {a.shape}, {f.shape}")
-        step = max(1, BLOCK_ELEMENTS // max(1, self.size))
-        for b in range(0, len(rows), step):
-            u, ab, fb = rows[b:b + step], a[b:b + step], f[b:b + step]
-            peak = row_peaks(u) if peaks is None else np.asarray(peaks[b:b + step], np.float64)
-            fits = (peak * fb < self.grid.limit) & (ab != 0)  # |f_i u_ij| < R (NaN fails: an outlier)
-            for i in np.flatnonzero(~fits & (ab != 0)).tolist():  # zero coefficients add nothing
-                self.keys.append(int(keys[b + i]))
-                self.rows.append(u[i].astype(np.float64) * (ab[i] * fb[i]))
-            if fits.all():
-                on, c = u, ab * fb
-            else:
-                on, c = u[fits], ab[fits] * fb[fits]
-            if len(on):  # x_i 2^F = u_i (a_i f_i 2^F): scaling by a power of two is exact
-                self.total += on_grid(on, c * self._scale)
+        peak = row_peaks(rows) if peaks is None else np.asarray(peaks, np.float64)
+        fits = (peak * f < self.grid.limit) & (a != 0)  # |f_i u_ij| < R (NaN fails: an outlier)
+        for i in np.flatnonzero(~fits & (a != 0)).tolist():  # zero coefficients add nothing
+            self.keys.append(int(keys[i]))
+            self.rows.append(rows[i].astype(np.float64) * (a[i] * f[i]))
+        # x_i 2^F = u_i (a_i f_i 2^F): scaling by a power of two is exact; every fitting row in one pass over the
+        # columns (``on_grid``), the others skipped in place
+        if fits.any():
+            sel = None if fits.all() else np.flatnonzero(fits)
+            scales = a * f * self._scale
+            self.total = on_grid(rows, scales if sel is None else scales[sel], into=self.total, select=sel)
 
     def partial(self) -> Partial:
         keys = np.array(self.keys, np.int64)
-        return Partial(self.grid, self.total, keys, np.stack(self.rows) if self.rows else None)
+        total = np.zeros(self.size, np.int64) if self.total is None else self.total
+        return Partial(self.grid, total, keys, np.stack(self.rows) if self.rows else None)
 
 
 class Merger:

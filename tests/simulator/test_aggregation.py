@@ -79,14 +79,14 @@ def test_weighted_mean_rejects_bad_inputs(vectors, weights, match):
         weighted_mean(vectors, weights)
 
 
-def test_large_cohorts_are_summed_in_blocks_and_fedbuff_stays_bit_equal(monkeypatch):
+def test_sums_in_small_column_blocks_and_fedbuff_stay_bit_equal(monkeypatch):
     from simulator.algorithms import exactsum
     from simulator.algorithms.aggregation import fedbuff_mean
 
     v = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0], [7.0, 8.0], [9.0, 10.0]], dtype=torch.float32)
     n = torch.tensor([1.0, 1.0, 2.0, 2.0, 4.0], dtype=torch.float64)
     whole = weighted_mean(v, n)
-    monkeypatch.setattr(exactsum, "BLOCK_ELEMENTS", 4)  # blocks of 2 rows: {0,1}, {2,3}, {4}
+    monkeypatch.setattr(exactsum, "ON_GRID_ELEMENTS", 5)  # 5 rows: one column a block
     blocked = weighted_mean(v, n)
     assert blocked.dtype == torch.float32
     torch.testing.assert_close(blocked, torch.tensor([6.4, 7.4]), rtol=0, atol=1e-6)  # (1 + 3 + 10 + 14 + 36) / 10, ...

@@ -145,3 +145,24 @@ def test_on_grid_in_column_blocks_is_the_whole_array_pass(k):
     scales = 2.0 ** gen.integers(10, 40, k) * gen.uniform(0.5, 1.0, k)
     ref = np.rint(np.multiply(rows, scales[:, None], dtype=np.float64)).astype(np.int64).sum(axis=0)
     assert np.array_equal(on_grid(rows, scales), ref)
+
+
+@pytest.mark.parametrize("k", [1, 2, 40])
+def test_on_grid_adds_into_a_total_and_sums_only_the_selected_rows(k):
+    """``into``: the block integers are added to the given int64 total in place (it is returned); ``select``: only
+    those rows count, each with its own scale, read in place: numpy's reference on the picked rows, bit for bit,
+    over several blocks of columns."""
+    gen = np.random.default_rng(10 + k)
+    size = 2 * (ON_GRID_ELEMENTS // k) + 5
+    rows = _rows(gen, k + 3, size)
+    scales = 2.0 ** gen.integers(10, 40, k) * gen.uniform(0.5, 1.0, k)
+    sel = np.sort(gen.choice(k + 3, k, replace=False))
+    ref = np.rint(np.multiply(rows[sel], scales[:, None], dtype=np.float64)).astype(np.int64).sum(axis=0)
+    start = gen.integers(-2**40, 2**40, size)
+    total = start.copy()
+    assert on_grid(rows, scales, into=total, select=sel) is total
+    assert np.array_equal(total, start + ref)
+    rows.setflags(write=False)  # the object store's arrays are read-only
+    assert np.array_equal(on_grid(rows[sel], scales), ref)
+    with pytest.raises(ValueError, match="one scale per summed row"):
+        on_grid(rows, scales, select=sel[:-1])
