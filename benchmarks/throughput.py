@@ -20,6 +20,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,13 +42,15 @@ ANCHOR = [
 ]
 
 
-def plain_loop(rounds: int, seed: int = 0) -> float:
-    """What a researcher writes by hand: one process, one thread, nn.Module + torch.optim per client."""
+def plain_loop(rounds: int, seed: int = 0, config: Sequence[str] = ANCHOR, device: str = "cpu") -> float:
+    """What a researcher writes by hand: one process, one thread, nn.Module + torch.optim per client, every client's
+    data on ``device`` up front; ``config``: the workload's keys (the anchor's, or another model and data, as
+    ``benchmarks.gpu`` runs it). On a GPU each round ends with a synchronize, so its time is the GPU's work."""
     torch.set_num_threads(1)
-    cfg = load_config(None, ANCHOR + [f"rounds={rounds}", f"seed={seed}"])
+    cfg = load_config(None, [*config, f"rounds={rounds}", f"seed={seed}"])
     data = make_dataset(cfg.data, seed)
-    shards = {c: data.shard(c) for c in range(cfg.data.num_clients)}  # all data in memory up front
-    model = build_model(cfg.model, data.input_dim, data.output_dim, seed)
+    shards = {c: data.shard(c).to(torch.device(device)) for c in range(cfg.data.num_clients)}
+    model = build_model(cfg.model, data.input_dim, data.output_dim, seed).to(device)
     gen = torch.Generator().manual_seed(seed)
     times = []
     for r in range(rounds):
@@ -69,6 +72,8 @@ def plain_loop(rounds: int, seed: int = 0) -> float:
                 acc[k] += len(x) * v
             total += len(x)
         model.load_state_dict({k: v / total for k, v in acc.items()})
+        if device != "cpu":
+            torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
     return steady_throughput([cfg.clients.per_round] * len(times), times)
 
