@@ -8,6 +8,7 @@ steps concatenate their results back into a vector (``flatten``). Meta-SGD's lea
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import numpy as np
@@ -49,6 +50,25 @@ def unflatten(model: nn.Module, vector: torch.Tensor, clients: int = 0) -> Param
         piece = vector[start:start + p.numel()].reshape(p.shape)
         out[name] = piece.expand(clients, *p.shape).clone() if clients else piece.to(p.device, p.dtype)
         start += p.numel()
+    return out
+
+
+def flat_delta(tensors: Params, theta: torch.Tensor) -> torch.Tensor:
+    """``flatten(tensors) - theta`` as one new vector on the tensors' device, each tensor's stretch written by one
+    subtraction: the same float32 differences, without the concatenated copy of the tensors first (a 26 MB vector
+    per FEMNIST CNN client)."""
+    values = list(tensors.values())
+    if not values:
+        return torch.zeros(0)
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in values), theta.dtype)  # as cat, then minus
+    out = torch.empty(sum(t.numel() for t in values), dtype=dtype, device=values[0].device)
+    if out.numel() != theta.numel():
+        raise ValueError(f"the tensors hold {out.numel()} values, theta {theta.numel()}")
+    base, start = theta.to(out.device, dtype), 0  # both sides in the promoted type first, as cat then minus does
+    for t in values:
+        n = t.numel()
+        torch.sub(t.detach().reshape(-1).to(dtype), base[start:start + n], out=out[start:start + n])
+        start += n
     return out
 
 

@@ -31,7 +31,7 @@ from simulator.algorithms.stacked import Group, VectorizedCohort
 from simulator.algorithms.steps import batch_plan, full_loss, inner_loop, processed
 from simulator.config.schema import AlgorithmConfig, ConfigError, ExperimentConfig
 from simulator.data.base import ClientShard
-from simulator.params import Params, flatten, load_flat
+from simulator.params import Params, flat_delta, load_flat
 
 
 def local_sgd_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, cfg: AlgorithmConfig,
@@ -44,9 +44,9 @@ def local_sgd_update(model: nn.Module, theta: torch.Tensor, shard: ClientShard, 
     plan = batch_plan(rng, len(data), cfg.batch_size, cfg.local_steps)
     load_flat(model, theta)
     before = full_loss(model, data, loss)
-    phi = flatten(inner_loop(model, data, plan, cfg.local_lr, loss, rho=rho))
+    phi = inner_loop(model, data, plan, cfg.local_lr, loss, rho=rho)
     after = full_loss(model, data, loss)
-    return ClientUpdate(phi - theta.to(data.x.device), before, after, processed(len(data), plan))
+    return ClientUpdate(flat_delta(phi, theta), before, after, processed(len(data), plan))
 
 
 def local_sgd_cohort(engine: VectorizedCohort, theta: torch.Tensor, shards: Sequence[ClientShard],

@@ -17,7 +17,7 @@ from simulator.config.schema import AlgorithmConfig, ConfigError, EvalConfig
 from simulator.contract import Reduction, WorkerSpec
 from simulator.data.base import ClientShard, Split, eval_client_ids
 from simulator.experiment import load_config
-from simulator.params import flat_params, row_block
+from simulator.params import flat_delta, flat_params, flatten, row_block
 
 BASE = ["data.num_clients=20", "clients.per_round=4", "eval.clients=5", "data.eval_clients=5",
         "model.hidden=[8]", "algorithm.local_steps=2", "eval.adapt_steps=2"]
@@ -314,3 +314,15 @@ def test_a_capped_worker_cannot_allocate_past_its_share_of_the_gpu():
         torch.empty(int(0.06 * total), dtype=torch.uint8, device=worker.device)
     memory = worker.gpu_memory()
     assert 0 < memory["peak_allocated"] <= memory["peak_reserved"] <= memory["cap"]
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.float64, torch.float32)])
+def test_flat_delta_is_the_concatenation_minus_theta_bit_for_bit(dtypes):
+    gen = torch.Generator().manual_seed(5)
+    tensors = {"w": torch.randn(3, 4, generator=gen, dtype=dtypes[0]), "b": torch.randn(4, generator=gen,
+                                                                                          dtype=torch.float32)}
+    theta = torch.randn(16, generator=gen)
+    got, ref = flat_delta(tensors, theta), flatten(tensors) - theta
+    assert got.dtype == ref.dtype == dtypes[0] and torch.equal(got, ref)
+    with pytest.raises(ValueError, match="the tensors hold 16 values, theta 15"):
+        flat_delta(tensors, theta[:15])
