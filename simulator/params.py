@@ -58,10 +58,8 @@ def flat_delta(tensors: Params, theta: torch.Tensor) -> torch.Tensor:
     subtraction: the same float32 differences, without the concatenated copy of the tensors first (a 26 MB vector
     per FEMNIST CNN client)."""
     values = list(tensors.values())
-    if not values:
-        return torch.zeros(0)
     dtype = functools.reduce(torch.promote_types, (t.dtype for t in values), theta.dtype)  # as cat, then minus
-    out = torch.empty(sum(t.numel() for t in values), dtype=dtype, device=values[0].device)
+    out = torch.empty(sum(t.numel() for t in values), dtype=dtype, device=next(iter(values), theta).device)
     if out.numel() != theta.numel():
         raise ValueError(f"the tensors hold {out.numel()} values, theta {theta.numel()}")
     base, start = theta.to(out.device, dtype), 0  # both sides in the promoted type first, as cat then minus does

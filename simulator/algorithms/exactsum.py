@@ -123,7 +123,7 @@ def on_grid(rows: np.ndarray, scales: np.ndarray, into: np.ndarray | None = None
     width = max(1, ON_GRID_ELEMENTS // k)
     x = torch.empty((k, min(width, size)), dtype=torch.float64)
     q = torch.empty_like(x, dtype=torch.int64)
-    column = torch.empty(min(width, size), dtype=torch.int64) if k > 1 else None
+    column = torch.empty(min(width, size), dtype=torch.int64) if k > 1 and into is not None else None
     picked = torch.empty((k, min(width, size)), dtype=r.dtype) if pick is not None else None
     for c in range(0, size, width):
         w = min(width, size - c)
@@ -134,15 +134,13 @@ def on_grid(rows: np.ndarray, scales: np.ndarray, into: np.ndarray | None = None
             xb.copy_(torch.index_select(r[:, c:c + w], 0, pick, out=picked[:, :w]))
         xb.mul_(s).round_()
         qb.copy_(xb)  # integral values: converted exactly
-        ob = out[c:c + w]
-        if column is None and into is None:  # one row: its integers are the block's sum (a reduction over one
-            ob.copy_(qb[0])                   # row is a slow copy)
-        elif column is None:
-            ob.add_(qb[0])
+        ob = out[c:c + w]  # one row's integers are the block's sum: no reduction over one row (a slow copy)
+        if into is None and k == 1:
+            ob.copy_(qb[0])
         elif into is None:
             torch.sum(qb, dim=0, out=ob)
         else:
-            ob.add_(torch.sum(qb, dim=0, out=column[:w]))
+            ob.add_(qb[0] if column is None else torch.sum(qb, dim=0, out=column[:w]))
     return total
 
 
