@@ -4,7 +4,9 @@ Each ``ClientActor`` reserves ``cpus_per_actor`` CPUs and ``gpus_per_actor`` of 
 actors share one GPU), wraps a ``ClientWorker`` that builds its clients' shards locally, and trains a whole chunk of
 the cohort per call. The model travels once per round: the driver ``ray.put``s the flat parameter vector and every
 call receives the same object reference (submitted cohorts: once per model version, however many train on it); a
-reduced call carries its chunk's share of the ``Reduction`` by value.
+small model (``model_inline``: at most 64 KiB, and 256 KiB over a dispatch's calls) travels inside each call
+instead, where a put and the actors' fetches would cost more than its bytes. A reduced call carries its chunk's
+share of the ``Reduction`` by value.
 With ``system.combine`` "actors" (or "auto" and a large model) the calls' partial sums (FedBuff: the submitted
 chunks' vectors) stay in the object store and one actor combines them into the release's mean (``release``,
 ``release_rows``), so the driver reads one float32 vector a round.
@@ -71,6 +73,18 @@ REPLACE_TIMEOUT_S = 60.0
 HEALTH_S = 5.0
 #: a submitted cohort smaller than this many clients per actor goes out in fewer calls (``RayPool._submitted_work``)
 MIN_SUBMIT_CALL = 32
+#: a model of at most this many bytes travels inside each call's arguments (Ray sends an argument under its 100 KiB
+#: ``max_direct_call_object_size`` with the task itself), while one dispatch's calls carry at most
+#: ``MODEL_INLINE_TOTAL`` bytes of it together; a larger model, or one going to more calls, is one ``ray.put``
+MODEL_INLINE_BYTES = 64 * 1024
+MODEL_INLINE_TOTAL = 256 * 1024
+
+
+def model_inline(nbytes: int, calls: int) -> bool:
+    """Whether a model of ``nbytes`` dispatched in ``calls`` calls travels inside them rather than as an object-store
+    reference: a ``ray.put`` costs the driver about 0.6 ms of CPU however small the model, and each actor a fetch
+    from the store (``benchmarks/README.md``, "Twelfth pass"), more than sending 18 KB twice."""
+    return nbytes <= MODEL_INLINE_BYTES and nbytes * calls <= MODEL_INLINE_TOTAL
 
 
 class RayPool(Combining, Backend):
@@ -134,9 +148,9 @@ class RayPool(Combining, Backend):
         scalars, "held" come back and become the chunk's ``kept`` handle, "kept" stay in the object store."""
         if time.monotonic() - self._checked >= HEALTH_S:  # actors answer without a GCS, for 60 s: look first
             self._check_gcs()
-        batch = Batch(method, self._model_ref(theta, reuse=bool(rows)))
         work = self._submitted_work(client_ids, keys) if rows else split_work(client_ids, keys, self.num_workers,
                                                                               self.system.clients_per_actor)
+        batch = Batch(method, self._model_ref(theta, reuse=bool(rows), calls=len(work)))
         # a chunk's share of the reduction travels inside its call: a ray.put of its own cost more CPU than the
         # rest of the dispatch (benchmarks/README.md)
         parts = reduce.parts([ids for _, ids, _ in work]) if reduce is not None else [None] * len(work)
@@ -152,13 +166,16 @@ class RayPool(Combining, Backend):
             self._watchdog.started(slot.actor, ref, len(ids))
         return pending
 
-    def _model_ref(self, theta: np.ndarray, reuse: bool) -> Any:
-        """The model's object reference for one dispatch: a new ``ray.put``, or (``reuse``: a submitted cohort) the
+    def _model_ref(self, theta: np.ndarray, reuse: bool, calls: int) -> Any:
+        """The model as one dispatch's calls receive it: the array itself when it is small (``model_inline``: each
+        call carries a copy), else an object reference: a new ``ray.put``, or (``reuse``: a submitted cohort) the
         last submitted one when ``theta`` is the same array object. The asynchronous server submits several cohorts
         on one model between two server updates (each its refills gathered until one of them is needed), and the
         contract says a submitted model is never changed; a put per cohort cost the driver and the raylet more than
         the rest of the dispatch (``benchmarks/README.md``, "Seventh pass"). The pool holds that one reference (and
         the array) until another model is dispatched or the pool closes."""
+        if model_inline(theta.nbytes, calls):
+            return theta
         if reuse and self._submitted is not None and self._submitted[0] is theta:
             return self._submitted[1]
         ref = ray.put(theta)

@@ -48,8 +48,9 @@ class ClientShard:
         shard.__dict__["all"] = Split(x, y)  # what the cached property would hold, without its copy
         return shard
 
-    @property
+    @cached_property
     def num_samples(self) -> int:
+        """Support and query rows (asked of every trained client each call: a cached shard answers from its dict)."""
         return len(self.support) + len(self.query)
 
     @cached_property

@@ -74,41 +74,52 @@ def plan_clients(cfg: ExperimentConfig, algo: Algorithm, dataset: FederatedDatas
     return profiles, np.array([s + q for s, q in sizes], np.int64), samples, durations
 
 
-#: client plans ``ClientPlans`` remembers (6 numbers each)
+#: client plans ``ClientPlans`` remembers (6 numbers each); a request with more new clients than this is planned alone
 PLAN_CACHE = 65_536
-#: requests of at least this many clients are planned as a batch (vectorized), smaller ones from remembered rows
-PLAN_BATCH = 8
+#: the columns of a remembered plan: compute speed, up and down bandwidth, local size, planned samples, duration
+PLAN_COLUMNS = (np.float64, np.float64, np.float64, np.int64, np.int64, np.float64)
 
 
 class ClientPlans:
     """``plan_clients`` remembered per client: a client's profile, sizes and duration are functions of its id alone
-    (for one run's config and model), and the asynchronous server plans one or two clients a refill, where the
-    vectorized computation is mostly overhead. Requests under ``PLAN_BATCH`` clients are answered from the rows of
-    earlier ones; each value is computed element by element as ``plan_clients`` computes it for any batch, so the
-    numbers are the same."""
+    (for one run's config and model). A request plans only the clients it has not seen (as one batch) and gathers
+    every row from a table (one numpy column per number, a dict from client id to row): a sampled cohort revisits
+    clients, and the asynchronous server plans one or two a refill. Each value is computed element by element as
+    ``plan_clients`` computes it for any batch, so the numbers are the same. At most ``PLAN_CACHE`` clients are
+    remembered (the table starts over when it is full)."""
 
     def __init__(self, plan: Callable[[np.ndarray], tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]]) -> None:
         self._plan = plan
-        self._rows: dict[int, tuple[float, float, float, int, int, float]] = {}
+        self._row: dict[int, int] = {}
+        self._table = [np.empty(0, dt) for dt in PLAN_COLUMNS]
 
     def __call__(self, client_ids: np.ndarray) -> tuple[Profiles, np.ndarray, np.ndarray, np.ndarray]:
         ids = np.asarray(client_ids, np.int64)
-        if ids.size >= PLAN_BATCH:
-            return self._plan(ids)
         keys = ids.tolist()
-        missing = [c for c in dict.fromkeys(keys) if c not in self._rows]
+        row = self._row
+        missing = [c for c in dict.fromkeys(keys) if c not in row]
+        if missing and len(row) + len(missing) > PLAN_CACHE:  # full: start over with this request's clients
+            row.clear()
+            missing = list(dict.fromkeys(keys))
+        if len(missing) > PLAN_CACHE:
+            return self._plan(ids)
         if missing:
-            prof, n, samples, durations = self._plan(np.array(missing, np.int64))
-            if len(self._rows) + len(missing) > PLAN_CACHE:
-                self._rows.clear()
-            for i, c in enumerate(missing):
-                self._rows[c] = (float(prof.compute_speed[i]), float(prof.up_bw[i]), float(prof.down_bw[i]),
-                                 int(n[i]), int(samples[i]), float(durations[i]))
-        cols = list(zip(*(self._rows[c] for c in keys), strict=True)) if keys else [()] * 6
-        speed, up, down, n, samples, durations = (np.array(col, dt) for col, dt in
-                                                  zip(cols, (np.float64,) * 3 + (np.int64,) * 2 + (np.float64,),
-                                                      strict=True))
+            self._remember(missing)
+        at = np.fromiter((row[c] for c in keys), np.int64, len(keys))
+        speed, up, down, n, samples, durations = (col[at] for col in self._table)
         return Profiles(ids, speed, up, down), n, samples, durations
+
+    def _remember(self, missing: list[int]) -> None:
+        """Plan the clients not seen yet as one batch and append their rows (the table grows by doubling)."""
+        first, last = len(self._row), len(self._row) + len(missing)
+        if last > self._table[0].size:
+            size = max(last, 2 * self._table[0].size)
+            self._table = [np.concatenate([col[:first], np.empty(size - first, col.dtype)]) for col in self._table]
+        prof, n, samples, durations = self._plan(np.array(missing, np.int64))
+        for col, values in zip(self._table, (prof.compute_speed, prof.up_bw, prof.down_bw, n, samples, durations),
+                               strict=True):
+            col[first:last] = values
+        self._row.update(zip(missing, range(first, last), strict=True))
 
 
 RoundCallback = Callable[[dict[str, Any]], None]

@@ -86,12 +86,16 @@ def conform(table: pa.Table, name: str) -> pa.Table:
 
 
 class PartitionedTable:
-    """Buffered rows of one table; ``flush`` writes them as the next part file."""
+    """Buffered rows of one table; ``flush`` writes them as the next part file.
+
+    Each column is buffered as a list of chunks: a copy of each array ``extend`` is given (a round's clients, in
+    one piece: no Python object per value), and lists of the values ``append`` adds a row at a time."""
 
     def __init__(self, directory: Path, schema: pa.Schema) -> None:
         self.directory, self.schema = directory, schema
         self.directory.mkdir(parents=True, exist_ok=True)
-        self._columns: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._chunks: dict[str, list[Any]] = {name: [] for name in schema.names}
+        self._rows = 0
         self._parts = len(list(directory.glob("part-*.parquet")))
 
     def append(self, row: dict[str, Any]) -> None:
@@ -100,38 +104,59 @@ class PartitionedTable:
         if missing or extra:
             raise KeyError(f"{self.directory.name}: missing {sorted(missing)}, unexpected {sorted(extra)}")
         for name in self.schema.names:
-            self._columns[name].append(row[name])
+            chunks = self._chunks[name]
+            if not chunks or not isinstance(chunks[-1], list):
+                chunks.append([])
+            chunks[-1].append(row[name])
+        self._rows += 1
 
     def extend(self, columns: dict[str, Any]) -> None:
         """Append many rows given as equal-length columns (lists or numpy arrays)."""
+        sizes = {len(columns[name]) for name in self.schema.names}
+        if len(sizes) != 1:
+            raise ValueError(f"{self.directory.name}: columns of different lengths {sorted(sizes)}")
         for name in self.schema.names:
-            self._columns[name].extend(list(columns[name]))
+            values = columns[name]
+            self._chunks[name].append(values.copy() if isinstance(values, np.ndarray) else list(values))
+        self._rows += sizes.pop()
 
     def flush(self) -> None:
-        if not self._columns[self.schema.names[0]]:
+        if not self._rows:
             return
         table = pa.table({n: self._array(n) for n in self.schema.names}, schema=self.schema)
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink, compression="zstd")
         atomic_write_bytes(self.directory / f"part-{self._parts:05d}.parquet", sink.getvalue().to_pybytes())
         self._parts += 1
-        self._columns = {name: [] for name in self.schema.names}
+        self._chunks = {name: [] for name in self.schema.names}
+        self._rows = 0
 
     @property
     def buffered(self) -> int:
         """Rows appended since the last flush."""
-        return len(self._columns[self.schema.names[0]])
+        return self._rows
 
     def truncate(self, rows: int) -> None:
         """Keep only the first ``rows`` buffered rows."""
-        for values in self._columns.values():
-            del values[rows:]
+        if rows >= self._rows:
+            return
+        for name, chunks in self._chunks.items():
+            kept, left = [], rows
+            for chunk in chunks:
+                if left <= 0:
+                    break
+                kept.append(chunk[:left])
+                left -= len(chunk)
+            self._chunks[name] = kept
+        self._rows = rows
 
     def _array(self, name: str) -> pa.Array:
         kind = self.schema.field(name).type
+        chunks = self._chunks[name]
         if kind == _S:
-            return pa.array([str(v) for v in self._columns[name]], type=_S)
-        values = np.asarray(self._columns[name], dtype=_NUMPY[kind])
+            return pa.array([str(v) for chunk in chunks for v in chunk], type=_S)
+        dtype = _NUMPY[kind]
+        values = np.concatenate([np.asarray(chunk, dtype=dtype) for chunk in chunks])
         if kind == _F:  # NaN is "not measured" in the driver's rows: null in the file (DuckDB, polars, Spark)
             return pa.array(values, mask=np.isnan(values))
         return pa.array(values)

@@ -125,14 +125,14 @@ def test_small_submitted_cohorts_share_one_model_put_and_go_to_the_idlest_actor(
     the results are those of a cohort split as ``train`` splits it."""
     import numpy as np
 
-    from actors.pool import MIN_SUBMIT_CALL
+    from actors.pool import MIN_SUBMIT_CALL, model_inline
     from simulator.client.worker import ClientWorker
     from simulator.contract import WorkerSpec
     from simulator.params import flat_params
 
-    cfg = load_config(None, small_overrides(**{"system.actors": 2}))
+    cfg = load_config(None, small_overrides(**{"system.actors": 2, "model.hidden": [256, 256]}))
     theta = flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
-    assert 6 < MIN_SUBMIT_CALL
+    assert 6 < MIN_SUBMIT_CALL and not model_inline(theta.nbytes, 1)  # too large to travel inside the calls
     with make_backend(cfg) as pool:
         first, second = pool.submit(theta, 0, np.arange(6)), pool.submit(theta, 1, np.arange(6, 12))
         assert len(first) == len(second) == 1 and first[0].slot is not second[0].slot  # the other actor was idle
@@ -145,3 +145,53 @@ def test_small_submitted_cohorts_share_one_model_put_and_go_to_the_idlest_actor(
     for r in split.values():
         for i, c in enumerate(r.client_ids):
             np.testing.assert_array_equal(by_id[int(c)], r.vectors[i])
+
+
+def test_a_small_model_travels_inside_the_calls_with_the_same_results(ray_session, monkeypatch):
+    """A model of at most ``MODEL_INLINE_BYTES`` (and ``MODEL_INLINE_TOTAL`` over a dispatch's calls) is each call's
+    argument, not an object reference; a train, a reduced train, a submitted cohort and an evaluation give the same
+    numbers, bit for bit, as with the model put in the object store."""
+    import numpy as np
+
+    import actors.pool as pool_module
+    from actors.pool import MODEL_INLINE_BYTES, MODEL_INLINE_TOTAL, model_inline
+    from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
+    from simulator.client.worker import ClientWorker
+    from simulator.contract import Reduction, WorkerSpec
+    from simulator.params import flat_params
+
+    assert model_inline(MODEL_INLINE_BYTES, MODEL_INLINE_TOTAL // MODEL_INLINE_BYTES)
+    assert not model_inline(MODEL_INLINE_BYTES + 1, 1)
+    assert not model_inline(MODEL_INLINE_BYTES, MODEL_INLINE_TOTAL // MODEL_INLINE_BYTES + 1)
+    cfg = load_config(None, small_overrides(**{"system.actors": 2}))
+    theta = flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
+    assert model_inline(theta.nbytes, 2)
+    ids = np.arange(8)
+    red = Reduction(ids, np.full(8, 1 / 8), Grid.for_bound(DEFAULT_BOUND, 1.0))
+
+    def everything(pool):
+        train = sorted(pool.train(theta, 3, ids), key=lambda r: int(r.client_ids[0]))
+        reduced = sorted(pool.train(theta, 3, ids, red), key=lambda r: int(r.client_ids[0]))
+        submitted = [pool.result(p) for p in pool.submit(theta, 4, ids[:5])]
+        evals = sorted(pool.evaluate(theta, 2, ids[:4]), key=lambda r: int(r.client_ids[0]))
+        return train, reduced, submitted, evals
+
+    with make_backend(cfg) as pool:
+        pending = pool.submit(theta, 4, ids[:5])
+        assert pending[0].batch.model_ref is theta
+        [pool.result(p) for p in pending]
+        inline = everything(pool)
+    monkeypatch.setattr(pool_module, "MODEL_INLINE_BYTES", 0)  # every model is put in the object store
+    with make_backend(cfg) as pool:
+        pending = pool.submit(theta, 4, ids[:5])
+        assert pending[0].batch.model_ref is not theta
+        [pool.result(p) for p in pending]
+        stored = everything(pool)
+    for a, b in zip(inline, stored, strict=True):
+        assert len(a) == len(b) > 0
+        for x, y in zip(a, b, strict=True):
+            for name in ("client_ids", "vectors", "loss_before", "loss_after", "loss_pre", "loss_post"):
+                if getattr(x, name, None) is not None:
+                    np.testing.assert_array_equal(getattr(x, name), getattr(y, name))
+            if getattr(x, "partial", None) is not None:
+                np.testing.assert_array_equal(x.partial.total, y.partial.total)

@@ -156,19 +156,31 @@ def test_a_run_freezes_what_survives_its_first_full_collection_and_gives_it_back
 
 @pytest.mark.parametrize("devices", [[], ['devices.speed={dist="lognormal", median=100.0, sigma=1.0}',
                                          'devices.bandwidth={dist="pareto", median=20.0, shape=1.5}']])
-def test_a_clients_plan_is_remembered_with_the_same_numbers(devices):
-    """``ClientPlans`` answers small requests (the asynchronous server's refills) from rows it planned before: the
-    same profiles, sizes and durations, bit for bit, as ``plan_clients`` planning the whole batch at once, in the
-    order asked, repeats and the empty request included."""
+def test_a_clients_plan_is_remembered_with_the_same_numbers(devices, monkeypatch):
+    """``ClientPlans`` plans each client once and answers every request from its table: the same profiles, sizes and
+    durations, bit for bit, as ``plan_clients`` planning the whole batch at once, in the order asked, repeats and
+    the empty request included; only new clients are planned, and past ``PLAN_CACHE`` the table starts over (a
+    request with more new clients than that is planned alone)."""
     cfg = load_config(None, small_overrides(**{"data.name": "synthetic", "data.samples_per_client": 0}) + devices)
     prep = prepare(cfg)
     algo = resolve(cfg.algorithm)
     plan = functools.partial(plan_clients, cfg, algo, prep.dataset, prep.devices, model_bytes=4000, update_bytes=900)
-    plans = ClientPlans(plan)
-    for ids in ([3], [7, 3], [3, 3, 11], [], [5, 1, 2, 9, 0, 4, 8, 6, 10], [2]):
+    asked: list[list[int]] = []
+
+    def counted(ids: np.ndarray):
+        asked.append(ids.tolist())
+        return plan(ids)
+
+    monkeypatch.setattr("simulator.rounds.context.PLAN_CACHE", 12)
+    plans = ClientPlans(counted)
+    requests = ([3], [7, 3], [3, 3, 11], [], [5, 1, 2, 9, 0, 4, 8, 6, 10], [2], [12, 13, 3], list(range(20)), [4, 0])
+    for ids in requests:
         got, want = plans(np.array(ids, np.int64)), plan(np.array(ids, np.int64))
         np.testing.assert_array_equal(got[0].client_ids, ids)
         for a, b in zip([got[0].compute_speed, got[0].up_bw, got[0].down_bw, *got[1:]],
                         [want[0].compute_speed, want[0].up_bw, want[0].down_bw, *want[1:]], strict=True):
             assert a.dtype == b.dtype
             np.testing.assert_array_equal(a, b)
+    # 1 + 1 + 1 + 9 = 12 remembered; [2] is known; [12, 13] would pass 12: the table starts over with
+    # them and 3; 20 new clients are more than the table holds: planned alone; then 4 and 0 anew
+    assert asked == [[3], [7], [11], [5, 1, 2, 9, 0, 4, 8, 6, 10], [12, 13, 3], list(range(20)), [4, 0]]

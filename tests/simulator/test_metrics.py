@@ -103,6 +103,34 @@ def test_extend_appends_columns(tmp_path):
     pd.testing.assert_frame_equal(got, pd.DataFrame(rows, columns=EVALS_SCHEMA.names))
 
 
+def test_rows_appended_and_extended_in_chunks_keep_their_order_and_truncate_anywhere(tmp_path):
+    """Rows added one at a time and as numpy columns are buffered as chunks: the file holds them in the order they
+    came, an array changed by its caller after ``extend`` is not, and ``truncate`` cuts inside any chunk."""
+    table = PartitionedTable(tmp_path / "evals.parquet", EVALS_SCHEMA)
+    rows = [eval_row(i) for i in range(9)]
+    table.append(rows[0])
+    block = {name: np.array([r[name] for r in rows[1:4]]) for name in EVALS_SCHEMA.names}
+    table.extend(block)
+    block["loss_pre"][:] = -1.0  # the caller reuses its array: the buffered rows keep their values
+    table.append(rows[4])
+    table.append(rows[5])
+    table.extend({name: [r[name] for r in rows[6:9]] for name in EVALS_SCHEMA.names})
+    assert table.buffered == 9
+    table.truncate(9)
+    assert table.buffered == 9
+    table.truncate(5)  # inside the second appended chunk: rows 0-4 stay
+    assert table.buffered == 5
+    table.append(rows[8])
+    with pytest.raises(ValueError, match="different lengths"):
+        table.extend({name: [0] * (2 if name == "loss_pre" else 1) for name in EVALS_SCHEMA.names})
+    table.flush()
+    assert table.buffered == 0
+    table.flush()  # nothing buffered: no second part
+    got = pd.read_parquet(tmp_path / "evals.parquet")
+    pd.testing.assert_frame_equal(got, pd.DataFrame(rows[:5] + rows[8:], columns=EVALS_SCHEMA.names))
+    assert len(list((tmp_path / "evals.parquet").glob("part-*.parquet"))) == 1
+
+
 def test_metrics_writer_flushes_every_n_rounds(tmp_path):
     writer = MetricsWriter(tmp_path, flush_every=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.parquet" for n in TABLES)
