@@ -82,8 +82,9 @@ MODEL_INLINE_TOTAL = 256 * 1024
 
 def model_inline(nbytes: int, calls: int) -> bool:
     """Whether a model of ``nbytes`` dispatched in ``calls`` calls travels inside them rather than as an object-store
-    reference: a ``ray.put`` costs the driver about 0.6 ms of CPU however small the model, and each actor a fetch
-    from the store (``benchmarks/README.md``, "Twelfth pass"), more than sending 18 KB twice."""
+    reference: a ``ray.put``, each actor's fetch from the store and the raylet's part in both cost more than sending
+    a small model a few times (the raylet's CPU per anchor round fell from 2.1 to 0.1 ms: ``benchmarks/README.md``,
+    "Twelfth pass")."""
     return nbytes <= MODEL_INLINE_BYTES and nbytes * calls <= MODEL_INLINE_TOTAL
 
 
