@@ -1,5 +1,6 @@
 """A pool's calls: what ``actors.pool`` keeps about each one in flight (its ``Slot``, ``Batch`` and ``RayPending``; a
-partial or a chunk's vectors left in the object store, ``KeptPartial`` and ``KeptRows``) and how a lost one is told:
+partial or a chunk's vectors left in the object store, ``KeptPartial`` and ``KeptRows``), how the model travels with
+them (``model_inline``), and how a lost one is told:
 the Ray errors after which it runs again (``LOST``), the first lines of Ray's errors, and the fix a
 ``WorkerFailure`` names (``FIX``).
 """
@@ -85,6 +86,21 @@ class Placed:
     def holds(self, actor: Any, client_ids: Iterable[int]) -> bool:
         """Whether ``actor`` was given every one of these clients and, as far as the count bound says, keeps them."""
         return actor is self._actor and all(int(c) in self._ids for c in client_ids)
+
+
+#: a model of at most this many bytes travels inside each call's arguments (Ray sends an argument under its 100 KiB
+#: ``max_direct_call_object_size`` with the task itself), while one dispatch's calls carry at most
+#: ``MODEL_INLINE_TOTAL`` bytes of it together; a larger model, or one going to more calls, is one ``ray.put``
+MODEL_INLINE_BYTES = 64 * 1024
+MODEL_INLINE_TOTAL = 256 * 1024
+
+
+def model_inline(nbytes: int, calls: int) -> bool:
+    """Whether a model of ``nbytes`` dispatched in ``calls`` calls travels inside them rather than as an object-store
+    reference: a ``ray.put``, each actor's fetch from the store and the raylet's part in both cost more than sending
+    a small model a few times (the raylet's CPU per anchor round fell from 2.1 to 0.1 ms: ``benchmarks/README.md``,
+    "Twelfth pass")."""
+    return nbytes <= MODEL_INLINE_BYTES and nbytes * calls <= MODEL_INLINE_TOTAL
 
 
 @dataclass(eq=False)

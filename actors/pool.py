@@ -47,6 +47,7 @@ from actors.calls import (
     Slot,
     creation_error,
     first_line,
+    model_inline,
 )
 from actors.cluster import actors_that_fit, check_gcs, connect, log_level, pool_size
 from actors.combine import Combining
@@ -73,21 +74,6 @@ REPLACE_TIMEOUT_S = 60.0
 HEALTH_S = 5.0
 #: a submitted cohort smaller than this many clients per actor goes out in fewer calls (``RayPool._submitted_work``)
 MIN_SUBMIT_CALL = 32
-#: a model of at most this many bytes travels inside each call's arguments (Ray sends an argument under its 100 KiB
-#: ``max_direct_call_object_size`` with the task itself), while one dispatch's calls carry at most
-#: ``MODEL_INLINE_TOTAL`` bytes of it together; a larger model, or one going to more calls, is one ``ray.put``
-MODEL_INLINE_BYTES = 64 * 1024
-MODEL_INLINE_TOTAL = 256 * 1024
-
-
-def model_inline(nbytes: int, calls: int) -> bool:
-    """Whether a model of ``nbytes`` dispatched in ``calls`` calls travels inside them rather than as an object-store
-    reference: a ``ray.put``, each actor's fetch from the store and the raylet's part in both cost more than sending
-    a small model a few times (the raylet's CPU per anchor round fell from 2.1 to 0.1 ms: ``benchmarks/README.md``,
-    "Twelfth pass")."""
-    return nbytes <= MODEL_INLINE_BYTES and nbytes * calls <= MODEL_INLINE_TOTAL
-
-
 class RayPool(Combining, Backend):
     """A pool of ``ClientActor``s behind the backend contract; it replaces actors that die and runs their
     lost calls again (see the module docstring)."""

@@ -93,15 +93,18 @@ def test_long_run_keeps_memory_and_references_flat(ray_session, tmp_path, capsys
 
 def test_fetched_chunks_release_their_references(ray_session):
     """Once every chunk of a dispatch is fetched (``map``, or ``submit`` then ``result``), neither the
-    results nor the model stay referenced (a submitted model: until the next dispatch of another one)."""
+    results nor the model stay referenced (a submitted model: until the next dispatch of another one). The model is
+    one too large to travel inside the calls (``model_inline``), so that it is put in the object store."""
     import numpy as np
 
+    from actors.calls import model_inline
     from simulator.client.worker import ClientWorker
     from simulator.contract import WorkerSpec
     from simulator.params import flat_params
 
-    cfg = load_config(None, small_overrides(**{"system.actors": 2}))
+    cfg = load_config(None, small_overrides(**{"system.actors": 2, "model.hidden": [256, 256]}))
     theta = flat_params(ClientWorker(WorkerSpec.from_config(cfg)).model).numpy()
+    assert not model_inline(theta.nbytes, 1)
     with make_backend(cfg) as pool:
         gc.collect()  # generators and tracebacks of earlier tests may hold references in cycles
         before = owned_refs()
@@ -125,7 +128,8 @@ def test_small_submitted_cohorts_share_one_model_put_and_go_to_the_idlest_actor(
     the results are those of a cohort split as ``train`` splits it."""
     import numpy as np
 
-    from actors.pool import MIN_SUBMIT_CALL, model_inline
+    from actors.calls import model_inline
+    from actors.pool import MIN_SUBMIT_CALL
     from simulator.client.worker import ClientWorker
     from simulator.contract import WorkerSpec
     from simulator.params import flat_params
@@ -153,8 +157,8 @@ def test_a_small_model_travels_inside_the_calls_with_the_same_results(ray_sessio
     numbers, bit for bit, as with the model put in the object store."""
     import numpy as np
 
-    import actors.pool as pool_module
-    from actors.pool import MODEL_INLINE_BYTES, MODEL_INLINE_TOTAL, model_inline
+    import actors.calls as calls_module
+    from actors.calls import MODEL_INLINE_BYTES, MODEL_INLINE_TOTAL, model_inline
     from simulator.algorithms.exactsum import DEFAULT_BOUND, Grid
     from simulator.client.worker import ClientWorker
     from simulator.contract import Reduction, WorkerSpec
@@ -181,7 +185,7 @@ def test_a_small_model_travels_inside_the_calls_with_the_same_results(ray_sessio
         assert pending[0].batch.model_ref is theta
         [pool.result(p) for p in pending]
         inline = everything(pool)
-    monkeypatch.setattr(pool_module, "MODEL_INLINE_BYTES", 0)  # every model is put in the object store
+    monkeypatch.setattr(calls_module, "MODEL_INLINE_BYTES", 0)  # every model is put in the object store
     with make_backend(cfg) as pool:
         pending = pool.submit(theta, 4, ids[:5])
         assert pending[0].batch.model_ref is not theta
