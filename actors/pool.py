@@ -130,9 +130,10 @@ class RayPool(Combining, Backend):
 
     def _dispatch(self, method: Method, theta: np.ndarray, keys: Keys, client_ids: np.ndarray,
                   reduce: Reduction | None = None, rows: str = "") -> list[RayPending]:
-        """Dispatch the clients as one call per chunk; the model is put in the object store once, and each chunk's
-        share of a reduction travels inside its call. ``rows`` (a submitted chunk): "vectors" come back with their
-        scalars, "held" come back and become the chunk's ``kept`` handle, "kept" stay in the object store."""
+        """Dispatch the clients as one call per chunk; the model is put in the object store once (a small one
+        travels inside the calls: ``model_inline``), and each chunk's share of a reduction travels inside its call.
+        ``rows`` (a submitted chunk): "vectors" come back with their scalars, "held" come back and become the
+        chunk's ``kept`` handle, "kept" stay in the object store."""
         if time.monotonic() - self._checked >= HEALTH_S:  # actors answer without a GCS, for 60 s: look first
             self._check_gcs()
         work = self._submitted_work(client_ids, keys) if rows else split_work(client_ids, keys, self.num_workers,
