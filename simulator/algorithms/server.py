@@ -180,6 +180,11 @@ class ServerOptimizer:
         """Aggregation weight of a client update applied at the current model version."""
         return float(num_samples) if self.phase.weighting == "samples" else 1.0
 
+    def client_weights(self, num_samples: np.ndarray) -> np.ndarray:
+        """``client_weight`` of many clients at once, as float64 (the same values: integer sample counts are exact)."""
+        n = np.asarray(num_samples)
+        return n.astype(np.float64) if self.phase.weighting == "samples" else np.ones(n.shape, np.float64)
+
     def step(self, g: torch.Tensor) -> torch.Tensor:
         """Apply pseudo-gradient ``g``; returns the new parameters: the state's own tensor, not a copy (nothing
         changes a server vector in place: every step makes a new one), so a model-sized copy is saved a round."""

@@ -66,7 +66,7 @@ def reduction(ctx: RunContext, p: Planned) -> tuple[Reduction, np.ndarray]:
     """What the workers need to reduce round ``p``'s uploads, and the kept clients' weights w_i (FedAvg: n_i, else 1;
     1 under DP). Without DP the coefficients are w_i / sum_j w_j over the kept clients, computed as
     ``aggregation.fedbuff_mean`` computes them (so a full FedBuff buffer reproduces a sync round bit for bit)."""
-    w = np.array([ctx.opt.client_weight(int(n)) for n in p.n_samples[p.plan.kept]], np.float64)
+    w = ctx.opt.client_weights(p.n_samples[p.plan.kept])
     if ctx.privacy.on:  # clipped, noised, over the fixed denominator per_round (simulator.privacy)
         return ctx.privacy.reduction(p.kept, ctx.cfg.clients.per_round), np.ones(len(w))
     c = torch.from_numpy(w)

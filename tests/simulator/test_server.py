@@ -116,3 +116,22 @@ def test_the_sgd_step_in_place_is_theta_minus_lr_b_bit_for_bit(momentum):
     b = momentum * m + g if momentum else g
     assert torch.equal(new.theta, theta - 0.37 * b)
     assert torch.equal(state.theta, theta) and new.theta.data_ptr() != state.theta.data_ptr()
+
+
+@pytest.mark.parametrize("name", ["fedavg", "reptile", "pfedavg", "perfedavg_fo"])
+def test_client_weights_of_a_cohort_are_each_clients_weight(name):
+    """``client_weights`` gives, as float64, what ``client_weight`` gives client by client (FedAvg: the sample
+    counts; the others: 1), before and after pfedavg's switch to uniformly weighted Reptile fine-tuning."""
+    import numpy as np
+
+    opt = ServerOptimizer(theta(0.0), cfg(name, switch_round=2) if name == "pfedavg" else cfg(name))
+    n = np.array([7, 1, 50, 0, 3], np.int64)
+    seen = set()
+    for version in (0, 10**6):
+        opt.state = ServerState(opt.state.theta, step=version)
+        got = opt.client_weights(n)
+        seen.add(opt.phase.weighting)
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, [opt.client_weight(int(k)) for k in n])
+    assert opt.client_weights(n[:0]).shape == (0,)
+    assert seen == ({"samples", "uniform"} if name == "pfedavg" else {"samples" if name == "fedavg" else "uniform"})
