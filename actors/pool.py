@@ -74,6 +74,8 @@ REPLACE_TIMEOUT_S = 60.0
 HEALTH_S = 5.0
 #: a submitted cohort smaller than this many clients per actor goes out in fewer calls (``RayPool._submitted_work``)
 MIN_SUBMIT_CALL = 32
+
+
 class RayPool(Combining, Backend):
     """A pool of ``ClientActor``s behind the backend contract; it replaces actors that die and runs their
     lost calls again (see the module docstring)."""
