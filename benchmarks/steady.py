@@ -12,11 +12,13 @@ started, torch's one-time work done), and the figure printed is the measured run
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
 from actors.backends import make_backend
 from benchmarks.scale import SYSTEMS, overrides
+from simulator.config.schema import ConfigError
 from simulator.experiment import load_config
 from simulator.rounds.run import run
 
@@ -42,7 +44,12 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=1000)
     parser.add_argument("--mode", choices=["sync", "fedbuff"], default="sync")
     args = parser.parse_args()
-    print(round(steady(args.system, args.per_round, args.rounds, args.population, args.mode)))
+    try:
+        rate = steady(args.system, args.per_round, args.rounds, args.population, args.mode)
+    except ConfigError as exc:  # --rounds 0, --per-round -5, a Ray that cannot start: one line, exit 2
+        print(f"steady: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(round(rate))
 
 
 if __name__ == "__main__":
